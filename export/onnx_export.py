@@ -1,0 +1,130 @@
+"""Export a trained model to one self-contained ONNX file carrying the whole contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from heartseg.runtime.contract import CONTRACT_KEY, FORMAT_VERSION
+from heartseg.runtime.errors import HeartsegError
+from heartseg.train.unet import count_flops_per_voxel
+
+from .model_file import ExportGraph, TrainedModel
+
+OPSET = 17
+
+
+@dataclass
+class ExportOptions:
+    """How to export."""
+
+    opset: int = OPSET
+
+
+def output_names(model: TrainedModel) -> list[str]:
+    """Graph outputs in order: mask then probability of each stage."""
+    return [name for s in model.contract.stages for name in (s.mask_name, s.prob_name)]
+
+
+def metadata(model: TrainedModel) -> dict[str, str]:
+    """The ONNX metadata_props: the contract plus human-readable provenance."""
+    import onnx
+
+    contract = model.contract
+    final = contract.final_stage
+    metrics = model.metrics or {}
+    calibration = metrics.get("calibration", {}).get(final.name, {})
+    info = dict(contract.info)
+    meta = {
+        CONTRACT_KEY: contract.to_json(),
+        "heartseg.format_version": str(FORMAT_VERSION),
+        "heartseg.threshold": f"{final.threshold}",
+        "heartseg.threshold_calibration": (
+            f"threshold maximising mean Dice over {calibration.get('cases', '?')} held-out cases of fold "
+            f"{metrics.get('fold', '?')} (mean Dice {calibration.get('dice', float('nan')):.4f} at that threshold), "
+            f"sweep {calibration.get('thresholds', [None])[0]}..{calibration.get('thresholds', [None])[-1]}"),
+        "heartseg.stages": ",".join(s.name for s in contract.stages),
+        "heartseg.spacing_mm": json.dumps({s.name: list(s.spacing) for s in contract.stages}),
+        "heartseg.orientation": contract.orientation,
+        "heartseg.normalization": contract.normalization,
+        "heartseg.patch_size": json.dumps({s.name: list(s.patch_size) for s in contract.stages}),
+        "heartseg.network": json.dumps({n: u.to_dict() for n, u in model.unets.items()}),
+        "heartseg.flops_per_voxel": json.dumps({n: count_flops_per_voxel(u) for n, u in model.unets.items()}),
+        "heartseg.training_data": f"{info.get('dataset', '?')}: {info.get('dataset_description', '')}",
+        "heartseg.licence": f"{info.get('licence', '?')} ({info.get('reference', '')})",
+        "heartseg.cv_metrics": json.dumps({"split": metrics.get("split"), "fold": metrics.get("fold"),
+                                            "val_cases": metrics.get("val_cases"), "mean": metrics.get("mean"),
+                                            "per_case": metrics.get("per_case")}),
+        "heartseg.training_command": model.command,
+        "heartseg.versions": json.dumps({**model.versions, "export_torch": str(torch.__version__),
+                                          "onnx": onnx.__version__, "python": platform.python_version()}),
+    }
+    return meta
+
+
+def export_onnx(model: TrainedModel, path: Path, options: ExportOptions = ExportOptions()) -> Path:
+    """Trace the model (network, sigmoid, threshold) to ONNX with dynamic spatial axes and the metadata."""
+    import onnx
+
+    graph = ExportGraph(model).eval()
+    stages = model.contract.stages
+    examples = tuple(torch.zeros((1, 1) + (s.divisor * 2,) * 3) for s in stages)
+    inputs = [s.input_name for s in stages]
+    outputs = output_names(model)
+    # Each stage gets its own dimension names: the stages run on different grids.
+    axes = {}
+    for s in stages:
+        dims = {0: f"{s.name}_batch", 2: f"{s.name}_x", 3: f"{s.name}_y", 4: f"{s.name}_z"}
+        axes.update({s.input_name: dims, s.prob_name: dims, s.mask_name: dims})
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, examples, str(raw), input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=options.opset, do_constant_folding=True, dynamo=False)
+        proto = onnx.load(str(raw))
+    for key, value in metadata(model).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "heartseg"
+    proto.doc_string = "heartseg left-atrium model; the contract is in metadata_props['heartseg.contract']"
+    onnx.checker.check_model(proto, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def op_types(path: Path) -> set[str]:
+    """The set of operator types in an ONNX file."""
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def check_accepts(model: TrainedModel, shape: tuple[int, ...]) -> None:
+    """Raise a clear error for a spatial size the networks do not accept."""
+    for stage in model.contract.stages:
+        if any(int(s) % stage.divisor for s in shape):
+            raise HeartsegError(f"size {tuple(shape)} is not accepted by stage {stage.name!r}: "
+                                f"every axis must be a multiple of {stage.divisor}")
+
+
+def random_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """A reproducible normalised-intensity input of shape (1, 1, *shape)."""
+    return np.random.default_rng(seed).standard_normal((1, 1) + tuple(shape)).astype(np.float32)

@@ -1,0 +1,84 @@
+"""The export's own parity check: ONNX Runtime against PyTorch on real-size inputs and real scans."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from heartseg.runtime.errors import HeartsegError
+from heartseg.runtime.image import load_volume
+from heartseg.runtime.inference import infer_canonical, mask_from_prob
+from heartseg.runtime.preprocess import to_canonical
+from heartseg.runtime.session import OnnxSession
+from heartseg.train.trainer import torch_predictor
+
+from .model_file import TrainedModel
+from .onnx_export import random_input
+
+MAX_ABS_DIFF = 1e-4
+MIN_MASK_AGREEMENT = 0.9999
+
+
+class ParityError(HeartsegError):
+    """ONNX Runtime does not reproduce PyTorch: the export is refused."""
+
+    exit_code = 1
+
+
+@dataclass
+class ParityResult:
+    """One comparison of probabilities and masks."""
+
+    what: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    mask_agreement: float
+
+    @property
+    def ok(self) -> bool:
+        """Within the tolerances."""
+        return self.max_abs_diff <= MAX_ABS_DIFF and self.mask_agreement >= MIN_MASK_AGREEMENT
+
+    def to_dict(self) -> dict:
+        """JSON-able form."""
+        return {**asdict(self), "ok": self.ok}
+
+
+def _compare(what: str, ref: np.ndarray, got: np.ndarray, threshold: float) -> ParityResult:
+    diff = float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)))) if ref.size else 0.0
+    agreement = float(np.mean((ref > threshold) == (got > threshold))) if ref.size else 1.0
+    return ParityResult(what, tuple(int(s) for s in ref.shape), diff, agreement)
+
+
+def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), threads: int | None = None,
+                 max_abs_diff: float = MAX_ABS_DIFF) -> list[ParityResult]:
+    """Compare ONNX Runtime (CPU) with PyTorch per stage on a real-size random input, and end to end on scans."""
+    session = OnnxSession(onnx_path, device="cpu", threads=threads)
+    torch_predict = torch_predictor(model.networks, torch.device("cpu"))
+    results = []
+    for stage in model.contract.stages:
+        x = random_input(stage.patch_size, seed=len(results))
+        results.append(_compare(f"{stage.name}: random input", torch_predict(stage.name, x),
+                                session.predict(stage.name, x), float(stage.threshold)))
+        mask = session.mask(stage.name, x)
+        expected = (session.predict(stage.name, x) > float(stage.threshold)).astype(np.uint8)
+        if not np.array_equal(mask, expected):
+            raise ParityError(f"{stage.name}: the graph's mask output disagrees with its probability and threshold")
+    for scan in scans:
+        canonical = to_canonical(load_volume(scan), model.contract.orientation)
+        ref = infer_canonical(canonical, model.contract, torch_predict).prob
+        got = infer_canonical(canonical, model.contract, session.predict).prob
+        result = _compare(f"{Path(scan).name}: whole pipeline", ref, got, float(model.contract.final_stage.threshold))
+        ref_mask = mask_from_prob(ref, model.contract)
+        got_mask = mask_from_prob(got, model.contract)
+        result.mask_agreement = float(np.mean(ref_mask == got_mask))
+        results.append(result)
+    failed = [r for r in results if not (r.max_abs_diff <= max_abs_diff and r.mask_agreement >= MIN_MASK_AGREEMENT)]
+    if failed:
+        lines = "; ".join(f"{r.what}: max |diff| {r.max_abs_diff:.2e}, mask agreement {100 * r.mask_agreement:.4f} %"
+                          for r in failed)
+        raise ParityError(f"ONNX Runtime does not match PyTorch ({lines})")
+    return results

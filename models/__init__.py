@@ -1,0 +1,1 @@
+"""heartseg.models."""

@@ -1,0 +1,266 @@
+"""What heartseg-infer and heartseg-eval share: error reporting, scan discovery, name pairing.
+
+Exit codes of both tools (the command-line contract):
+
+* 0: everything ran and every mask passed QC.
+* 1: a scan failed for an unexpected reason (the other scans were still processed).
+* 2: usage, model or input error: a missing or unreadable model, a model without heartseg
+  metadata, an input that is not a usable 3D NIfTI, grids that do not match, an output folder
+  that cannot be written, no scans found.
+* 3: everything ran, but at least one mask was flagged by QC (empty, all foreground, or larger
+  than the model's plausible fraction of the scan); flagged masks are still written.
+
+When several of these happen in one run, the exit code is the first of 2, 1, 3 that applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import HeartsegError, InputError
+from .image import is_nifti_path, strip_nifti_suffix
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_FLAGGED = 3
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 all done and every mask passed QC; "
+    "1 a scan failed for an unexpected reason (the other scans are still processed); "
+    "2 usage, model or input error (missing or unreadable model, model without heartseg metadata, "
+    "a file that is not a usable 3D NIfTI, mismatched grids, output folder not writable, no scans found); "
+    "3 at least one mask was flagged by QC (it is still written). "
+    "If several apply, the first of 2, 1, 3 wins."
+)
+
+# Suffixes of the files heartseg-infer writes; folder discovery skips them so that an output
+# folder inside (or equal to) an input folder is not segmented again on the next run.
+OUTPUT_SUFFIXES = ("_mask", "_prob")
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console on the current stdout / stderr (looked up per call, so swapped streams are honoured).
+
+    Off a terminal (pipes, logs, test runners) lines are not wrapped at 80 columns unless $COLUMNS asks.
+    """
+    stream = sys.stderr if stderr else sys.stdout
+    is_tty = bool(getattr(stream, "isatty", lambda: False)())
+    width = None if is_tty or os.environ.get("COLUMNS") else 200
+    return Console(file=stream, highlight=False, width=width, soft_wrap=stderr)
+
+
+def out_console() -> Console:
+    """The console for tables and results (stdout)."""
+    return _live_console or _console(stderr=False)
+
+
+# While a progress bar is drawn on a terminal, every message goes through its console, which
+# prints above the bar; otherwise the bar and the messages would garble each other.
+_live_console: Console | None = None
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, enabled: bool = True) -> Iterator[tuple[Progress, Any]]:
+    """A transient progress bar over total items, shown only on a terminal and when enabled."""
+    global _live_console
+    console = _console(stderr=False)
+    shown = enabled and console.is_terminal
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True, disable=not shown)
+    with progress:
+        task = progress.add_task("", total=total)
+        _live_console = console if shown else None
+        try:
+            yield progress, task
+        finally:
+            _live_console = None
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def say(message: str) -> None:
+    """Print a plain line to stdout (no markup interpretation, never wrapped)."""
+    out_console().print(message, markup=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    """Print 'error: message' on one line to stderr (no markup interpretation)."""
+    (_live_console or _console(stderr=True)).print(f"error: {message}", style="red", markup=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """Print 'warning: message' on one line to stderr, in bold yellow where colour is on."""
+    (_live_console or _console(stderr=True)).print(f"warning: {message}", style="bold yellow", markup=False,
+                                                   soft_wrap=True)
+
+
+def guarded(func: F) -> F:
+    """Wrap a command so a HeartsegError becomes 'error: <message>' and its exit code, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except HeartsegError as exc:
+            error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def scan_name(path: Path) -> str:
+    """A scan's name: its file name without .nii / .nii.gz."""
+    return strip_nifti_suffix(path.name)
+
+
+def case_key(path: Path, strip: Sequence[str] = ()) -> str:
+    """The name used to pair files: the scan name, minus one of the suffixes in strip."""
+    name = scan_name(path)
+    for suffix in strip:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def nifti_files(folder: Path, skip_outputs: bool = False) -> list[Path]:
+    """The *.nii / *.nii.gz files directly inside folder, sorted (hidden and temporary files skipped)."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or not is_nifti_path(path):
+            continue
+        if skip_outputs and scan_name(path).endswith(OUTPUT_SUFFIXES):
+            continue
+        files.append(path)
+    return files
+
+
+def discover_scans(inputs: Iterable[Path]) -> list[Path]:
+    """Scan files from files and folders (folders: their NIfTI files, sorted), without duplicates."""
+    scans: list[Path] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found = nifti_files(item, skip_outputs=True)
+        elif item.exists():
+            found = [item]
+        else:
+            raise InputError(f"{item}: no such file or folder")
+        for path in found:
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                scans.append(path)
+    if not scans:
+        where = ", ".join(str(i) for i in inputs) or "(nothing given)"
+        raise InputError(f"no scans found (looked for *.nii / *.nii.gz in {where})")
+    return scans
+
+
+def index_by_key(files: Iterable[Path], strip: Sequence[str] = (), what: str = "file") -> dict[str, Path]:
+    """Map each file's pairing key to the file; two files with one key is an error."""
+    index: dict[str, Path] = {}
+    for path in files:
+        key = case_key(path, strip)
+        if key in index:
+            raise InputError(f"{index[key]} and {path}: two {what}s for case {key!r}")
+        index[key] = path
+    return index
+
+
+def ensure_output_folder(folder: Path) -> Path:
+    """Create folder if needed and prove it writable by writing a probe file; InputError otherwise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: output folder is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".heartseg-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
+    return folder
+
+
+def check_report_path(path: Path | None, option: str) -> None:
+    """Fail early when a report file (--json, --csv) cannot be written where asked."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path}: is a folder, give a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{option} {path}: folder {folder} is not writable")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write text to path through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=folder)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def json_ready(value: Any) -> Any:
+    """Replace NaN / infinities by None, recursively, so the JSON is strict."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write strict JSON (NaN as null) atomically."""
+    return write_text_atomic(path, json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for a table cell; NaN / None shows as 'n/a'."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def final_exit_code(failed_codes: Iterable[int], flagged: bool) -> int:
+    """One exit code for a run: 2 beats 1 beats 3 beats 0."""
+    codes = set(failed_codes)
+    if EXIT_USAGE in codes:
+        return EXIT_USAGE
+    if codes:
+        return EXIT_FAILED
+    return EXIT_FLAGGED if flagged else EXIT_OK

@@ -1,0 +1,198 @@
+"""heartseg-eval: compare predicted masks with reference labels."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from .cli_common import (
+    EXIT_FLAGGED,
+    EXIT_OK,
+    case_key,
+    check_report_path,
+    fmt,
+    guarded,
+    index_by_key,
+    nifti_files,
+    out_console,
+    say,
+    scan_name,
+    warn,
+    write_json,
+    write_text_atomic,
+)
+from .errors import InputError
+from .image import load_mask, same_grid
+from .metrics import SegmentationMetrics, compute_metrics, degenerate_reason, summarize
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+PRED_SUFFIXES = ("_mask",)
+METRIC_COLUMNS = ("dice", "iou", "precision", "recall", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml")
+
+
+@dataclass
+class Case:
+    """One evaluated prediction."""
+
+    name: str
+    pred: Path
+    gt: Path
+    metrics: SegmentationMetrics
+    flag: str | None
+
+
+def pair_cases(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], list[Path], list[Path]]:
+    """(name, prediction, label) pairs, predictions without a label, labels without a prediction.
+
+    Two files: one pair. Two folders: files paired by name, X_mask.nii.gz (or X.nii.gz) with X.nii.gz;
+    probability maps (*_prob) in the prediction folder are ignored.
+    """
+    for path, what in ((pred, "PRED"), (gt, "GT")):
+        if not path.exists():
+            raise InputError(f"{what} {path}: no such file or folder")
+    if pred.is_file() and gt.is_file():
+        return [(case_key(gt), pred, gt)], [], []
+    if not (pred.is_dir() and gt.is_dir()):
+        raise InputError(f"PRED {pred} and GT {gt}: give two files or two folders")
+    preds = [p for p in nifti_files(pred) if not scan_name(p).endswith("_prob")]
+    pred_index = index_by_key(preds, PRED_SUFFIXES, what="prediction")
+    gt_index = index_by_key(nifti_files(gt), what="label")
+    pairs = [(key, pred_index[key], gt_index[key]) for key in sorted(pred_index) if key in gt_index]
+    unmatched_pred = [pred_index[key] for key in sorted(pred_index) if key not in gt_index]
+    unmatched_gt = [gt_index[key] for key in sorted(gt_index) if key not in pred_index]
+    if not pairs:
+        raise InputError(f"no prediction in {pred} has a label of the same name in {gt} "
+                         f"({len(preds)} predictions, {len(gt_index)} labels)")
+    return pairs, unmatched_pred, unmatched_gt
+
+
+def evaluate_pair(name: str, pred_path: Path, gt_path: Path, max_fraction: float) -> Case:
+    """Load one prediction and its label, check they share a grid, and compute the metrics."""
+    pred = load_mask(pred_path)
+    gt = load_mask(gt_path)
+    if not same_grid(pred, gt):
+        what = "shapes" if pred.shape != gt.shape else "affines"
+        raise InputError(f"prediction {pred_path} (shape {pred.shape}) and label {gt_path} (shape {gt.shape}) "
+                         f"are not on the same grid: their {what} differ")
+    metrics = compute_metrics(pred.data, gt.data, gt.spacing)
+    return Case(name, pred_path, gt_path, metrics, degenerate_reason(pred.data, max_fraction))
+
+
+def _table(cases: list[Case], mean: dict[str, float]) -> Table:
+    table = Table(title=f"heartseg-eval  {len(cases)} case{'s' if len(cases) != 1 else ''}", title_justify="left")
+    for column in ("case", "Dice", "IoU", "precision", "recall", "HD95 mm", "ASSD mm", "pred mL", "ref mL", "QC"):
+        table.add_column(column, justify="left" if column in ("case", "QC") else "right")
+
+    def cells(values: dict[str, float]) -> list[str]:
+        return [fmt(values["dice"]), fmt(values["iou"]), fmt(values["precision"]), fmt(values["recall"]),
+                fmt(values["hd95_mm"], 2), fmt(values["assd_mm"], 2), fmt(values["volume_pred_ml"], 1),
+                fmt(values["volume_ref_ml"], 1)]
+
+    for case in cases:
+        qc = Text("ok", style="green") if case.flag is None else Text(f"FLAG: {case.flag}", style="bold red")
+        table.add_row(case.name, *cells(case.metrics.__dict__), qc)
+    flagged = sum(c.flag is not None for c in cases)
+    table.add_section()
+    table.add_row(Text("mean", style="bold"), *cells(mean),
+                  Text(f"{flagged} flagged", style="bold red") if flagged else "")
+    return table
+
+
+def _csv(cases: list[Case]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", "pred", "gt", *METRIC_COLUMNS, "flag"])
+    for case in cases:
+        values = case.metrics.to_dict()
+        writer.writerow([case.name, case.pred, case.gt,
+                         *("" if values[k] is None else repr(values[k]) for k in METRIC_COLUMNS), case.flag or ""])
+    return buffer.getvalue()
+
+
+HELP = """Compare predicted masks with reference labels: Dice, IoU, precision, recall, HD95 and ASSD (mm),
+and both volumes (mL).
+
+PRED and GT are two NIfTI files, or two folders. Folders are paired by file name: a prediction
+X.nii.gz or X_mask.nii.gz (as heartseg-infer writes it) pairs with the label X.nii.gz; *_prob files
+are ignored; predictions without a label are reported and left out, and so are labels without a
+prediction. Any nonzero voxel is foreground. Each prediction must lie on its label's grid (same
+shape and affine), otherwise the tool stops with exit code 2 naming both files.
+
+Distances are in mm from the label's voxel size. HD95 is the larger of the two directed 95th
+percentile surface distances; ASSD is the mean over both directed distance sets. Empty masks: both
+empty gives Dice = IoU = precision = recall = 1 and HD95 = ASSD = 0; exactly one empty gives Dice =
+IoU = precision = recall = 0 and HD95 = ASSD = n/a (null in JSON, empty in CSV). The mean row ignores
+n/a values.
+
+A prediction that is empty, all foreground or covers more than --max-fraction of its scan is
+flagged: a "FLAG" row in the table, a warning line, and exit code 3.
+
+Exit codes: 0 all cases evaluated and none flagged; 2 usage or input error (missing or unreadable
+file, grids that differ, nothing to pair); 3 at least one prediction flagged as degenerate.
+"""
+
+
+@app.command(help=HELP, no_args_is_help=True)
+@guarded
+def evaluate(
+    pred: Path = typer.Argument(..., metavar="PRED", help="Predicted mask, or a folder of them.", show_default=False),
+    gt: Path = typer.Argument(..., metavar="GT", help="Reference label, or a folder of them.", show_default=False),
+    json_path: Optional[Path] = typer.Option(
+        None, "--json", metavar="FILE",
+        help="Write every case and the mean as JSON (NaN as null). [default: none]", show_default=False),
+    csv_path: Optional[Path] = typer.Option(
+        None, "--csv", metavar="FILE", help="Write one CSV row per case. [default: none]", show_default=False),
+    max_fraction: float = typer.Option(
+        0.05, "--max-fraction", min=0.0, max=1.0, metavar="F",
+        help="Flag a prediction covering more than this fraction of its scan as degenerate."),
+) -> None:
+    check_report_path(json_path, "--json")
+    check_report_path(csv_path, "--csv")
+    pairs, unmatched_pred, unmatched_gt = pair_cases(pred, gt)
+    for path in unmatched_pred:
+        warn(f"{path}: no label of the same name in {gt}; not evaluated")
+    if unmatched_gt:
+        say(f"{len(unmatched_gt)} label(s) in {gt} have no prediction and were not evaluated")
+    cases = [evaluate_pair(name, p, g, max_fraction) for name, p, g in pairs]
+    mean = summarize([case.metrics for case in cases])
+    out_console().print(_table(cases, mean))
+    flagged = [case for case in cases if case.flag is not None]
+    for case in flagged:
+        warn(f"{case.name}: degenerate prediction {case.pred} ({case.flag})")
+    if json_path is not None:
+        write_json(json_path, {
+            "pred": str(pred),
+            "gt": str(gt),
+            "max_fraction": max_fraction,
+            "n_cases": len(cases),
+            "mean": mean,
+            "flagged": [case.name for case in flagged],
+            "unmatched_predictions": [str(p) for p in unmatched_pred],
+            "cases": [{"case": c.name, "pred": str(c.pred), "gt": str(c.gt), **c.metrics.to_dict(), "flag": c.flag}
+                      for c in cases],
+        })
+    if csv_path is not None:
+        write_text_atomic(csv_path, _csv(cases))
+    raise typer.Exit(EXIT_FLAGGED if flagged else EXIT_OK)
+
+
+def main() -> None:
+    """Entry point of heartseg-eval."""
+    app(prog_name="heartseg-eval")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""NIfTI input and output: validated loading and atomic writing."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.openers import ImageOpener
+
+from .errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti_path(path: Path) -> bool:
+    """True when the file name ends in .nii or .nii.gz."""
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """The file name without .nii / .nii.gz."""
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@dataclass
+class Volume:
+    """A 3D image on a voxel grid: data (i, j, k) and the voxel-to-world affine (RAS+ mm)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: Path | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along each array axis."""
+        return voxel_sizes(self.affine)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape."""
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+
+def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm of each axis, from the affine's column norms (correct for oblique affines)."""
+    sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return tuple(float(s) for s in sizes)  # type: ignore[return-value]
+
+
+def _read_nifti(path: Path) -> nib.Nifti1Image:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a NIfTI file")
+    if not is_nifti_path(path):
+        raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+    _check_raw_spacing(path)
+    # nibabel warns about oddities while it parses a header; when the file then turns out unreadable,
+    # those warnings are noise in front of the one-line error, so they are dropped in that case only.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = nib.load(str(path))
+        except Exception as exc:  # nibabel raises many types for bad headers
+            image, failure = None, exc
+    if image is None:
+        raise InputError(f"{path}: not a readable NIfTI file ({failure})") from None
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI-1/2 image")
+    return image
+
+
+def _check_raw_spacing(path: Path) -> None:
+    """Reject zero / negative / non-finite voxel sizes as stored in the file.
+
+    nibabel's loader silently "fixes" such headers (0 becomes 1, negatives their absolute value) and
+    logs a warning, so the check must read the header bytes before nib.load does.
+    """
+    try:
+        with warnings.catch_warnings(), ImageOpener(str(path)) as handle:
+            warnings.simplefilter("ignore")  # nib.load below warns about the same header, if at all
+            header = nib.Nifti1Header.from_fileobj(handle, check=False)
+    except Exception:  # not NIfTI-1 (or unreadable): nib.load reports it
+        return
+    ndim = int(header["dim"][0])
+    if not 1 <= ndim <= 7:
+        return
+    pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(ndim, 3)]]
+    if any(not np.isfinite(v) or v <= 0 for v in pixdim):
+        shown = tuple(round(v, 6) for v in pixdim)
+        raise InputError(f"{path}: voxel spacing in the header must be positive, got {shown}")
+
+
+def _check_header_shape(path: Path, shape: tuple[int, ...]) -> None:
+    """The dimension checks of _squeeze_to_3d, from the header alone (before reading any voxels)."""
+    if len(shape) == 4 and shape[3] > 1:
+        raise InputError(f"{path}: 4D image with {shape[3]} volumes; give one 3D volume")
+    spatial = shape[:3] if len(shape) == 4 else shape
+    if len(spatial) != 3:
+        raise InputError(f"{path}: expected a 3D image, got {len(shape)}D with shape {tuple(shape)}")
+
+
+def _check_geometry(path: Path, image: nib.Nifti1Image) -> None:
+    zooms = image.header.get_zooms()[:3]
+    if len(zooms) < 3 or any(not np.isfinite(z) or z <= 0 for z in zooms):
+        raise InputError(f"{path}: voxel spacing in the header must be positive, got {tuple(float(z) for z in zooms)}")
+    affine = image.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: the header's affine is singular or not finite")
+
+
+def _squeeze_to_3d(path: Path, data: np.ndarray) -> np.ndarray:
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        raise InputError(f"{path}: 4D image with {data.shape[3]} volumes; give one 3D volume")
+    if data.ndim != 3:
+        raise InputError(f"{path}: expected a 3D image, got {data.ndim}D with shape {data.shape}")
+    if min(data.shape) < 2:
+        raise InputError(f"{path}: expected a 3D image, got shape {data.shape} (a 2D slice?)")
+    return data
+
+
+def load_volume(path: str | os.PathLike, dtype: type = np.float32) -> Volume:
+    """Load and validate a 3D NIfTI scan (or a 4D one with a single volume)."""
+    path = Path(path)
+    image = _read_nifti(path)
+    _check_header_shape(path, tuple(int(n) for n in image.shape))
+    _check_geometry(path, image)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise InputError(f"{path}: could not read the voxel data, the file is truncated or corrupt ({exc})") from None
+    data = _squeeze_to_3d(path, data)
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise InputError(f"{path}: unsupported voxel type {data.dtype}")
+    data = np.asarray(data, dtype=dtype)
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{path}: the image contains NaN or infinite voxels")
+    return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), path=path)
+
+
+def load_mask(path: str | os.PathLike) -> Volume:
+    """Load a binary label mask (any nonzero voxel is foreground) as uint8."""
+    volume = load_volume(path, dtype=np.float32)
+    volume.data = (volume.data > 0.5).astype(np.uint8)
+    return volume
+
+
+def same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> bool:
+    """True when two volumes share shape and affine."""
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol)
+
+
+def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write a NIfTI file atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists (use --overwrite to replace it)")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: output folder does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{folder}: output folder is not writable")
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

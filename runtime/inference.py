@@ -1,0 +1,105 @@
+"""The inference path on a canonical volume, independent of the network backend.
+
+The runtime calls it with ONNX Runtime; training validates with the same functions and a PyTorch
+network, so both sides preprocess, crop, blend and resample identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .contract import ModelContract, StageContract
+from .postprocess import binarize, largest_component
+from .preprocess import (
+    CanonicalVolume,
+    box_with_divisor,
+    crop_padded,
+    mask_box,
+    paste,
+    resample_to_shape,
+    stage_grid,
+    target_shape,
+)
+from .sliding_window import predict_volume
+
+StagePredictFn = Callable[[str, np.ndarray], np.ndarray]
+Box = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class CanonicalResult:
+    """Probabilities on the canonical grid and where the final stage looked."""
+
+    prob: np.ndarray
+    box: Box | None
+
+
+def stage_shape(canonical: CanonicalVolume, stage: StageContract) -> tuple[int, int, int]:
+    """Grid shape of a stage for this scan."""
+    return target_shape(canonical.data.shape, canonical.spacing, stage.spacing)
+
+
+def native_box_to_stage(box: Box, native_shape: tuple[int, ...], stage_shape_: tuple[int, ...],
+                        stage: StageContract) -> Box:
+    """A half-open native-grid box mapped onto a stage grid, grown by the stage's margin and divisor."""
+    scale = np.asarray(stage_shape_, float) / np.asarray(native_shape, float)
+    margin = stage.crop_margin_mm / np.asarray(stage.spacing)
+    lo = np.asarray(box[0]) * scale - margin
+    hi = np.asarray(box[1]) * scale + margin
+    return box_with_divisor(lo, hi, stage_shape_, stage.divisor)
+
+
+def predict_stage(canonical: CanonicalVolume, stage: StageContract, contract: ModelContract,
+                  predict: StagePredictFn, box: Box | None = None, max_voxels: int | None = None) -> np.ndarray:
+    """A stage's probabilities on its own grid (zero outside box when one is given)."""
+    grid = stage_grid(canonical.data, canonical.spacing, stage.spacing, contract.normalization)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return predict(stage.name, batch)
+
+    if box is None:
+        return predict_volume(grid, run, stage.patch_size, stage.divisor, max_voxels)
+    crop = crop_padded(grid, box[0], box[1])
+    prob = np.zeros(grid.shape, np.float32)
+    paste(prob, predict_volume(crop, run, stage.patch_size, stage.divisor, max_voxels), box[0])
+    return prob
+
+
+def locate(canonical: CanonicalVolume, contract: ModelContract, predict: StagePredictFn,
+           max_voxels: int | None = None) -> Box | None:
+    """The localiser's box around the target on the native canonical grid, or None when it finds nothing."""
+    coarse = contract.stages[0]
+    prob = predict_stage(canonical, coarse, contract, predict, max_voxels=max_voxels)
+    mask = largest_component(binarize(prob, float(coarse.threshold)))
+    found = mask_box(mask)
+    if found is None:
+        return None
+    scale = np.asarray(canonical.data.shape, float) / np.asarray(mask.shape, float)
+    return found[0] * scale, found[1] * scale
+
+
+def infer_canonical(canonical: CanonicalVolume, contract: ModelContract, predict: StagePredictFn,
+                    max_voxels: int | None = None, box: Box | None = None) -> CanonicalResult:
+    """Final-stage probabilities on the native canonical grid (cascade: localise, then crop and refine).
+
+    A box given by the caller (on the native canonical grid) replaces the localiser, as validation of a
+    fine stage on its own does.
+    """
+    final = contract.final_stage
+    if contract.is_cascade and box is None:
+        box = locate(canonical, contract, predict, max_voxels)
+        if box is None:
+            return CanonicalResult(np.zeros(canonical.data.shape, np.float32), None)
+    final_shape = stage_shape(canonical, final)
+    stage_box = native_box_to_stage(box, canonical.data.shape, final_shape, final) if box is not None else None
+    prob = predict_stage(canonical, final, contract, predict, stage_box, max_voxels)
+    return CanonicalResult(resample_to_shape(prob, canonical.data.shape, order=1), stage_box)
+
+
+def mask_from_prob(prob: np.ndarray, contract: ModelContract) -> np.ndarray:
+    """Binary mask with the model's own threshold and postprocessing."""
+    mask = binarize(prob, float(contract.final_stage.threshold))
+    return largest_component(mask) if contract.largest_component else mask

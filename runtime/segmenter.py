@@ -1,0 +1,111 @@
+"""The Python API: Segmenter(model).predict(nib_image) -> nib_image."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError, ModelError
+from .image import Volume, voxel_sizes
+from .inference import infer_canonical, mask_from_prob
+from .metrics import degenerate_reason
+from .preprocess import from_canonical, to_canonical
+from .session import OnnxSession
+
+DEFAULT_MODEL_NAME = "heartseg-la.onnx"
+
+
+def default_model_path() -> Path:
+    """The model shipped in heartseg.models."""
+    path = Path(str(resources.files("heartseg.models").joinpath(DEFAULT_MODEL_NAME)))
+    if not path.is_file():
+        raise ModelError(f"no shipped model at {path}: pass --model M.onnx (export one with heartseg-export)")
+    return path
+
+
+@dataclass
+class Prediction:
+    """A mask on the scan's own grid, with its probability map, QC verdict and timings."""
+
+    mask: np.ndarray
+    affine: np.ndarray
+    prob: np.ndarray | None
+    qc: str | None
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def volume_ml(self) -> float:
+        """Segmented volume in millilitres."""
+        return float(self.mask.sum()) * float(np.prod(voxel_sizes(self.affine))) / 1000.0
+
+    @property
+    def qc_label(self) -> str:
+        """'ok', or 'FLAG: <reason>' for a degenerate mask."""
+        return "ok" if self.qc is None else f"FLAG: {self.qc}"
+
+
+class Segmenter:
+    """Segments the left atrium in scans with a heartseg ONNX model."""
+
+    def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
+                 memory_limit_mb: float | None = None) -> None:
+        self.session = OnnxSession(model if model is not None else default_model_path(), device, threads)
+        self.contract = self.session.contract
+        self.max_voxels = None
+        if memory_limit_mb is not None:
+            if memory_limit_mb <= 0:
+                raise InputError("the memory limit must be positive")
+            self.max_voxels = int(memory_limit_mb * 1e6 / self.contract.bytes_per_voxel)
+
+    @property
+    def device(self) -> str:
+        """'cuda' or 'cpu': the provider ONNX Runtime actually uses."""
+        return self.session.device
+
+    def segment(self, volume: Volume, keep_prob: bool = False) -> Prediction:
+        """Segment one loaded volume; the mask lies on exactly the volume's grid."""
+        network = [0.0]
+
+        def timed_predict(stage_name: str, batch: np.ndarray) -> np.ndarray:
+            begin = time.perf_counter()
+            try:
+                return self.session.predict(stage_name, batch)
+            finally:
+                network[0] += time.perf_counter() - begin
+
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        canonical = to_canonical(volume, self.contract.orientation)
+        result = infer_canonical(canonical, self.contract, timed_predict, self.max_voxels)
+        # Resampling, normalisation and cropping happen between the network calls: all of it is preprocessing.
+        timings["preprocess"] = time.perf_counter() - start - network[0]
+        timings["network"] = network[0]
+        start = time.perf_counter()
+        mask = from_canonical(mask_from_prob(result.prob, self.contract), canonical)
+        prob = from_canonical(result.prob, canonical) if keep_prob else None
+        qc = degenerate_reason(mask, self.contract.max_foreground_fraction)
+        timings["postprocess"] = time.perf_counter() - start
+        return Prediction(mask, volume.affine, prob, qc, self.device, timings)
+
+    def predict(self, image: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+        """Segment an in-memory NIfTI image; returns a uint8 mask image with the input's affine."""
+        data = np.asanyarray(image.dataobj)
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise InputError(f"expected a 3D image, got shape {data.shape}")
+        data = np.asarray(data, np.float32)
+        if not np.all(np.isfinite(data)):
+            raise InputError("the image contains NaN or infinite voxels")
+        prediction = self.segment(Volume(data, np.asarray(image.affine, float)))
+        out = nib.Nifti1Image(prediction.mask, image.affine)
+        out.set_qform(image.affine, code=1)
+        out.set_sform(image.affine, code=1)
+        return out

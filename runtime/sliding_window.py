@@ -1,0 +1,78 @@
+"""Whole-volume or sliding-window prediction with Gaussian blending of overlapping tiles."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+
+import numpy as np
+
+from .preprocess import crop_padded, round_up
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+@lru_cache(maxsize=8)
+def gaussian_weights(patch_size: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Importance map for blending: a Gaussian centred on the tile, never zero."""
+    grids = np.meshgrid(*[np.arange(p, dtype=np.float32) for p in patch_size], indexing="ij")
+    weights = np.ones(patch_size, dtype=np.float32)
+    for grid, size in zip(grids, patch_size):
+        sigma = max(size * sigma_scale, 1e-3)
+        weights *= np.exp(-0.5 * ((grid - (size - 1) / 2.0) / sigma) ** 2)
+    weights /= weights.max()
+    return np.maximum(weights, 1e-3 * weights.max())
+
+
+def tile_starts(size: int, patch: int, step_fraction: float = 0.5) -> list[int]:
+    """Start offsets of tiles of length patch covering [0, size) with about step_fraction * patch stride."""
+    if size <= patch:
+        return [0]
+    count = int(np.ceil((size - patch) / (patch * step_fraction))) + 1
+    return [int(round(i * (size - patch) / (count - 1))) for i in range(count)]
+
+
+def iter_tiles(shape: tuple[int, ...], patch: tuple[int, ...], step_fraction: float = 0.5) -> Iterator[tuple[int, int, int]]:
+    """All tile origins for a volume of shape."""
+    for z in tile_starts(shape[0], patch[0], step_fraction):
+        for y in tile_starts(shape[1], patch[1], step_fraction):
+            for x in tile_starts(shape[2], patch[2], step_fraction):
+                yield z, y, x
+
+
+def predict_whole(volume: np.ndarray, predict: PredictFn, divisor: int) -> np.ndarray:
+    """One pass over the volume padded to a multiple of divisor; returns probabilities on volume's grid."""
+    padded_shape = tuple(round_up(s, divisor) for s in volume.shape)
+    lo = np.zeros(3, int)
+    padded = crop_padded(volume, lo, np.asarray(padded_shape))
+    prob = predict(padded[None, None])[0, 0]
+    return np.ascontiguousarray(prob[tuple(slice(0, s) for s in volume.shape)], dtype=np.float32)
+
+
+def predict_tiled(volume: np.ndarray, predict: PredictFn, patch_size: tuple[int, int, int], divisor: int,
+                  step_fraction: float = 0.5) -> np.ndarray:
+    """Sliding-window prediction with Gaussian-weighted averaging of overlapping tiles."""
+    patch = tuple(min(p, round_up(s, divisor)) for p, s in zip(patch_size, volume.shape))
+    shape = tuple(max(p, s) for p, s in zip(patch, volume.shape))
+    weights = gaussian_weights(patch)
+    acc = np.zeros(shape, np.float32)
+    norm = np.zeros(shape, np.float32)
+    fill = float(volume.min())
+    for origin in iter_tiles(shape, patch, step_fraction):
+        lo = np.asarray(origin)
+        tile = crop_padded(volume, lo, lo + patch, fill=fill)
+        prob = predict(tile[None, None])[0, 0]
+        region = tuple(slice(o, o + p) for o, p in zip(origin, patch))
+        acc[region] += prob * weights
+        norm[region] += weights
+    out = acc / norm
+    return np.ascontiguousarray(out[tuple(slice(0, s) for s in volume.shape)])
+
+
+def predict_volume(volume: np.ndarray, predict: PredictFn, patch_size: tuple[int, int, int], divisor: int,
+                   max_voxels: int | None = None) -> np.ndarray:
+    """Whole-volume inference when it fits in max_voxels, else sliding window; same result up to rounding."""
+    padded_voxels = int(np.prod([round_up(s, divisor) for s in volume.shape]))
+    if max_voxels is None or padded_voxels <= max_voxels:
+        return predict_whole(volume, predict, divisor)
+    return predict_tiled(volume, predict, patch_size, divisor)

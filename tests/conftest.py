@@ -1,0 +1,77 @@
+"""Shared fixtures: the repository root, the dataset folder, and tiny ONNX test models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from onnx_models import TEST_MODEL_BIAS, build_test_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_data_dir() -> Path | None:
+    """Task02_Heart from $HEARTSEG_DATA, else ../shared/data/Task02_Heart next to the repository; None if absent."""
+    env = os.environ.get("HEARTSEG_DATA")
+    candidate = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "Task02_Heart"
+    return candidate if (candidate / "imagesTr").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (the folder holding pyproject.toml)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The Task02_Heart folder; skips the test when the dataset is not there."""
+    found = find_data_dir()
+    if found is None:
+        where = os.environ.get("HEARTSEG_DATA") or REPO_ROOT.parent / "shared" / "data" / "Task02_Heart"
+        pytest.skip(f"Task02_Heart dataset not found at {where} (set $HEARTSEG_DATA to its folder)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide folder of test models."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def single_model(model_dir: Path) -> Path:
+    """A one-stage pointwise heartseg model."""
+    return build_test_model(model_dir / "single.onnx", bias=TEST_MODEL_BIAS)
+
+
+@pytest.fixture(scope="session")
+def cascade_model(model_dir: Path) -> Path:
+    """A two-stage (coarse 5 mm localiser, fine stage) pointwise heartseg model."""
+    return build_test_model(model_dir / "cascade.onnx", cascade=True, bias=TEST_MODEL_BIAS)
+
+
+@pytest.fixture(scope="session")
+def no_contract_model(model_dir: Path) -> Path:
+    """A valid ONNX file without the heartseg contract in its metadata."""
+    return build_test_model(model_dir / "no_contract.onnx", with_contract=False)
+
+
+@pytest.fixture(params=["single", "cascade"])
+def any_model(request: pytest.FixtureRequest, single_model: Path, cascade_model: Path) -> Path:
+    """Each test model in turn."""
+    return single_model if request.param == "single" else cascade_model
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke a typer app in-process: run_cli(app, *args) -> typer.testing.Result (stdout and stderr apart)."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+
+    def run(app, *args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return run

@@ -1,0 +1,122 @@
+"""Tests for heartseg.train.augment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heartseg.train.augment import AugmentConfig, augment
+
+torch.set_num_threads(1)
+
+# Everything on, with certainty, so each test exercises every branch.
+ALL_ON = AugmentConfig(flip_axes=(0, 1, 2), p_flip=0.5, p_spatial=1.0, p_gamma=1.0, p_noise=1.0)
+
+
+def _sample(shape: tuple[int, int, int] = (12, 16, 20), channels: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(123)
+    label = torch.zeros(1, *shape)
+    label[:, 3:9, 4:12, 5:13] = 1.0
+    image = label.repeat(channels, 1, 1, 1) * 2.0 + 0.3 * torch.randn(channels, *shape, generator=gen)
+    return image, label
+
+
+def _rng(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_shapes_dtypes_and_binary_label(seed: int) -> None:
+    image, label = _sample()
+    out_image, out_label = augment(image, label, ALL_ON, _rng(seed))
+    assert out_image.shape == image.shape and out_image.dtype == image.dtype
+    assert out_label.shape == label.shape and out_label.dtype == label.dtype
+    assert set(out_label.unique().tolist()) <= {0.0, 1.0}
+    assert torch.isfinite(out_image).all()
+
+
+def test_integer_label_keeps_dtype() -> None:
+    image, label = _sample()
+    _, out_label = augment(image, label.to(torch.uint8), ALL_ON, _rng(0))
+    assert out_label.dtype == torch.uint8
+    assert set(out_label.unique().tolist()) <= {0, 1}
+
+
+def test_identity_config_leaves_inputs_unchanged() -> None:
+    image, label = _sample()
+    image_copy, label_copy = image.clone(), label.clone()
+    out_image, out_label = augment(image, label, AugmentConfig.identity(), _rng(0))
+    assert torch.equal(out_image, image) and torch.equal(out_label, label)
+    # Also with everything on, the inputs themselves must not be modified in place.
+    augment(image, label, ALL_ON, _rng(0))
+    assert torch.equal(image, image_copy) and torch.equal(label, label_copy)
+
+
+def test_default_config_has_flips_off() -> None:
+    assert AugmentConfig().flip_axes == ()
+
+
+def test_deterministic_with_same_seed() -> None:
+    image, label = _sample()
+    a = augment(image, label, ALL_ON, _rng(7))
+    b = augment(image, label, ALL_ON, _rng(7))
+    c = augment(image, label, ALL_ON, _rng(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_rotation_changes_image_and_moves_label_with_it() -> None:
+    image, label = _sample(channels=1)
+    cfg = AugmentConfig(
+        rotation_deg=30.0,
+        off_axis_rotation_deg=0.0,
+        scale_range=(1.0, 1.0),
+        p_spatial=1.0,
+        intensity_scale=(1.0, 1.0),
+        intensity_shift=0.0,
+        p_gamma=0.0,
+        p_noise=0.0,
+    )
+    changed = 0
+    for seed in range(4):
+        out_image, out_label = augment(image, label, cfg, _rng(seed))
+        if (out_image - image).abs().max() > 0.5:
+            changed += 1
+        # Image and label are warped by the same transform: the bright region tracks the label.
+        inside = out_image[out_label.bool()].mean()
+        outside = out_image[~out_label.bool()].mean()
+        assert inside > outside + 1.0
+        # An in-plane rotation leaves depth slices' foreground counts roughly intact.
+        assert abs(float(out_label.sum() - label.sum())) < 0.25 * float(label.sum())
+    assert changed >= 3
+
+
+def test_flip_only_on_listed_axes() -> None:
+    image, label = _sample()
+    cfg = AugmentConfig.identity()
+    cfg.flip_axes = (2,)
+    cfg.p_flip = 1.0
+    out_image, out_label = augment(image, label, cfg, _rng(0))
+    assert torch.equal(out_image, image.flip(3)) and torch.equal(out_label, label.flip(3))
+
+
+def test_gamma_keeps_range() -> None:
+    image, label = _sample()
+    cfg = AugmentConfig.identity()
+    cfg.p_gamma = 1.0
+    cfg.gamma_range = (0.5, 0.5)
+    out_image, _ = augment(image, label, cfg, _rng(0))
+    for c in range(image.shape[0]):
+        assert float(out_image[c].min()) == pytest.approx(float(image[c].min()), abs=1e-5)
+        assert float(out_image[c].max()) == pytest.approx(float(image[c].max()), abs=1e-5)
+    assert not torch.allclose(out_image, image)
+
+
+def test_rejects_bad_inputs() -> None:
+    image, label = _sample()
+    with pytest.raises(ValueError):
+        augment(image[None], label[None], AugmentConfig(), _rng(0))
+    with pytest.raises(ValueError):
+        augment(image, label[:, :-1], AugmentConfig(), _rng(0))
+    with pytest.raises(ValueError):
+        AugmentConfig(flip_axes=(3,))

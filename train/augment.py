@@ -1,0 +1,158 @@
+"""Deterministic data augmentation for one (C, D, H, W) image and its (1, D, H, W) binary label.
+
+Inputs are single, unbatched samples (as produced by a ``Dataset.__getitem__``); batching
+happens afterwards in the ``DataLoader``. All randomness comes from the ``torch.Generator``
+passed in, so the same seed and config give the same output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation probabilities and ranges; intensities are in normalised (z-scored) units."""
+
+    # Flips are off by default: the left atrium is lateralised, so mirroring makes anatomically
+    # impossible images. Axes are spatial: 0 = D, 1 = H, 2 = W.
+    flip_axes: tuple[int, ...] = ()
+    p_flip: float = 0.5
+    # Rotation (degrees) around the depth axis, i.e. in the H-W plane.
+    rotation_deg: float = 10.0
+    # Smaller rotation (degrees) around the H and W axes.
+    off_axis_rotation_deg: float = 3.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    p_spatial: float = 0.3
+    intensity_scale: tuple[float, float] = (0.9, 1.1)
+    intensity_shift: float = 0.1
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    p_gamma: float = 0.3
+    noise_std: float = 0.05
+    p_noise: float = 0.2
+
+    def __post_init__(self) -> None:
+        self.flip_axes = tuple(int(a) for a in self.flip_axes)
+        self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
+        self.intensity_scale = (float(self.intensity_scale[0]), float(self.intensity_scale[1]))
+        self.gamma_range = (float(self.gamma_range[0]), float(self.gamma_range[1]))
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise ValueError(f"flip_axes must be spatial axes in (0, 1, 2), got {self.flip_axes}")
+        for name in ("p_flip", "p_spatial", "p_gamma", "p_noise"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        for name in ("scale_range", "intensity_scale", "gamma_range"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+        for name in ("rotation_deg", "off_axis_rotation_deg", "intensity_shift", "noise_std"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def identity(cls) -> AugmentConfig:
+        """A config under which :func:`augment` returns its inputs unchanged."""
+        return cls(
+            flip_axes=(),
+            p_spatial=0.0,
+            intensity_scale=(1.0, 1.0),
+            intensity_shift=0.0,
+            p_gamma=0.0,
+            p_noise=0.0,
+        )
+
+
+def _uniform(rng: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=rng, device=rng.device))
+
+
+def _chance(rng: torch.Generator, p: float) -> bool:
+    return float(torch.rand((), generator=rng, device=rng.device)) < p
+
+
+def _rotation(ax: float, ay: float, az: float) -> Tensor:
+    """Rotation matrix in (x=W, y=H, z=D) order for angles in radians around x, y and z."""
+    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
+    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
+    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64)
+    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float64)
+    return rz @ ry @ rx
+
+
+def _spatial(image: Tensor, label: Tensor, config: AugmentConfig, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+    off = math.radians(config.off_axis_rotation_deg)
+    ax = _uniform(rng, -off, off)
+    ay = _uniform(rng, -off, off)
+    az = _uniform(rng, -math.radians(config.rotation_deg), math.radians(config.rotation_deg))
+    scale = _uniform(rng, *config.scale_range)
+    # Output voxel p samples input voxel R p / scale (about the centre), so scale > 1 zooms in.
+    voxel_map = _rotation(ax, ay, az) / scale
+    # affine_grid works in [-1, 1] coordinates per axis; conjugating by the half-extents keeps the
+    # rotation rigid in voxel space for non-cubic volumes (voxel spacing is taken as isotropic).
+    d, h, w = image.shape[1:]
+    half = torch.tensor([w / 2.0, h / 2.0, d / 2.0], dtype=torch.float64)
+    theta3 = voxel_map * half[None, :] / half[:, None]
+    theta = torch.cat([theta3, torch.zeros(3, 1, dtype=torch.float64)], dim=1)[None]
+    theta = theta.to(device=image.device, dtype=image.dtype)
+    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
+    new_image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    # Nearest-neighbour sampling keeps the label exactly binary.
+    new_label = F.grid_sample(
+        label[None].to(image.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )[0]
+    return new_image, new_label.to(label.dtype)
+
+
+def _gamma(image: Tensor, gamma: float) -> Tensor:
+    out = image.clone()
+    for c in range(image.shape[0]):
+        lo, hi = image[c].min(), image[c].max()
+        span = hi - lo
+        if float(span) <= 1e-8:
+            continue
+        unit = ((image[c] - lo) / span).clamp_(0.0, 1.0)
+        out[c] = unit.pow(gamma) * span + lo
+    return out
+
+
+def augment(
+    image: Tensor, label: Tensor, config: AugmentConfig, rng: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Randomly augment a float (C, D, H, W) image and its binary (1, D, H, W) label; inputs are not modified."""
+    if image.dim() != 4 or label.dim() != 4:
+        raise ValueError(
+            f"expected unbatched (C, D, H, W) image and label, got {tuple(image.shape)} and {tuple(label.shape)}"
+        )
+    if image.shape[1:] != label.shape[1:]:
+        raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} spatial shapes differ")
+    if not image.is_floating_point():
+        raise TypeError(f"image must be floating point, got {image.dtype}")
+
+    flip_dims = [axis + 1 for axis in config.flip_axes if _chance(rng, config.p_flip)]
+    if flip_dims:
+        image, label = image.flip(flip_dims), label.flip(flip_dims)
+
+    if _chance(rng, config.p_spatial):
+        image, label = _spatial(image, label, config, rng)
+
+    factor = _uniform(rng, *config.intensity_scale)
+    shift = _uniform(rng, -config.intensity_shift, config.intensity_shift)
+    if factor != 1.0 or shift != 0.0:
+        image = image * factor + shift
+
+    if _chance(rng, config.p_gamma):
+        # Log-uniform so that (0.8, 1.25) is symmetric between darkening and brightening.
+        lo, hi = config.gamma_range
+        image = _gamma(image, math.exp(_uniform(rng, math.log(lo), math.log(hi))))
+
+    if config.noise_std > 0 and _chance(rng, config.p_noise):
+        noise = torch.randn(image.shape, generator=rng, device=rng.device, dtype=image.dtype)
+        image = image + config.noise_std * noise.to(image.device)
+
+    return image, label

@@ -1,0 +1,96 @@
+"""Preprocessed volumes cached on disk, made with the runtime's own preprocessing functions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from heartseg.runtime.contract import ModelContract, StageContract
+from heartseg.runtime.preprocess import mask_box, resample_to_shape, stage_grid, target_shape, to_canonical
+
+from .dataset import Case, load_case
+from .plan import DataFingerprint
+
+
+def default_cache_root() -> Path:
+    """$HEARTSEG_CACHE, else ~/.cache/heartseg."""
+    return Path(os.environ.get("HEARTSEG_CACHE", Path.home() / ".cache" / "heartseg"))
+
+
+@dataclass
+class PreparedCase:
+    """A case on the canonical grid, and on each stage's grid (images normalised, labels binary)."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+    stages: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def box(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The label's box on the canonical grid."""
+        return mask_box(self.label)
+
+
+def stage_label(label: np.ndarray, spacing: tuple[float, float, float], stage: StageContract) -> np.ndarray:
+    """A canonical label resampled to a stage's grid (linear, then >= 0.5)."""
+    shape = target_shape(label.shape, spacing, stage.spacing)
+    return (resample_to_shape(label.astype(np.float32), shape, order=1) >= 0.5).astype(np.uint8)
+
+
+def _key(case: Case, contract: ModelContract) -> str:
+    stat_i, stat_l = case.image.stat(), case.label.stat()
+    spec = [str(case.image.resolve()), stat_i.st_size, stat_i.st_mtime_ns, stat_l.st_size, stat_l.st_mtime_ns,
+            contract.orientation, contract.normalization, [list(s.spacing) for s in contract.stages]]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # per process: DDP ranks may fill the cache together
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def prepare_case(case: Case, contract: ModelContract, cache_root: Path | None) -> PreparedCase:
+    """Load a case from the cache, or preprocess it (and store it) with the runtime's functions."""
+    folder = (cache_root / _key(case, contract)) if cache_root else None
+    names = ["native_image", "native_label"] + [f"{s.name}_{k}" for s in contract.stages for k in ("image", "label")]
+    if folder and all((folder / f"{n}.npy").is_file() for n in names) and (folder / "spacing.json").is_file():
+        arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in names}
+        spacing = tuple(json.loads((folder / "spacing.json").read_text()))
+    else:
+        image, label = load_case(case)
+        canonical = to_canonical(image, contract.orientation)
+        canonical_label = to_canonical(label, contract.orientation).data.astype(np.uint8)
+        spacing = canonical.spacing
+        arrays = {"native_image": canonical.data.astype(np.float32), "native_label": canonical_label}
+        for stage in contract.stages:
+            arrays[f"{stage.name}_image"] = stage_grid(canonical.data, spacing, stage.spacing, contract.normalization)
+            arrays[f"{stage.name}_label"] = stage_label(canonical_label, spacing, stage)
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, array in arrays.items():
+                _save(folder / f"{name}.npy", array)
+            (folder / "spacing.json").write_text(json.dumps(list(spacing)))
+    stages = {s.name: (arrays[f"{s.name}_image"], arrays[f"{s.name}_label"]) for s in contract.stages}
+    return PreparedCase(case.case_id, arrays["native_image"], arrays["native_label"], spacing, stages)  # type: ignore[arg-type]
+
+
+def fingerprint(cases: list[Case]) -> DataFingerprint:
+    """Canonical spacing, shape and label box size of each case (headers and labels only)."""
+    from heartseg.runtime.image import load_volume
+
+    spacings, shapes, boxes = [], [], []
+    for case in cases:
+        label = to_canonical(load_volume(case.label), "RAS")
+        spacings.append(label.spacing)
+        shapes.append(label.data.shape)
+        box = mask_box(label.data > 0.5)
+        boxes.append(tuple(int(h - l) for l, h in zip(*box)) if box else label.data.shape)
+    return DataFingerprint(spacings, shapes, boxes)

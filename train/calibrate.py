@@ -1,0 +1,59 @@
+"""Decision-threshold calibration on held-out probabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from heartseg.runtime.errors import HeartsegError
+from heartseg.runtime.metrics import degenerate_reason
+
+DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2).tolist())
+
+
+class CalibrationError(HeartsegError):
+    """No threshold gives a usable (non-degenerate) mask: the model must not be written."""
+
+    exit_code = 1
+
+
+@dataclass
+class Calibration:
+    """The chosen threshold and the sweep that chose it."""
+
+    threshold: float
+    dice: float
+    thresholds: list[float]
+    mean_dice: list[float]
+    degenerate: list[bool]
+    cases: int
+
+    def to_dict(self) -> dict:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def dice(mask: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two binary masks (1.0 when both are empty)."""
+    total = int(mask.sum()) + int(ref.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(mask, ref).sum()) / total
+
+
+def calibrate_threshold(pairs: list[tuple[np.ndarray, np.ndarray]], to_mask: Callable[[np.ndarray, float], np.ndarray],
+                        max_fraction: float, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> Calibration:
+    """Pick the threshold that maximises mean Dice over (probability, label) pairs, never a degenerate one."""
+    means, bad = [], []
+    for threshold in thresholds:
+        masks = [to_mask(prob, threshold) for prob, _ in pairs]
+        means.append(float(np.mean([dice(m, ref) for m, (_, ref) in zip(masks, pairs)])))
+        bad.append(any(degenerate_reason(m, max_fraction) is not None for m in masks))
+    usable = [i for i, b in enumerate(bad) if not b]
+    if not usable:
+        raise CalibrationError(
+            "threshold calibration failed: every threshold gives an empty or implausibly large mask on some "
+            "validation case; the model was not written (train longer, or check the labels)"
+        )
+    best = max(usable, key=lambda i: means[i])
+    return Calibration(float(thresholds[best]), means[best], list(thresholds), means, bad, len(pairs))

@@ -1,0 +1,169 @@
+"""heartseg-train: train a 3D U-Net (cascade or single stage) on an MSD-layout dataset."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from heartseg.runtime.errors import HeartsegError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Train a left-atrium 3D U-Net with cross-validation and a calibrated threshold.")
+
+
+def _triple(text: str | None, kind=float):
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").split(",") if p]
+    if len(parts) != 3:
+        raise HeartsegError(f"expected three comma-separated numbers, got {text!r}")
+    return tuple(kind(p) for p in parts)
+
+
+def _progress_factory(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    def factory(title: str, total: int):
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}  val Dice {task.fields[dice]}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                            disable=not console.is_terminal and os.environ.get("HEARTSEG_PROGRESS") != "1")
+        task = progress.add_task(title, total=total, loss=float("nan"), dice="-")
+        progress.start()
+        last_dice = ["-"]
+
+        def update(step: int, steps: int, loss: float, dice: float | None) -> None:
+            if dice is not None:
+                last_dice[0] = f"{dice:.3f}"
+            progress.update(task, completed=step, loss=loss, dice=last_dice[0])
+            if step >= steps:
+                progress.stop()
+            elif not console.is_terminal and step % 20 == 0:
+                console.log(f"{title}: step {step}/{steps} loss {loss:.4f} val Dice {last_dice[0]}")
+
+        return update
+
+    return factory
+
+
+@app.command()
+def train(
+    data: Optional[Path] = typer.Argument(None, help="Dataset folder in MSD layout (dataset.json, imagesTr/, labelsTr/)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run folder to create (plan, splits, checkpoints, model.pt, logs, PNGs)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoints (other options are ignored)."),
+    stage: str = typer.Option("cascade", help="cascade (localiser at low resolution, then full resolution around it), single, coarse or fine."),
+    fold: Optional[str] = typer.Option(None, help="Fold(s) to train: a number (default 0), a list like 1,2 or 'all'. With --resume, widens the run to these folds (finished folds are kept)."),
+    folds: int = typer.Option(5, help="Number of cross-validation folds (cases with identical images share a fold)."),
+    seed: int = typer.Option(0, help="Seed of the split, the initialisation and the sampling."),
+    steps: int = typer.Option(1000, help="Training steps of the full-resolution (fine or single) network."),
+    coarse_steps: int = typer.Option(300, help="Training steps of the localiser."),
+    batch_size: int = typer.Option(2, help="Patches per step."),
+    lr: float = typer.Option(2e-3, help="Peak AdamW learning rate (linear warm-up, then polynomial decay)."),
+    val_every: int = typer.Option(100, help="Validate on the fold's held-out cases every N steps (full volumes, runtime path)."),
+    checkpoint_every: int = typer.Option(20, help="Write last.pt every N steps (the most a kill can lose)."),
+    preset: str = typer.Option("fine", help="Network preset of the full-resolution stage: fine (16 ch), coarse (8 ch), failed-project (32 ch)."),
+    width: Optional[int] = typer.Option(None, help="Base channels of the full-resolution network (overrides the preset)."),
+    norm: Optional[str] = typer.Option(None, help="Normalisation layers: batch, instance or none (overrides the preset)."),
+    fine_spacing: Optional[str] = typer.Option(None, help="Full-resolution spacing in mm, 'x,y,z' (default: the dataset's median)."),
+    coarse_spacing: Optional[float] = typer.Option(None, help="Localiser spacing in mm (default: about 80 voxels across the median scan)."),
+    patch: Optional[str] = typer.Option(None, help="Full-resolution patch in voxels, 'x,y,z' (default: the median atrium box plus margins, at most 64^3 voxels)."),
+    margin_mm: float = typer.Option(15.0, help="Margin around the localiser's box that the full-resolution stage sees."),
+    foreground_fraction: float = typer.Option(0.5, help="Share of patches centred on a foreground voxel."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
+    cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
+) -> None:
+    """Train, calibrate the threshold on held-out cases, and write RUN/model.pt.
+
+    Exit codes: 0 done, 1 training failed (e.g. no threshold gives a usable mask), 2 bad input.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        import torch
+    except ImportError:
+        console.print("error: heartseg-train needs PyTorch: pip install 'heartseg[train]'")
+        raise typer.Exit(2)
+    from heartseg.train.pipeline import Run, RunConfig
+    from heartseg.train.plan import PlanOptions
+    from heartseg.train.unet import PRESETS
+
+    try:
+        distributed = _init_distributed(torch)
+        if resume is not None:
+            if not (resume / "config.json").is_file():
+                raise HeartsegError(f"{resume}: no config.json, not a heartseg-train run folder")
+            config = RunConfig.load(resume / "config.json")
+            if fold is not None:
+                config.fold = fold
+                config.save(resume / "config.json")
+            console.print(f"resuming {resume} (folds: {config.fold})")
+        else:
+            if data is None or output is None:
+                raise HeartsegError("give a dataset folder and -o RUN_FOLDER (or --resume RUN_FOLDER)")
+            if stage not in ("cascade", "single", "coarse", "fine"):
+                raise HeartsegError(f"--stage {stage!r}: choose cascade, single, coarse or fine")
+            if preset not in PRESETS:
+                raise HeartsegError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+            if output.exists() and (output / "config.json").exists():
+                raise HeartsegError(f"{output}: a run already exists there (use --resume {output} or a new folder)")
+            unet = PRESETS[preset]
+            unet = replace(unet, base_channels=width or unet.base_channels, norm=norm or unet.norm)
+            config = RunConfig(data=str(data), output=str(output), kind=stage, fold=fold or "0", n_folds=folds, seed=seed,
+                               fine_unet=unet, cache=cache, threads=threads,
+                               command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
+                               plan=PlanOptions(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
+                                                fine_patch=_triple(patch, int), crop_margin_mm=margin_mm))
+            config.fine = replace(config.fine, steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
+                                  checkpoint_every=checkpoint_every, seed=seed, device=device,
+                                  foreground_fraction=foreground_fraction)
+            config.coarse = replace(config.coarse, steps=coarse_steps, batch_size=batch_size, val_every=val_every,
+                                    checkpoint_every=checkpoint_every, seed=seed, device=device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        run = Run(config, log=console.log, progress_factory=_progress_factory(console))
+        rank = torch.distributed.get_rank() if distributed else 0
+        if distributed:
+            # Every rank has checked that the run folder is new before rank 0 writes config.json into it.
+            torch.distributed.barrier()
+        Path(config.output).mkdir(parents=True, exist_ok=True)
+        if resume is None and rank == 0:
+            config.save(Path(config.output) / "config.json")
+        summary = run.run()
+        if summary is not None:
+            console.print(f"held-out mean Dice {summary['mean']['dice']:.4f} over {summary['cases']} cases "
+                          f"(folds {summary['folds']}); model: {Path(config.output) / 'model.pt'}")
+        if distributed:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+    except HeartsegError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code)
+
+
+def _init_distributed(torch) -> bool:
+    """Join the process group when launched by torchrun with more than one process; True under DDP."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.distributed.init_process_group(backend)
+        return True
+    return False
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

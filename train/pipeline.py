@@ -1,0 +1,270 @@
+"""A training run: plan, splits, cached preprocessing, stages, calibration, held-out metrics, model.pt."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from heartseg.runtime.contract import ModelContract
+from heartseg.runtime.errors import HeartsegError
+from heartseg.runtime.inference import infer_canonical, mask_from_prob
+from heartseg.runtime.metrics import compute_metrics
+from heartseg.runtime.postprocess import binarize, largest_component
+
+from .augment import AugmentConfig
+from .cache import PreparedCase, default_cache_root, fingerprint, prepare_case
+from .calibrate import Calibration, calibrate_threshold
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
+from .dataset import DatasetInfo, image_hash, read_dataset
+from .plan import PlanOptions, TrainPlan, fingerprint_dict, plan_stages
+from .splits import Fold, make_folds, read_splits, write_splits
+from .trainer import (StageOutcome, TrainConfig, _rank, canonical_of, pick_device, torch_predictor, train_stage,
+                      validation_pairs)
+from .unet import PRESETS, UNetConfig, build_unet
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as config.json so that --resume continues it unchanged."""
+
+    data: str
+    output: str
+    kind: str = "cascade"
+    fold: str = "0"
+    n_folds: int = 5
+    seed: int = 0
+    fine: TrainConfig = field(default_factory=TrainConfig)
+    coarse: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=2, lr=3e-3, val_every=100))
+    fine_unet: UNetConfig = field(default_factory=lambda: PRESETS["fine"])
+    coarse_unet: UNetConfig = field(default_factory=lambda: PRESETS["coarse"])
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache: str | None = None
+    threads: int | None = None
+    command: str = ""
+
+    def save(self, path: Path) -> None:
+        """Write config.json."""
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        """Read config.json."""
+        data = json.loads(path.read_text())
+        return cls(**{**data, "fine": TrainConfig(**data["fine"]), "coarse": TrainConfig(**data["coarse"]),
+                      "fine_unet": UNetConfig.from_dict(data["fine_unet"]),
+                      "coarse_unet": UNetConfig.from_dict(data["coarse_unet"]),
+                      "plan": PlanOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["plan"].items()}),
+                      "augment": AugmentConfig(**data["augment"])})
+
+
+def versions() -> dict[str, str]:
+    """Software versions recorded in every model."""
+    import nibabel
+    import scipy
+
+    from heartseg.runtime import __version__
+
+    return {"heartseg": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+            "numpy": np.__version__, "scipy": scipy.__version__, "nibabel": nibabel.__version__}
+
+
+def _stage_configs(config: RunConfig, name: str) -> tuple[TrainConfig, UNetConfig]:
+    if name == "coarse":
+        return config.coarse, config.coarse_unet
+    return config.fine, config.fine_unet
+
+
+def _final_mask(contract: ModelContract) -> callable:
+    def to_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
+        mask = binarize(prob, threshold)
+        return largest_component(mask) if contract.largest_component else mask
+    return to_mask
+
+
+def _coarse_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
+    return largest_component(binarize(prob, threshold))
+
+
+class Run:
+    """One heartseg-train run directory."""
+
+    def __init__(self, config: RunConfig, log=print, progress_factory=None) -> None:
+        self.config = config
+        self.dir = Path(config.output)
+        self.log = log
+        self.progress_factory = progress_factory
+        self.dataset: DatasetInfo = read_dataset(config.data)
+
+    def prepare(self) -> tuple[TrainPlan, list[Fold]]:
+        """Write (or reread) plan.json and splits.json (under DDP, rank 0 writes them and the others read them)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        plan_path, splits_path = self.dir / "plan.json", self.dir / "splits.json"
+        rank, world = _rank()
+        if world > 1:
+            if rank == 0:
+                self._prepare(plan_path, splits_path)
+            torch.distributed.barrier()
+            return TrainPlan.load(plan_path), read_splits(splits_path)
+        return self._prepare(plan_path, splits_path)
+
+    def _prepare(self, plan_path: Path, splits_path: Path) -> tuple[TrainPlan, list[Fold]]:
+        if plan_path.exists() and splits_path.exists():
+            return TrainPlan.load(plan_path), read_splits(splits_path)
+        fp = fingerprint(self.dataset.cases)
+        contract = ModelContract(stages=plan_stages(self.config.kind, fp, self.config.plan),
+                                 bytes_per_voxel=self.config.fine_unet.base_channels * 4 * 10)
+        plan = TrainPlan(self.config.kind, contract, str(self.dataset.root), fingerprint_dict(fp))
+        hashes = {c.case_id: image_hash(c.image) for c in self.dataset.cases}
+        folds = make_folds([c.case_id for c in self.dataset.cases], hashes, self.config.n_folds, self.config.seed)
+        plan.save(plan_path)
+        write_splits(splits_path, folds, self.config.seed)
+        return plan, folds
+
+    def load_cases(self, contract: ModelContract, ids: list[str]) -> list[PreparedCase]:
+        """Preprocess (or read from the cache) the given cases."""
+        cache = None if self.config.cache == "none" else Path(self.config.cache) if self.config.cache else default_cache_root()
+        by_id = {c.case_id: c for c in self.dataset.cases}
+        return [prepare_case(by_id[i], contract, cache) for i in ids]
+
+    def folds_to_run(self, folds: list[Fold]) -> list[Fold]:
+        """The folds selected by --fold ('all', one index, or a comma-separated list)."""
+        if self.config.fold == "all":
+            return folds
+        try:
+            indices = [int(part) for part in str(self.config.fold).split(",") if part.strip()]
+        except ValueError:
+            raise HeartsegError(f"--fold {self.config.fold!r}: give a fold number, a list like 1,2 or 'all'") from None
+        for index in indices:
+            if not 0 <= index < len(folds):
+                raise HeartsegError(f"--fold {index}: there are {len(folds)} folds (0..{len(folds) - 1})")
+        return [folds[i] for i in indices]
+
+    def run(self) -> dict | None:
+        """Train every selected fold; returns the summary over folds (None on DDP ranks other than 0)."""
+        plan, folds = self.prepare()
+        results = {}
+        for fold in self.folds_to_run(folds):
+            results[fold.index] = self.run_fold(plan, fold)
+        if _rank()[0] != 0:
+            return None  # under DDP only rank 0 calibrates, evaluates and writes the model
+        summary = self.summarize(results)
+        first = self.dir / f"fold_{self.folds_to_run(folds)[0].index}" / "model.pt"
+        shutil.copyfile(first, self.dir / ".model.pt.tmp")
+        (self.dir / ".model.pt.tmp").replace(self.dir / "model.pt")
+        return summary
+
+    def run_fold(self, plan: TrainPlan, fold: Fold) -> dict:
+        """Train, calibrate and evaluate one fold; writes fold_k/model.pt and metrics.json."""
+        from .report import save_reports
+
+        fold_dir = self.dir / f"fold_{fold.index}"
+        if (fold_dir / "model.pt").is_file() and (fold_dir / "metrics.json").is_file():
+            self.log(f"fold {fold.index}: already complete, kept as it is")
+            return json.loads((fold_dir / "metrics.json").read_text())
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        contract = plan.contract
+        self.log(f"fold {fold.index}: training on {len(fold.train)} cases, validating on {fold.val}")
+        train_cases = self.load_cases(contract, fold.train)
+        val_cases = self.load_cases(contract, fold.val)
+        rank = _rank()[0]
+        writer = _tensorboard(fold_dir / "tb") if rank == 0 else None
+        outcomes: dict[str, StageOutcome] = {}
+        for stage in contract.stages:
+            train_config, unet_config = _stage_configs(self.config, stage.name)
+            progress = self.progress_factory(f"fold {fold.index} {stage.name}", train_config.steps) if self.progress_factory else None
+            outcomes[stage.name] = train_stage(fold_dir / stage.name, stage, contract, unet_config, train_cases,
+                                               val_cases, train_config, self.config.augment, progress, writer)
+            o = outcomes[stage.name]
+            self.log(f"fold {fold.index} {stage.name}: best validation Dice {o.best_dice:.4f} at step {o.best_step}; "
+                     f"{o.seconds_per_step:.2f} s/step over {o.steps} steps")
+        if rank != 0:
+            return {}
+        device = pick_device(self.config.fine.device)
+        networks = {}
+        for name, outcome in outcomes.items():
+            net = build_unet(UNetConfig.from_dict(outcome.unet))
+            net.load_state_dict(outcome.state_dict)
+            networks[name] = net.to(device).to(memory_format=torch.channels_last_3d).eval()
+        predict = torch_predictor(networks, device)
+        calibrations: dict[str, Calibration] = {}
+        if contract.is_cascade:
+            coarse = contract.stages[0]
+            pairs = validation_pairs(coarse, contract, val_cases, predict)
+            calibrations["coarse"] = calibrate_threshold(pairs, _coarse_mask, max_fraction=0.5)
+            coarse.threshold = calibrations["coarse"].threshold
+        final = contract.final_stage
+        # The final threshold is calibrated on what the whole pipeline produces on held-out cases.
+        probs = [infer_canonical(canonical_of(c), contract, predict).prob for c in val_cases]
+        pairs = [(p, np.asarray(c.label)) for p, c in zip(probs, val_cases)]
+        calibrations[final.name] = calibrate_threshold(pairs, _final_mask(contract), contract.max_foreground_fraction)
+        final.threshold = calibrations[final.name].threshold
+        per_case = {}
+        for case, prob in zip(val_cases, probs):
+            mask = mask_from_prob(prob, contract)
+            per_case[case.case_id] = compute_metrics(mask, np.asarray(case.label), case.spacing).to_dict()
+        metrics = {
+            "fold": fold.index, "train_cases": fold.train, "val_cases": fold.val,
+            "split": "held-out validation cases of this fold (never trained on)",
+            "mean": {k: (None if v != v else v) for k, v in summarize_dicts(per_case).items()},
+            "per_case": per_case,
+            "stages": {n: {k: v for k, v in asdict(o).items() if k not in ("state_dict", "history")}
+                       for n, o in outcomes.items()},
+            "calibration": {n: c.to_dict() for n, c in calibrations.items()},
+        }
+        (fold_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        contract.info = {
+            "dataset": self.dataset.name, "dataset_description": self.dataset.description,
+            "licence": self.dataset.licence, "reference": self.dataset.reference,
+            "fold": str(fold.index), "train_cases": ",".join(fold.train), "val_cases": ",".join(fold.val),
+        }
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": plan.kind,
+            "contract": json.loads(contract.to_json()),
+            "networks": {n: {"unet": o.unet, "state_dict": o.state_dict} for n, o in outcomes.items()},
+            "metrics": json.loads(json.dumps(metrics)), "versions": versions(),
+            "command": self.config.command,
+        }
+        save_atomic(checkpoint, fold_dir / "model.pt")
+        save_reports(fold_dir, outcomes, calibrations, val_cases, probs, contract)
+        if writer:
+            writer.close()
+        self.log(f"fold {fold.index}: held-out Dice {metrics['mean']['dice']:.4f} "
+                 f"(threshold {final.threshold}); wrote {fold_dir / 'model.pt'}")
+        for stage in contract.stages:
+            stage.threshold = None
+        return metrics
+
+    def summarize(self, results: dict[int, dict]) -> dict:
+        """Write summary.json over the folds that were run."""
+        per_case = {cid: m for r in results.values() for cid, m in r["per_case"].items()}
+        summary = {"folds": sorted(results), "cases": len(per_case),
+                   "mean": summarize_dicts(per_case),
+                   "per_fold": {k: v["mean"] for k, v in results.items()},
+                   "split": "each case scored by the fold that held it out"}
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def summarize_dicts(per_case: dict[str, dict]) -> dict[str, float]:
+    """Mean of each metric over cases, ignoring missing values."""
+    keys = next(iter(per_case.values())).keys() if per_case else []
+    out = {}
+    for key in keys:
+        values = [v[key] for v in per_case.values() if v[key] is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    return SummaryWriter(str(path))

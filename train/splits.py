@@ -1,0 +1,55 @@
+"""Seeded k-fold cross-validation in which cases with identical images share a fold."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from heartseg.runtime.errors import InputError
+
+
+@dataclass
+class Fold:
+    """The case ids a fold trains and validates on."""
+
+    index: int
+    train: list[str]
+    val: list[str]
+
+
+def make_folds(case_ids: list[str], hashes: dict[str, str], n_folds: int = 5, seed: int = 0) -> list[Fold]:
+    """Split cases into n_folds groups; cases whose image hashes are equal always land together."""
+    if n_folds < 2:
+        raise InputError("cross-validation needs at least 2 folds")
+    groups: dict[str, list[str]] = defaultdict(list)
+    for case_id in sorted(case_ids):
+        groups[hashes[case_id]].append(case_id)
+    if len(groups) < n_folds:
+        raise InputError(f"{len(groups)} distinct images cannot make {n_folds} folds")
+    ordered = sorted(groups.values())
+    random.Random(seed).shuffle(ordered)
+    # Largest groups first, each into the currently smallest fold: balanced sizes.
+    ordered.sort(key=len, reverse=True)
+    buckets: list[list[str]] = [[] for _ in range(n_folds)]
+    for group in ordered:
+        min(buckets, key=len).extend(group)
+    folds = []
+    for index, val in enumerate(buckets):
+        train = sorted(c for c in case_ids if c not in set(val))
+        folds.append(Fold(index, train, sorted(val)))
+    return folds
+
+
+def write_splits(path: Path, folds: list[Fold], seed: int) -> None:
+    """Write splits.json."""
+    data = {"seed": seed, "folds": [{"fold": f.index, "train": f.train, "val": f.val} for f in folds]}
+    path.write_text(json.dumps(data, indent=1))
+
+
+def read_splits(path: Path) -> list[Fold]:
+    """Read splits.json."""
+    data = json.loads(path.read_text())
+    return [Fold(f["fold"], f["train"], f["val"]) for f in data["folds"]]

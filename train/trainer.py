@@ -1,0 +1,233 @@
+"""Training of one network of the cascade: the loop, validation through the runtime path, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from heartseg.runtime.contract import ModelContract, StageContract
+from heartseg.runtime.inference import StagePredictFn, infer_canonical, predict_stage
+from heartseg.runtime.preprocess import CanonicalVolume
+
+from .augment import AugmentConfig
+from .cache import PreparedCase
+from .calibrate import dice
+from .checkpoint import load_safe, save_atomic
+from .losses import DiceBCELoss
+from .sampler import BackgroundBatches, PatchSampler, SamplerConfig
+from .unet import UNetConfig, build_unet
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one stage."""
+
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 20
+    val_every: int = 100
+    checkpoint_every: int = 20
+    foreground_fraction: float = 0.5
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+
+@dataclass
+class StageOutcome:
+    """What a finished stage leaves behind."""
+
+    stage: str
+    unet: dict
+    state_dict: dict
+    best_step: int
+    best_dice: float
+    steps: int
+    seconds: float
+    seconds_per_step: float
+    history: dict = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from heartseg.runtime.errors import HeartsegError
+
+        raise HeartsegError("--device cuda: PyTorch sees no CUDA device here")
+    return torch.device(name)
+
+
+def canonical_of(case: PreparedCase) -> CanonicalVolume:
+    """A prepared case as the runtime's canonical volume (already reoriented: identity transform)."""
+    identity = np.array([[0, 1], [1, 1], [2, 1]], float)
+    return CanonicalVolume(np.asarray(case.image), case.spacing, identity, tuple(case.image.shape))
+
+
+def torch_predictor(networks: dict[str, nn.Module], device: torch.device) -> StagePredictFn:
+    """A runtime stage-prediction function backed by PyTorch networks (sigmoid of the logits)."""
+
+    @torch.no_grad()
+    def predict(stage_name: str, batch: np.ndarray) -> np.ndarray:
+        net = networks[stage_name]
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).contiguous(memory_format=torch.channels_last_3d)
+        with _autocast(device):
+            logits = net(x)
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    return predict
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def validation_pairs(stage: StageContract, contract: ModelContract, cases: list[PreparedCase],
+                     predict: StagePredictFn) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(probability, label) per held-out case, from the runtime's inference path at full size (not patches).
+
+    A localiser is judged on its own grid; a fine stage on the native grid inside the label's box,
+    as the cascade will crop it; a single stage on the whole native scan.
+    """
+    pairs = []
+    solo = ModelContract(stages=[stage], orientation=contract.orientation, normalization=contract.normalization)
+    for case in cases:
+        canonical = canonical_of(case)
+        if stage.name == "coarse":
+            pairs.append((predict_stage(canonical, stage, solo, predict), np.asarray(case.stages[stage.name][1])))
+        else:
+            box = case.box if stage.crop_margin_mm > 0 else None
+            prob = infer_canonical(canonical, solo, predict, box=box).prob
+            pairs.append((prob, np.asarray(case.label)))
+    return pairs
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    return max(0.0, 1.0 - (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)) ** 0.9
+
+
+def _rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+ProgressFn = Callable[[int, int, float, float | None], None]
+
+
+def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, unet_config: UNetConfig,
+                train_cases: list[PreparedCase], val_cases: list[PreparedCase], config: TrainConfig,
+                augment_config: AugmentConfig, progress: ProgressFn | None = None,
+                writer=None) -> StageOutcome:
+    """Train one stage, resuming from stage_dir/last.pt when it exists; keeps the best validation checkpoint."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = _rank()
+    device = pick_device(config.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.manual_seed(config.seed + rank)
+    model = build_unet(unet_config).to(device).to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    use_scaler = config.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    loss_fn = DiceBCELoss(config.dice_weight, config.bce_weight)
+
+    state = {"step": 0, "best_dice": -1.0, "best_step": -1, "seconds": 0.0, "loss": [], "val": []}
+    last = stage_dir / "last.pt"
+    if last.exists():
+        ckpt = load_safe(last)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = PatchSampler(train_cases, stage, SamplerConfig(config.batch_size, config.foreground_fraction),
+                           augment_config, seed=config.seed * 1000003 + state["step"] * 31 + rank)
+    batches = BackgroundBatches(sampler)
+    started = time.perf_counter() - state["seconds"]
+
+    def save_last() -> None:
+        state["seconds"] = time.perf_counter() - started
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "state": state}, last)
+
+    def validate() -> float:
+        model.eval()
+        pairs = validation_pairs(stage, contract, val_cases, torch_predictor({stage.name: model}, device))
+        model.train()
+        score = float(np.mean([dice(p > 0.5, ref) for p, ref in pairs]))
+        state["val"].append([state["step"], score])
+        if writer:
+            writer.add_scalar(f"{stage.name}/val_dice", score, state["step"])
+        if score > state["best_dice"]:
+            state["best_dice"], state["best_step"] = score, state["step"]
+            save_atomic({"model": model.state_dict(), "step": state["step"], "dice": score}, stage_dir / "best.pt")
+        return score
+
+    try:
+        model.train()
+        while state["step"] < config.steps:
+            images, labels = batches.next()
+            images = images.to(device).contiguous(memory_format=torch.channels_last_3d)
+            labels = labels.to(device).contiguous(memory_format=torch.channels_last_3d)
+            with _autocast(device) if config.amp else torch.autocast(device.type, enabled=False):
+                logits = net(images)
+            loss = loss_fn(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            state["step"] += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{stage.name}: loss became {value} at step {state['step']}")
+            state["loss"].append(value)
+            if writer and rank == 0:
+                writer.add_scalar(f"{stage.name}/loss", value, state["step"])
+                writer.add_scalar(f"{stage.name}/lr", scheduler.get_last_lr()[0], state["step"])
+            score = None
+            if rank == 0 and val_cases and (state["step"] % config.val_every == 0 or state["step"] == config.steps):
+                score = validate()
+            if rank == 0 and (state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps):
+                save_last()
+            if progress and rank == 0:
+                progress(state["step"], config.steps, value, score)
+    finally:
+        batches.close()
+    if rank == 0 and not val_cases:
+        save_atomic({"model": model.state_dict(), "step": state["step"], "dice": float("nan")}, stage_dir / "best.pt")
+    if world > 1:
+        torch.distributed.barrier()
+    best = load_safe(stage_dir / "best.pt")
+    seconds = time.perf_counter() - started
+    outcome = StageOutcome(stage.name, unet_config.to_dict(), best["model"], int(best["step"]), float(best["dice"]),
+                           state["step"], seconds, seconds / max(1, state["step"]),
+                           {"loss": state["loss"], "val": state["val"]})
+    if rank == 0:
+        (stage_dir / "done.json").write_text(json.dumps({k: v for k, v in asdict(outcome).items()
+                                                         if k not in ("state_dict", "history")}, indent=1))
+    return outcome
