@@ -36,6 +36,8 @@ from .cli_common import (
 from .contract import CONTRACT_KEY
 from .errors import HeartsegError, InputError
 from .image import Volume, load_mask, load_volume, same_grid, save_volume
+from .overlay import require_pyplot, save_overlay
+from .preprocess import to_canonical
 from .metrics import compute_metrics
 from .segmenter import Segmenter, default_model_path
 from .session import read_contract
@@ -186,11 +188,21 @@ def _print_info(model: Path) -> None:
             say(f"  {key}: {value}")
 
 
+def _save_overlay(job: ScanJob, volume: Volume, mask: np.ndarray, reference: Volume | None) -> Path:
+    """OUTDIR/X_overlay.png: three orthogonal slices in RAS orientation."""
+    canonical = to_canonical(volume)
+    flip = lambda data: to_canonical(Volume(data, volume.affine)).data  # noqa: E731
+    label = flip(reference.data) if reference is not None else None
+    path = job.mask_path.with_name(scan_name(job.scan) + "_overlay.png")
+    return save_overlay(path, canonical.data, flip(mask), label, scan_name(job.scan))
+
+
 def _segment_one(segmenter: Segmenter, job: ScanJob, save_prob: bool, benchmark: int | None,
-                 overwrite: bool) -> ScanResult:
+                 overwrite: bool, overlay: bool = False) -> ScanResult:
     """Load, check, segment (benchmark: repeatedly), write and score one scan."""
     start = time.perf_counter()
     volume = load_volume(job.scan)
+    read_seconds = time.perf_counter() - start
     reference: Volume | None = None
     if job.label is not None:
         reference = load_mask(job.label)
@@ -206,15 +218,19 @@ def _segment_one(segmenter: Segmenter, job: ScanJob, save_prob: bool, benchmark:
             runs.append(time.perf_counter() - t0)
     else:
         prediction = segmenter.segment(volume, keep_prob=save_prob)
+    write_start = time.perf_counter()
     save_volume(prediction.mask.astype(np.uint8), volume.affine, job.mask_path, overwrite=overwrite)
     if save_prob and job.prob_path is not None and prediction.prob is not None:
         save_volume(prediction.prob.astype(np.float32), volume.affine, job.prob_path, overwrite=overwrite)
+    timings = {"read": read_seconds, **prediction.timings, "write": time.perf_counter() - write_start}
+    if overlay:
+        _save_overlay(job, volume, prediction.mask, reference)
     metrics = None
     if reference is not None:
         metrics = compute_metrics(prediction.mask, reference.data, volume.spacing).to_dict()
     seconds = time.perf_counter() - start
     return ScanResult(job, "ok" if prediction.qc is None else "flagged", seconds, prediction.device,
-                      prediction.volume_ml, prediction.qc, metrics, dict(prediction.timings), runs)
+                      prediction.volume_ml, prediction.qc, metrics, timings, runs)
 
 
 def _results_table(results: list[ScanResult], model: Path, device: str, with_metrics: bool,
@@ -304,6 +320,8 @@ def infer(
     labels: Optional[Path] = typer.Option(
         None, "--labels", metavar="DIR", help="Folder of reference labels, paired with scans by file name "
         "(X.nii.gz with DIR/X.nii.gz). [default: none]", show_default=False),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write X_overlay.png: three orthogonal slices with "
+                                 "the mask in red (and the label in green). Needs matplotlib (heartseg[viz])."),
     info: bool = typer.Option(False, "--info", help="Print the model's contract and all its metadata, then exit 0."),
     benchmark: Optional[int] = typer.Option(
         None, "--benchmark", min=1, metavar="N",
@@ -322,6 +340,8 @@ def infer(
     if not scans:
         raise InputError("no scans given: heartseg-infer SCANS... -o OUTDIR")
     check_report_path(json_path, "--json")
+    if overlay:
+        require_pyplot()
     found = discover_scans(scans)
     jobs = _plan(found, output, save_prob, label, labels)
     segmenter = Segmenter(model_path, device=device.value, threads=threads, memory_limit_mb=memory_limit_mb)
@@ -337,7 +357,7 @@ def infer(
                 say(f"{job.scan.name}: skipped, {existing[0]} exists (use --overwrite to replace it)")
             else:
                 try:
-                    results.append(_segment_one(segmenter, job, save_prob, benchmark, overwrite))
+                    results.append(_segment_one(segmenter, job, save_prob, benchmark, overwrite, overlay))
                 except HeartsegError as exc:
                     error(_describe(job.scan, exc))
                     results.append(ScanResult(job, "failed", error=str(exc), exit_code=exc.exit_code))

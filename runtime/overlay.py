@@ -9,7 +9,8 @@ import numpy as np
 from .errors import HeartsegError
 
 
-def _pyplot():
+def require_pyplot():
+    """matplotlib.pyplot on the Agg backend, or a clear error when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -22,7 +23,7 @@ def _pyplot():
 
 def save_overlay(path: Path, image: np.ndarray, mask: np.ndarray, label: np.ndarray | None, title: str) -> Path:
     """Sagittal, coronal and axial slices (RAS arrays) through the target's centre: prediction red, label green."""
-    plt = _pyplot()
+    plt = require_pyplot()
     ref = label if label is not None and label.any() else mask
     centre = np.argwhere(ref).mean(axis=0).astype(int) if ref.any() else np.asarray(image.shape) // 2
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))

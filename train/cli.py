@@ -103,7 +103,8 @@ def train(
             config = RunConfig.load(resume / "config.json")
             if fold is not None:
                 config.fold = fold
-                config.save(resume / "config.json")
+                if not distributed or torch.distributed.get_rank() == 0:
+                    config.save(resume / "config.json")
             console.print(f"resuming {resume} (folds: {config.fold})")
         else:
             if data is None or output is None:

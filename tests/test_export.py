@@ -1,0 +1,322 @@
+"""heartseg-export: parity, graph, baked threshold, metadata, refusal of unsafe or incomplete checkpoints,
+and the exported file running in heartseg-infer without PyTorch.
+
+Reuses the tiny cascade trained once per session by `trained_run` (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from heartseg.export.cli import app
+from heartseg.runtime.contract import ModelContract
+from heartseg.runtime.errors import HeartsegError
+from heartseg.runtime.image import load_volume
+from heartseg.runtime.preprocess import stage_grid, to_canonical
+from heartseg.runtime.session import OnnxSession, read_contract
+
+SCAN = "syn_001.nii.gz"
+HELD_OUT = "syn_000"  # fold 0 validates on syn_000 and syn_005
+
+
+def _text(output: str) -> str:
+    """CLI output with rich's line wrapping undone."""
+    return " ".join(output.split())
+
+
+def _export(checkpoint: Path, output: Path, *extra: str):
+    return CliRunner().invoke(app, [str(checkpoint), "-o", str(output), "--threads", "1", *extra])
+
+
+def _assert_refused(result, needles: list[str]) -> None:
+    text = _text(result.output)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output and "error:" in text, text
+    for needle in needles:
+        assert needle in text, (needle, text)
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    """trained_run's model.pt exported (with the parity check on one scan): the ONNX path."""
+    out = tmp_path_factory.mktemp("export") / "M.onnx"
+    result = _export(trained_run.model, out, "--scan", str(trained_run.data / "imagesTr" / SCAN))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run) -> dict:
+    return torch.load(trained_run.model, map_location="cpu", weights_only=True)
+
+
+def _fine_input(trained_run, contract: ModelContract, name: str = SCAN) -> np.ndarray:
+    """A real scan on the fine stage's grid, cropped to multiples of 8: (1, 1, X, Y, Z)."""
+    stage = contract.stage("fine")
+    canonical = to_canonical(load_volume(trained_run.data / "imagesTr" / name), contract.orientation)
+    grid = stage_grid(canonical.data, canonical.spacing, stage.spacing, contract.normalization)
+    keep = tuple(slice(0, s - s % stage.divisor) for s in grid.shape)
+    return np.ascontiguousarray(grid[keep][None, None], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parity and graph
+
+
+def test_parity_report_within_tolerances(exported):
+    report = json.loads(exported.with_name("M.parity.json").read_text())
+    whats = [r["what"] for r in report]
+    assert any(w.startswith("coarse") for w in whats) and any(w.startswith("fine") for w in whats)
+    assert any(w.startswith(SCAN) for w in whats), whats
+    assert len(report) == 3
+    for r in report:
+        assert r["ok"] is True, r
+        assert r["max_abs_diff"] <= 1e-4, r
+        assert r["mask_agreement"] >= 0.9999, r
+
+
+def test_graph_is_folded_and_thresholded(exported, trained_run):
+    from heartseg.export.model_file import load_trained_model
+
+    # The trained networks do have BatchNorm layers; the graph must not.
+    networks = load_trained_model(trained_run.model).networks
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for net in networks.values() for m in net.modules())
+    model = onnx.load(str(exported))
+    ops = {node.op_type for node in model.graph.node}
+    assert "BatchNormalization" not in ops
+    assert {"Sigmoid", "Greater", "Conv"} <= ops
+    outputs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    assert outputs == {"coarse_mask": onnx.TensorProto.UINT8, "coarse_prob": onnx.TensorProto.FLOAT,
+                       "fine_mask": onnx.TensorProto.UINT8, "fine_prob": onnx.TensorProto.FLOAT}
+    assert [i.name for i in model.graph.input] == ["coarse_image", "fine_image"]
+
+
+def test_dynamic_spatial_axes(exported):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 16, 16, 16), (2, 1, 24, 8, 32)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        small = np.zeros((1, 1, 8, 8, 8), np.float32)
+        mask, prob, cmask, cprob = session.run(["fine_mask", "fine_prob", "coarse_mask", "coarse_prob"],
+                                               {"fine_image": x, "coarse_image": small})
+        assert prob.shape == mask.shape == shape and prob.dtype == np.float32 and mask.dtype == np.uint8
+        assert cprob.shape == cmask.shape == small.shape
+        assert np.all((prob >= 0) & (prob <= 1))
+
+
+def test_unaccepted_size_is_a_clear_error(exported):
+    session = OnnxSession(exported, device="cpu", threads=1)
+    with pytest.raises(HeartsegError, match="multiples? of 8"):
+        session.predict("fine", np.zeros((1, 1, 12, 16, 16), np.float32))
+    with pytest.raises(HeartsegError, match="multiples? of 8"):
+        session.mask("coarse", np.zeros((1, 1, 16, 16, 20), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The calibrated threshold is baked into the graph
+
+
+def test_baked_threshold_follows_the_checkpoint(exported, trained_run, checkpoint, tmp_path):
+    original = float(checkpoint["contract"]["stages"][1]["threshold"])
+    changed = 0.1 if original >= 0.5 else 0.9
+    edited = json.loads(json.dumps(checkpoint["contract"]))
+    edited["stages"][1]["threshold"] = changed
+    altered_pt = tmp_path / "model.pt"
+    torch.save({**checkpoint, "contract": edited}, altered_pt)
+    altered = tmp_path / "altered.onnx"
+    result = _export(altered_pt, altered)
+    assert result.exit_code == 0, result.output
+
+    a, b = OnnxSession(exported, device="cpu", threads=1), OnnxSession(altered, device="cpu", threads=1)
+    assert a.contract.final_stage.threshold == original and b.contract.final_stage.threshold == changed
+    x = _fine_input(trained_run, a.contract)
+    prob_a, prob_b = a.predict("fine", x), b.predict("fine", x)
+    np.testing.assert_allclose(prob_a, prob_b, atol=1e-6)
+    low, high = sorted([original, changed])
+    assert np.any((prob_a > low) & (prob_a <= high)), "no voxel between the thresholds: the test proves nothing"
+    mask_a, mask_b = a.mask("fine", x), b.mask("fine", x)
+    np.testing.assert_array_equal(mask_a, (prob_a > np.float32(original)).astype(np.uint8))
+    np.testing.assert_array_equal(mask_b, (prob_b > np.float32(changed)).astype(np.uint8))
+    assert not np.array_equal(mask_a, mask_b)
+    assert float(b.metadata["heartseg.threshold"]) == changed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metadata
+
+
+def test_metadata_round_trip(exported, trained_run, checkpoint):
+    contract, meta = read_contract(exported)
+    expected = ModelContract.from_dict(checkpoint["contract"])
+    assert contract == expected
+    assert [s.threshold for s in contract.stages] == [s["threshold"] for s in checkpoint["contract"]["stages"]]
+    assert contract.stage("fine").patch_size == (16, 16, 16)
+    assert contract.stage("coarse").spacing == (4.0, 4.0, 4.0)
+
+    metrics = json.loads((trained_run.run / "fold_0" / "metrics.json").read_text())
+    fine = contract.final_stage
+    assert float(meta["heartseg.threshold"]) == fine.threshold
+    calibration = meta["heartseg.threshold_calibration"]
+    assert "held-out" in calibration and f"over {len(metrics['val_cases'])} held-out cases" in calibration
+    assert meta["heartseg.licence"].startswith("CC0")
+    assert meta["heartseg.stages"] == "coarse,fine"
+    assert json.loads(meta["heartseg.spacing_mm"]) == {s.name: list(s.spacing) for s in contract.stages}
+    assert json.loads(meta["heartseg.patch_size"]) == {s.name: list(s.patch_size) for s in contract.stages}
+    versions = json.loads(meta["heartseg.versions"])
+    assert {"heartseg", "torch", "onnx", "numpy", "export_torch"} <= set(versions)
+    assert versions["onnx"] == onnx.__version__
+    cv = json.loads(meta["heartseg.cv_metrics"])
+    assert cv["val_cases"] == metrics["val_cases"]
+    assert cv["mean"]["dice"] == pytest.approx(metrics["mean"]["dice"])
+    assert "held-out" in cv["split"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refusals
+
+
+class Evil:
+    """Pickles to a shell command: loading it with plain pickle runs the command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _write_pickle(path: Path, how: str, command: str) -> None:
+    payload = {"format": "heartseg-model", "x": Evil(command)}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump(payload, handle, protocol=2)
+
+
+def _unsafe_load(path: Path, how: str) -> None:
+    if how == "torch.save":
+        torch.load(path, weights_only=False)
+    else:
+        with open(path, "rb") as handle:
+            pickle.load(handle)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, how):
+    # The payload is live: an unsafe load of the same kind of file runs it.
+    control = tmp_path / "CONTROL"
+    _write_pickle(tmp_path / "control.pt", how, f"touch {control}")
+    _unsafe_load(tmp_path / "control.pt", how)
+    assert control.exists()
+
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "model.pt"
+    _write_pickle(path, how, f"touch {marker}")
+    result = _export(path, tmp_path / "out.onnx")
+    _assert_refused(result, ["refused", "weights_only"])
+    assert not marker.exists(), "the pickled payload ran"
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def _drop_networks(ckpt: dict) -> list[str]:
+    del ckpt["networks"]
+    return ["incomplete", "networks"]
+
+
+def _drop_fine_threshold(ckpt: dict) -> list[str]:
+    ckpt["contract"]["stages"][1]["threshold"] = None
+    return ["incomplete", "'fine'", "threshold"]
+
+
+def _drop_fine_weights(ckpt: dict) -> list[str]:
+    del ckpt["networks"]["fine"]
+    return ["incomplete", "weights of stage 'fine'"]
+
+
+def _drop_contract(ckpt: dict) -> list[str]:
+    del ckpt["contract"]
+    return ["incomplete", "contract"]
+
+
+def _wrong_format(ckpt: dict) -> list[str]:
+    ckpt["format"] = "something-else"
+    return ["not a heartseg model"]
+
+
+@pytest.mark.parametrize("breaker", [_drop_networks, _drop_fine_threshold, _drop_fine_weights, _drop_contract,
+                                     _wrong_format])
+def test_incomplete_checkpoint_names_what_is_missing(trained_run, tmp_path, breaker):
+    ckpt = torch.load(trained_run.model, map_location="cpu", weights_only=True)
+    needles = breaker(ckpt)
+    path = tmp_path / "model.pt"
+    torch.save(ckpt, path)
+    result = _export(path, tmp_path / "out.onnx")
+    _assert_refused(result, needles)
+    assert not (tmp_path / "out.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".onnx"], "a temporary file was left behind"
+
+
+def test_existing_output_is_not_replaced_without_overwrite(trained_run, tmp_path):
+    out = tmp_path / "M.onnx"
+    out.write_bytes(b"keep me")
+    result = _export(trained_run.model, out)
+    _assert_refused(result, ["exists", "--overwrite"])
+    assert out.read_bytes() == b"keep me"
+
+
+def test_missing_checkpoint_is_clear(tmp_path):
+    result = _export(tmp_path / "nope.pt", tmp_path / "out.onnx")
+    _assert_refused(result, ["not found"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The exported file in heartseg-infer, with PyTorch made unimportable
+
+
+def test_heartseg_infer_runs_the_export_without_torch(exported, trained_run, tmp_path):
+    scan = trained_run.data / "imagesTr" / f"{HELD_OUT}.nii.gz"
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any 'import torch' now raises ImportError\n"
+        "from heartseg.runtime.cli_infer import main\n"
+        f"sys.argv = ['heartseg-infer', {str(scan)!r}, '-o', {str(out)!r}, '-m', {str(exported)!r},"
+        " '--device', 'cpu', '--threads', '1']\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    assert sys.modules.get('torch') is None, 'torch was imported'\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    masks = list(out.glob("*mask*.nii*"))
+    assert len(masks) == 1, list(out.iterdir())
+    mask, source = nib.load(masks[0]), nib.load(scan)
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    data = np.asarray(mask.dataobj)
+    assert set(np.unique(data).tolist()) <= {0, 1}
+    label = np.asarray(nib.load(trained_run.data / "labelsTr" / f"{HELD_OUT}.nii.gz").dataobj) > 0
+    dice = 2 * np.logical_and(data > 0, label).sum() / (np.count_nonzero(data) + label.sum())
+    assert dice > 0.8, dice

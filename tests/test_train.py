@@ -1,0 +1,404 @@
+"""heartseg-train: learning, artefacts, splits, resume after a kill, clear dataset errors, calibration, DDP.
+
+The tiny cascade is trained once per session by the `trained_run` fixture (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from heartseg.runtime.errors import InputError
+from heartseg.train.calibrate import DEFAULT_THRESHOLDS, CalibrationError, calibrate_threshold
+from heartseg.train.cli import app
+from heartseg.train.dataset import image_hash, read_dataset
+from heartseg.train.splits import make_folds
+
+# Shared by the short runs below (the steps differ per test).
+SMALL = ["--folds", "3", "--width", "4", "--patch", "16,16,16", "--coarse-spacing", "4", "--margin-mm", "6",
+         "--cache", "none", "--threads", "1"]
+CASES = [f"syn_{i:03d}" for i in range(6)]
+DUPLICATE = ("syn_000", "syn_005")  # make_msd_dataset(duplicate=True): the last case repeats the first image
+
+
+def _text(output: str) -> str:
+    """CLI output with rich's line wrapping undone."""
+    return " ".join(output.split())
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# It learned, and left everything behind
+
+
+def test_tiny_cascade_learns_on_held_out_cases(trained_run):
+    metrics = json.loads((trained_run.run / "fold_0" / "metrics.json").read_text())
+    assert set(metrics["val_cases"]).isdisjoint(metrics["train_cases"])
+    assert set(metrics["per_case"]) == set(metrics["val_cases"])
+    # Chance (a random mask of the atrium's size) scores about 0.05.
+    assert metrics["mean"]["dice"] > 0.8, metrics["mean"]
+    assert all(m["dice"] > 0.6 for m in metrics["per_case"].values()), metrics["per_case"]
+    summary = json.loads((trained_run.run / "summary.json").read_text())
+    assert summary["folds"] == [0] and summary["cases"] == len(metrics["val_cases"])
+    assert summary["mean"]["dice"] == pytest.approx(metrics["mean"]["dice"])
+
+
+def test_model_pt_is_plain_weights_with_calibrated_thresholds(trained_run):
+    ckpt = _load(trained_run.model)
+    assert ckpt["format"] == "heartseg-model"
+    stages = ckpt["contract"]["stages"]
+    assert [s["name"] for s in stages] == ["coarse", "fine"]
+    assert set(ckpt["networks"]) == {"coarse", "fine"}
+    calibration = ckpt["metrics"]["calibration"]
+    assert set(calibration) == {"coarse", "fine"}
+    for stage in stages:
+        threshold = stage["threshold"]
+        assert isinstance(threshold, float) and 0.0 < threshold < 1.0, stage
+        sweep = calibration[stage["name"]]
+        assert sweep["threshold"] == threshold
+        assert len(sweep["thresholds"]) == len(sweep["mean_dice"]) == len(sweep["degenerate"]) > 1
+        usable = [d for d, bad in zip(sweep["mean_dice"], sweep["degenerate"]) if not bad]
+        assert sweep["dice"] == pytest.approx(max(usable))
+        assert threshold in sweep["thresholds"]
+    # The run's model.pt is fold 0's, and the plan (without thresholds) matches the contract's geometry.
+    assert (trained_run.run / "fold_0" / "model.pt").read_bytes() == trained_run.model.read_bytes()
+    plan = json.loads((trained_run.run / "plan.json").read_text())
+    assert [s["threshold"] for s in plan["contract"]["stages"]] == [None, None]
+    for planned, stage in zip(plan["contract"]["stages"], stages):
+        assert planned["spacing"] == stage["spacing"] and planned["patch_size"] == stage["patch_size"]
+    assert stages[1]["patch_size"] == [16, 16, 16] and stages[0]["spacing"] == [4.0, 4.0, 4.0]
+
+
+def test_run_folder_has_plan_splits_summary_and_pictures(trained_run):
+    run, fold = trained_run.run, trained_run.run / "fold_0"
+    for name in ("plan.json", "splits.json", "summary.json", "config.json"):
+        json.loads((run / name).read_text())
+    metrics = json.loads((fold / "metrics.json").read_text())
+    pictures = [fold / "curves.png", fold / "calibration.png"] + [fold / f"overlay_{c}.png" for c in metrics["val_cases"]]
+    for path in pictures:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        assert path.stat().st_size > 1000, path
+    for stage in ("coarse", "fine"):
+        done = json.loads((fold / stage / "done.json").read_text())
+        assert done["steps"] == {"coarse": 40, "fine": 60}[stage]
+        assert (fold / stage / "best.pt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splits
+
+
+def test_run_splits_keep_identical_images_together(trained_run):
+    folds = json.loads((trained_run.run / "splits.json").read_text())["folds"]
+    vals = [set(f["val"]) for f in folds]
+    assert len(vals) == 3
+    assert set().union(*vals) == set(CASES)
+    assert sum(len(v) for v in vals) == len(CASES)  # disjoint
+    for f in folds:
+        assert set(f["train"]) == set(CASES) - set(f["val"])
+    assert sum(set(DUPLICATE) <= v for v in vals) == 1, folds
+    # The split is a function of the data and the seed: recomputing it gives splits.json again.
+    dataset = read_dataset(trained_run.data)
+    hashes = {c.case_id: image_hash(c.image) for c in dataset.cases}
+    assert hashes[DUPLICATE[0]] == hashes[DUPLICATE[1]]
+    again = make_folds([c.case_id for c in dataset.cases], hashes, 3, 0)
+    assert [(f.train, f.val) for f in again] == [(f["train"], f["val"]) for f in folds]
+
+
+def test_make_folds_groups_duplicates_and_is_seeded():
+    ids = [f"c{i}" for i in range(11)]
+    hashes = {c: f"h{c}" for c in ids}
+    hashes["c10"] = hashes["c0"]
+    hashes["c7"] = hashes["c3"] = hashes["c5"]
+    splits = {}
+    for seed in range(8):
+        folds = make_folds(ids, hashes, 4, seed)
+        assert [f.index for f in folds] == [0, 1, 2, 3]
+        vals = [set(f.val) for f in folds]
+        assert set().union(*vals) == set(ids) and sum(map(len, vals)) == len(ids)
+        for f in folds:
+            assert set(f.train) == set(ids) - set(f.val) and f.val
+        assert sum({"c0", "c10"} <= v for v in vals) == 1
+        assert sum({"c3", "c5", "c7"} <= v for v in vals) == 1
+        again = make_folds(list(reversed(ids)), hashes, 4, seed)
+        assert [(f.train, f.val) for f in again] == [(f.train, f.val) for f in folds]
+        splits[seed] = tuple(tuple(f.val) for f in folds)
+    assert len(set(splits.values())) > 1, "the seed does not change the split"
+
+
+def test_make_folds_refuses_impossible_splits():
+    ids = ["a", "b", "c"]
+    with pytest.raises(InputError, match="distinct images"):
+        make_folds(ids, {"a": "x", "b": "x", "c": "y"}, 3)
+    with pytest.raises(InputError, match="at least 2 folds"):
+        make_folds(ids, {"a": "1", "b": "2", "c": "3"}, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume after kill -9
+
+
+def _train_until_killed(data: Path, run: Path, log: Path, min_step: int = 10, timeout: float = 180.0) -> None:
+    """Start a 40-step run and SIGKILL it as soon as fine/last.pt records step >= min_step."""
+    args = [sys.executable, "-m", "heartseg.train.cli", str(data), "-o", str(run), "--steps", "40",
+            "--coarse-steps", "20", "--val-every", "20", "--checkpoint-every", "10", *SMALL]
+    last = run / "fold_0" / "fine" / "last.pt"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    pytest.fail(f"training ended (rc {proc.returncode}) before it could be killed:\n"
+                                f"{log.read_text(errors='replace')[-3000:]}")
+                if last.exists():
+                    try:
+                        step = _load(last)["state"]["step"]
+                    except Exception:  # replaced while we read it
+                        step = -1
+                    if step >= min_step:
+                        proc.kill()
+                        break
+                time.sleep(0.005)
+            else:
+                pytest.fail("no fine-stage checkpoint appeared in time")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -9
+
+
+def test_resume_after_kill_continues_from_the_saved_step(synthetic_data, tmp_path):
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        _train_until_killed(synthetic_data, run, tmp_path / f"killed{attempt}.log")
+        saved = _load(run / "fold_0" / "fine" / "last.pt")
+        if saved["state"]["step"] < 40:
+            break
+    else:
+        pytest.skip("the run finished its 40 steps before the kill landed three times")
+    state = saved["state"]
+    saved_step = state["step"]
+    assert saved_step % 10 == 0 and 10 <= saved_step < 40
+    assert len(state["loss"]) == saved_step
+    assert not (run / "model.pt").exists() and not (run / "fold_0" / "fine" / "done.json").exists()
+    # Mark the saved history (losses are >= 0): a resumed run keeps these entries, a restarted one cannot.
+    marks = [-float(i + 1) for i in range(saved_step)]
+    state["loss"] = list(marks)
+    torch.save(saved, run / "fold_0" / "fine" / "last.pt")
+    coarse_last = (run / "fold_0" / "coarse" / "last.pt").read_bytes()
+
+    result = subprocess.run([sys.executable, "-m", "heartseg.train.cli", "--resume", str(run)],
+                            capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming" in result.stderr
+
+    done = json.loads((run / "fold_0" / "fine" / "done.json").read_text())
+    assert done["steps"] == 40
+    final = _load(run / "fold_0" / "fine" / "last.pt")["state"]
+    assert final["step"] == 40
+    assert len(final["loss"]) == 40
+    assert final["loss"][:saved_step] == marks, "the resumed run did not continue the saved history"
+    assert all(np.isfinite(v) and v >= 0 for v in final["loss"][saved_step:])
+    # The finished localiser was not trained again.
+    assert (run / "fold_0" / "coarse" / "last.pt").read_bytes() == coarse_last
+    model = _load(run / "model.pt")
+    assert all(s["threshold"] is not None for s in model["contract"]["stages"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset errors: exit code 2, a message, no traceback
+
+
+def _small_dataset(root: Path) -> Path:
+    from synthetic_dataset import make_msd_dataset
+
+    return make_msd_dataset(root, n_cases=4, shape=(16, 16, 16))
+
+
+def _manifest_edit(root: Path, index: int, key: str, value: str) -> None:
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["training"][index][key] = value
+    (root / "dataset.json").write_text(json.dumps(manifest))
+
+
+def _break_parent_path(root: Path) -> list[str]:
+    shutil.copy(root / "imagesTr" / "syn_001.nii.gz", root.parent / "outside.nii.gz")
+    _manifest_edit(root, 1, "image", "./imagesTr/../../outside.nii.gz")
+    return ["outside.nii.gz", "leaves the dataset folder"]
+
+
+def _break_absolute_path(root: Path) -> list[str]:
+    _manifest_edit(root, 2, "label", str((root / "labelsTr" / "syn_002.nii.gz").resolve()))
+    return ["absolute"]
+
+
+def _break_missing_file(root: Path) -> list[str]:
+    (root / "imagesTr" / "syn_001.nii.gz").unlink()
+    return ["syn_001.nii.gz", "does not exist"]
+
+
+def _break_label_values(root: Path) -> list[str]:
+    path = root / "labelsTr" / "syn_002.nii.gz"
+    label = nib.load(path)
+    data = np.asarray(label.dataobj).astype(np.uint8) * 2
+    nib.save(nib.Nifti1Image(data, label.affine), path)
+    return ["syn_002", "not binary"]
+
+
+def _break_label_shape(root: Path) -> list[str]:
+    path = root / "labelsTr" / "syn_001.nii.gz"
+    label = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, :8], label.affine), path)
+    return ["syn_001", "differ in shape"]
+
+
+def _break_manifest(root: Path) -> list[str]:
+    (root / "dataset.json").unlink()
+    return ["no dataset.json"]
+
+
+@pytest.mark.parametrize("breaker", [_break_parent_path, _break_absolute_path, _break_missing_file,
+                                     _break_label_values, _break_label_shape, _break_manifest],
+                         ids=["parent-path", "absolute-path", "missing-file", "non-binary-label", "shape-mismatch",
+                              "no-dataset-json"])
+def test_dataset_errors_are_clear(tmp_path, breaker):
+    data = _small_dataset(tmp_path / "data")
+    needles = breaker(data)
+    result = CliRunner().invoke(app, [str(data), "-o", str(tmp_path / "run"), "--steps", "2", "--coarse-steps", "2",
+                                      *SMALL])
+    _assert_clear_error(result, needles)
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_fold_out_of_range_is_clear(synthetic_data, tmp_path):
+    result = CliRunner().invoke(app, [str(synthetic_data), "-o", str(tmp_path / "run"), "--fold", "7",
+                                      "--steps", "2", "--coarse-steps", "2", *SMALL])
+    _assert_clear_error(result, ["--fold 7", "3 folds"])
+
+
+def _assert_clear_error(result, needles: list[str]) -> None:
+    text = _text(result.output)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert text.startswith("error:") or " error: " in f" {text}", text
+    for needle in needles:
+        assert needle in text, (needle, text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Threshold calibration
+
+
+def _threshold_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
+    return prob > threshold
+
+
+@pytest.mark.parametrize("value", [0.99, 0.001])
+def test_calibration_refuses_when_every_threshold_is_degenerate(value):
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[6:10, 6:10, 6:10] = 1
+    pairs = [(np.full(label.shape, value, np.float32), label) for _ in range(2)]
+    with pytest.raises(CalibrationError, match="calibration failed") as info:
+        calibrate_threshold(pairs, _threshold_mask, max_fraction=0.5)
+    assert info.value.exit_code == 1
+
+
+def _soft_cases(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Balls with noisy, biased probabilities: the best threshold is not simply 0.5."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(24)] * 3, indexing="ij"), -1).astype(float)
+    pairs = []
+    for _ in range(3):
+        centre, radius = rng.uniform(9, 15, 3), rng.uniform(3.5, 6)
+        distance = np.linalg.norm(grid - centre, axis=-1) - radius
+        prob = 1 / (1 + np.exp(distance / 1.5 - 1.2 + rng.normal(0, 0.8, distance.shape)))
+        pairs.append((prob.astype(np.float32), (distance <= 0).astype(np.uint8)))
+    return pairs
+
+
+def _too_large_cases() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Low thresholds give the exact label (Dice 1) but more than max_fraction of the scan; higher ones a core."""
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[:, :, :2] = 1                       # 10 % of the scan
+    prob = np.full(label.shape, 0.01, np.float32)
+    prob[label == 1] = 0.28
+    prob[:10, :, :2] = 0.78                   # half of the label, 5 % of the scan
+    return [(prob, label)]
+
+
+def _brute_force(pairs, max_fraction: float):
+    means, degenerate = [], []
+    for t in DEFAULT_THRESHOLDS:
+        scores, bad = [], False
+        for prob, ref in pairs:
+            mask = prob > t
+            total = mask.sum() + ref.sum()
+            scores.append(1.0 if total == 0 else 2 * np.logical_and(mask, ref).sum() / total)
+            bad |= mask.sum() == 0 or mask.mean() > max_fraction
+        means.append(float(np.mean(scores)))
+        degenerate.append(bool(bad))
+    return means, degenerate
+
+
+@pytest.mark.parametrize("pairs, max_fraction", [(_soft_cases(0), 0.2), (_soft_cases(1), 0.2), (_too_large_cases(), 0.06)],
+                         ids=["soft-0", "soft-1", "best-is-too-large"])
+def test_calibration_picks_the_usable_threshold_with_the_best_mean_dice(pairs, max_fraction):
+    cal = calibrate_threshold(pairs, _threshold_mask, max_fraction=max_fraction)
+    means, degenerate = _brute_force(pairs, max_fraction)
+    assert cal.thresholds == list(DEFAULT_THRESHOLDS)
+    assert cal.mean_dice == pytest.approx(means)
+    assert cal.degenerate == degenerate
+    best = max(m for m, bad in zip(means, degenerate) if not bad)
+    chosen = cal.thresholds.index(cal.threshold)
+    assert not degenerate[chosen]
+    assert means[chosen] == pytest.approx(best) and cal.dice == pytest.approx(best)
+    assert cal.cases == len(pairs)
+    if max_fraction == 0.06:
+        assert max(means) == pytest.approx(1.0) and best < 0.9  # the degenerate optimum was passed over
+        assert 0.3 <= cal.threshold < 0.8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed data parallel (gloo on CPU)
+
+
+def test_ddp_two_processes_on_cpu(synthetic_data, tmp_path):
+    run = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "heartseg.train.cli", str(synthetic_data), "-o", str(run), "--steps", "10", "--coarse-steps", "6",
+            "--val-every", "5", *SMALL]
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even where a GPU exists
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "Traceback" not in output
+    model = _load(run / "model.pt")
+    assert all(isinstance(s["threshold"], float) for s in model["contract"]["stages"])
+    assert json.loads((run / "fold_0" / "fine" / "done.json").read_text())["steps"] == 10
+    assert json.loads((run / "summary.json").read_text())["folds"] == [0]
+    # Only rank 0 writes: one tensorboard log, no leftover temporary files.
+    assert len(list((run / "fold_0" / "tb").iterdir())) == 1
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
