@@ -23,6 +23,9 @@ def export(
     scan: Optional[List[Path]] = typer.Option(None, help="Real scan(s) for the end-to-end parity check (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output file."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads for the parity check."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write <output>.fp16.onnx (float16 weights) with its held-out Dice change."),
+    int8: bool = typer.Option(False, "--int8", help="Also write <output>.int8.onnx (ONNX Runtime static quantisation, calibrated on training patches) with its held-out Dice change."),
+    data: Optional[Path] = typer.Option(None, help="The training dataset (MSD layout); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
 ) -> None:
     """Export, then check that ONNX Runtime reproduces PyTorch (probabilities within 1e-4, masks on 99.99 %
     of voxels) on real-size random inputs and on the given scans; the file is only written when it does.
@@ -47,6 +50,8 @@ def export(
         output = output or checkpoint.with_name("model.onnx")
         if output.exists() and not overwrite:
             raise HeartsegError(f"{output}: exists (use --overwrite to replace it)")
+        if (fp16 or int8) and data is None:
+            raise HeartsegError("--fp16/--int8 need --data DATASET to measure the variants on the held-out cases")
         for path in scan or []:
             if not path.is_file():
                 raise HeartsegError(f"{path}: no such scan")
@@ -60,6 +65,8 @@ def export(
             os.replace(tmp, output)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        if fp16 or int8:
+            _variants(console, model, output, data, fp16, int8, threads)
         for r in results:
             console.print(f"parity {r.what} {r.shape}: max |diff| {r.max_abs_diff:.2e}, "
                           f"masks agree on {100 * r.mask_agreement:.4f} % of voxels")
@@ -71,6 +78,36 @@ def export(
     except HeartsegError as exc:
         console.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code)
+
+
+def _variants(console, model, output: Path, data: Path, fp16: bool, int8: bool, threads: int | None) -> None:
+    """Write the requested variants and report each one's held-out Dice beside the fp32 model's."""
+    from heartseg.export.variants import calibration_feeds, compare, held_out_dice, make_fp16, make_int8
+    from heartseg.train.cache import default_cache_root, prepare_case
+    from heartseg.train.dataset import read_dataset
+
+    by_id = {c.case_id: c for c in read_dataset(data).cases}
+    val_ids, train_ids = model.metrics.get("val_cases") or [], model.metrics.get("train_cases") or []
+    missing = [i for i in val_ids + train_ids if i not in by_id]
+    if not val_ids or missing:
+        raise HeartsegError(f"{data}: cannot find the model's held-out cases there "
+                            f"({'none recorded' if not val_ids else 'missing ' + ', '.join(missing)})")
+    val_cases = [prepare_case(by_id[i], model.contract, default_cache_root()) for i in val_ids]
+    dice_fp32 = held_out_dice(output, val_cases, threads)
+    reports = []
+    if fp16:
+        path = make_fp16(output, output.with_suffix(".fp16.onnx"))
+        reports.append(compare("fp16", output, path, val_cases, dice_fp32, threads))
+    if int8:
+        train_cases = [prepare_case(by_id[i], model.contract, default_cache_root()) for i in train_ids]
+        path = make_int8(output, output.with_suffix(".int8.onnx"), calibration_feeds(model.contract, train_cases))
+        reports.append(compare("int8", output, path, val_cases, dice_fp32, threads))
+    for r in reports:
+        verdict = "within 0.005" if r.within_tolerance else "[bold red]DROPS MORE THAN 0.005[/]"
+        console.print(f"{r.variant}: {r.path} ({r.size_mb:.1f} MB); held-out Dice {r.dice_variant:.4f} vs fp32 "
+                      f"{r.dice_fp32:.4f} ({r.dice_change:+.4f}, {verdict}) on {', '.join(r.cases)}")
+    report_path = output.with_name(output.name.removesuffix(".onnx") + ".variants.json")
+    report_path.write_text(json.dumps([r.to_dict() for r in reports], indent=1))
 
 
 def main() -> None:

@@ -320,3 +320,35 @@ def test_heartseg_infer_runs_the_export_without_torch(exported, trained_run, tmp
     label = np.asarray(nib.load(trained_run.data / "labelsTr" / f"{HELD_OUT}.nii.gz").dataobj) > 0
     dice = 2 * np.logical_and(data > 0, label).sum() / (np.count_nonzero(data) + label.sum())
     assert dice > 0.8, dice
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Edge variants
+
+
+def test_fp16_and_int8_variants_are_measured_on_held_out_cases(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEARTSEG_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "V.onnx"
+    result = _export(trained_run.model, out, "--fp16", "--int8", "--data", str(trained_run.data))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    reports = json.loads(out.with_name("V.variants.json").read_text())
+    assert [r["variant"] for r in reports] == ["fp16", "int8"]
+    metrics = json.loads((trained_run.run / "fold_0" / "metrics.json").read_text())
+    for report in reports:
+        path = Path(report["path"])
+        assert path.is_file() and path.name == f"V.{report['variant']}.onnx"
+        assert report["cases"] == metrics["val_cases"]
+        assert report["dice_change"] == pytest.approx(report["dice_variant"] - report["dice_fp32"])
+        assert report["within_tolerance"] == (report["dice_fp32"] - report["dice_variant"] <= 0.005)
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert meta["heartseg.variant"] == report["variant"]
+        assert read_contract(path)[0] == read_contract(out)[0]
+        assert report["variant"] in _text(result.output)
+    # The int8 file stores int8 weights: it must be markedly smaller than the fp32 one.
+    assert Path(reports[1]["path"]).stat().st_size < 0.6 * out.stat().st_size
+
+
+def test_variants_need_the_dataset(trained_run, tmp_path):
+    out = tmp_path / "V.onnx"
+    _assert_refused(_export(trained_run.model, out, "--int8"), ["--data"])
+    assert not out.exists()
