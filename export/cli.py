@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from heartseg.runtime.atomic import atomic_output
 from heartseg.runtime.errors import HeartsegError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -57,14 +56,10 @@ def export(
                 raise HeartsegError(f"{path}: no such scan")
         model = load_trained_model(checkpoint)
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=output.parent)
-        os.close(fd)
-        try:
-            export_onnx(model, Path(tmp))
-            results = check_parity(model, Path(tmp), list(scan or []), threads)
-            os.replace(tmp, output)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # Only a file that passed the parity check ever appears at the output path.
+        with atomic_output(output) as tmp:
+            export_onnx(model, tmp)
+            results = check_parity(model, tmp, list(scan or []), threads)
         if fp16 or int8:
             _variants(console, model, output, data, fp16, int8, threads)
         for r in results:

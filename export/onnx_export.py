@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import tempfile
 import warnings
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from heartseg.runtime.atomic import atomic_output
 from heartseg.runtime.contract import CONTRACT_KEY, FORMAT_VERSION
 from heartseg.runtime.errors import HeartsegError
 from heartseg.train.unet import count_flops_per_voxel
@@ -99,14 +99,8 @@ def export_onnx(model: TrainedModel, path: Path, options: ExportOptions = Export
     proto.doc_string = "heartseg left-atrium model; the contract is in metadata_props['heartseg.contract']"
     onnx.checker.check_model(proto, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        onnx.save(proto, str(tmp))
     return path
 
 

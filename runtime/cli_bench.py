@@ -10,7 +10,6 @@ import sys
 import tempfile
 import time
 import traceback
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,7 +30,16 @@ from .bench import (
     thread_env,
     time_scan,
 )
-from .cli_common import check_report_path, discover_scans, fmt, guarded, out_console, say, write_json
+from .cli_common import (
+    Device,
+    check_report_path,
+    discover_scans,
+    fmt,
+    guarded,
+    out_console,
+    say,
+    write_json,
+)
 from .errors import HeartsegError, InputError
 from .segmenter import Segmenter, default_model_path
 from .session import _ort, choose_providers, read_contract
@@ -42,14 +50,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-class Device(str, Enum):
-    """Where ONNX Runtime runs the network."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class WorkerError(HeartsegError):

@@ -23,13 +23,21 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
+from .atomic import atomic_output
 from .errors import HeartsegError, InputError
 from .image import is_nifti_path, strip_nifti_suffix
 
@@ -50,6 +58,14 @@ EXIT_CODES_HELP = (
 # Suffixes of the files heartseg-infer writes; folder discovery skips them so that an output
 # folder inside (or equal to) an input folder is not segmented again on the next run.
 OUTPUT_SUFFIXES = ("_mask", "_prob")
+
+
+class Device(str, Enum):
+    """Where ONNX Runtime runs the network."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def _console(stderr: bool = False) -> Console:
@@ -218,18 +234,9 @@ def check_report_path(path: Path | None, option: str) -> None:
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write text to path through a temporary file in the same folder and a rename."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=folder)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +15,7 @@ from rich.text import Text
 from .cli_common import (
     EXIT_CODES_HELP,
     EXIT_FAILED,
+    Device,
     case_key,
     check_report_path,
     discover_scans,
@@ -36,9 +36,9 @@ from .cli_common import (
 from .contract import CONTRACT_KEY
 from .errors import HeartsegError, InputError
 from .image import Volume, load_mask, load_volume, same_grid, save_volume
+from .metrics import compute_metrics
 from .overlay import require_pyplot, save_overlay
 from .preprocess import to_canonical
-from .metrics import compute_metrics
 from .segmenter import Segmenter, default_model_path
 from .session import read_contract
 
@@ -48,14 +48,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-class Device(str, Enum):
-    """Where ONNX Runtime runs the network."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 @dataclass

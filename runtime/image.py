@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
+from .atomic import atomic_output
 from .errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -121,7 +121,7 @@ def _check_geometry(path: Path, image: nib.Nifti1Image) -> None:
         raise InputError(f"{path}: the header's affine is singular or not finite")
 
 
-def _squeeze_to_3d(path: Path, data: np.ndarray) -> np.ndarray:
+def _squeeze_to_3d(path: Path | str, data: np.ndarray) -> np.ndarray:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim == 4:
@@ -143,13 +143,20 @@ def load_volume(path: str | os.PathLike, dtype: type = np.float32) -> Volume:
         data = np.asanyarray(image.dataobj)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise InputError(f"{path}: could not read the voxel data, the file is truncated or corrupt ({exc})") from None
-    data = _squeeze_to_3d(path, data)
+    return volume_from_array(data, image.affine, path, dtype)
+
+
+def volume_from_array(data: np.ndarray, affine: np.ndarray, source: str | os.PathLike = "image",
+                      dtype: type = np.float32) -> Volume:
+    """Validate voxel data (3D, or 4D with one volume; numeric; finite) and wrap it as a Volume."""
+    data = _squeeze_to_3d(source, np.asanyarray(data))
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-        raise InputError(f"{path}: unsupported voxel type {data.dtype}")
+        raise InputError(f"{source}: unsupported voxel type {data.dtype}")
     data = np.asarray(data, dtype=dtype)
     if not np.all(np.isfinite(data)):
-        raise InputError(f"{path}: the image contains NaN or infinite voxels")
-    return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), path=path)
+        raise InputError(f"{source}: the image contains NaN or infinite voxels")
+    path = Path(source) if isinstance(source, (str, os.PathLike)) and source != "image" else None
+    return Volume(data=data, affine=np.asarray(affine, dtype=np.float64), path=path)
 
 
 def load_mask(path: str | os.PathLike) -> Volume:
@@ -177,13 +184,6 @@ def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, *
     image = nib.Nifti1Image(data, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        nib.save(image, str(tmp))
     return path

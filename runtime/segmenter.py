@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputError, ModelError
-from .image import Volume, voxel_sizes
+from .image import Volume, volume_from_array, voxel_sizes
 from .inference import infer_canonical, mask_from_prob
 from .metrics import degenerate_reason
 from .preprocess import from_canonical, to_canonical
@@ -96,15 +96,7 @@ class Segmenter:
 
     def predict(self, image: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
         """Segment an in-memory NIfTI image; returns a uint8 mask image with the input's affine."""
-        data = np.asanyarray(image.dataobj)
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        if data.ndim != 3:
-            raise InputError(f"expected a 3D image, got shape {data.shape}")
-        data = np.asarray(data, np.float32)
-        if not np.all(np.isfinite(data)):
-            raise InputError("the image contains NaN or infinite voxels")
-        prediction = self.segment(Volume(data, np.asarray(image.affine, float)))
+        prediction = self.segment(volume_from_array(image.dataobj, image.affine))
         out = nib.Nifti1Image(prediction.mask, image.affine)
         out.set_qform(image.affine, code=1)
         out.set_sform(image.affine, code=1)

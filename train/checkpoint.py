@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from heartseg.runtime.atomic import atomic_output
 from heartseg.runtime.errors import HeartsegError
 
 CHECKPOINT_FORMAT = "heartseg-model"
@@ -16,13 +17,10 @@ CHECKPOINT_VERSION = 1
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
         torch.save(obj, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_safe(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from heartseg.runtime.atomic import atomic_output
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, mask_from_prob
@@ -156,8 +157,8 @@ class Run:
             return None  # under DDP only rank 0 calibrates, evaluates and writes the model
         summary = self.summarize(results)
         first = self.dir / f"fold_{self.folds_to_run(folds)[0].index}" / "model.pt"
-        shutil.copyfile(first, self.dir / ".model.pt.tmp")
-        (self.dir / ".model.pt.tmp").replace(self.dir / "model.pt")
+        with atomic_output(self.dir / "model.pt") as tmp:
+            shutil.copyfile(first, tmp)
         return summary
 
     def run_fold(self, plan: TrainPlan, fold: Fold) -> dict:
