@@ -36,6 +36,7 @@ from .cli_common import (
     discover_scans,
     fmt,
     guarded,
+    new_app,
     out_console,
     say,
     write_json,
@@ -44,12 +45,7 @@ from .errors import HeartsegError, InputError
 from .segmenter import Segmenter, default_model_path
 from .session import _ort, choose_providers, read_contract
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+app = new_app()
 
 
 class WorkerError(HeartsegError):

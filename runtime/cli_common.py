@@ -60,6 +60,12 @@ EXIT_CODES_HELP = (
 OUTPUT_SUFFIXES = ("_mask", "_prob")
 
 
+def new_app() -> typer.Typer:
+    """A typer app with the settings every heartseg runtime tool shares (no tracebacks, -h and --help)."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+
+
 class Device(str, Enum):
     """Where ONNX Runtime runs the network."""
 

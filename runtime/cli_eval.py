@@ -20,6 +20,7 @@ from .cli_common import (
     fmt,
     guarded,
     index_by_key,
+    new_app,
     nifti_files,
     out_console,
     say,
@@ -32,12 +33,7 @@ from .errors import InputError
 from .image import load_mask, same_grid
 from .metrics import SegmentationMetrics, compute_metrics, degenerate_reason, summarize
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+app = new_app()
 
 PRED_SUFFIXES = ("_mask",)
 METRIC_COLUMNS = ("dice", "iou", "precision", "recall", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml")

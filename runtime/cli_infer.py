@@ -25,6 +25,7 @@ from .cli_common import (
     fmt,
     guarded,
     index_by_key,
+    new_app,
     nifti_files,
     out_console,
     progress_bar,
@@ -42,12 +43,7 @@ from .preprocess import to_canonical
 from .segmenter import Segmenter, default_model_path
 from .session import read_contract
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+app = new_app()
 
 
 @dataclass
