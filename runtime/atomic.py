@@ -26,6 +26,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     os.close(fd)
+    # mkstemp creates the file private (0600); give it the permissions a plain open() would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
