@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
 
 from heartseg.train.augment import AugmentConfig, augment

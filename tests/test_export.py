@@ -15,6 +15,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
+pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import onnx
 import pytest
 import torch

@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
 from typer.testing import CliRunner
 

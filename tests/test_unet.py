@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
 
 from heartseg.train.losses import DiceBCELoss, soft_dice
