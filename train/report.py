@@ -37,7 +37,12 @@ def save_curves(path: Path, outcomes: dict[str, StageOutcome]) -> None:
         axes[0, col].set(title=f"{name}: training loss", xlabel="step")
         val = np.asarray(outcome.history["val"]).reshape(-1, 2)
         axes[1, col].plot(val[:, 0], val[:, 1], "o-")
-        axes[1, col].set(title=f"{name}: validation Dice (threshold 0.5)", xlabel="step", ylim=(0, 1))
+        axes[1, col].set(title=f"{name}: validation (threshold 0.5)", xlabel="step", ylabel="Dice", ylim=(0, 1))
+        hd95 = np.asarray(outcome.history.get("val_hd95", []), float).reshape(-1, 2)
+        if len(hd95):
+            twin = axes[1, col].twinx()
+            twin.plot(hd95[:, 0], hd95[:, 1], "s--", color="tab:red", alpha=0.7)
+            twin.set_ylabel("HD95 mm", color="tab:red")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

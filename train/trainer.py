@@ -16,6 +16,7 @@ from torch import nn
 
 from heartseg.runtime.contract import ModelContract, StageContract
 from heartseg.runtime.inference import StagePredictFn, infer_canonical, predict_stage
+from heartseg.runtime.metrics import compute_metrics
 from heartseg.runtime.preprocess import CanonicalVolume
 
 from .augment import AugmentConfig
@@ -179,9 +180,14 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
         pairs = validation_pairs(stage, contract, val_cases, torch_predictor({stage.name: model}, device))
         model.train()
         score = float(np.mean([dice(p > 0.5, ref) for p, ref in pairs]))
+        spacings = [stage.spacing if stage.name == "coarse" else case.spacing for case in val_cases]
+        hd95 = [compute_metrics(p > 0.5, ref, sp).hd95_mm for (p, ref), sp in zip(pairs, spacings)]
+        hd95_mean = float(np.nanmean(hd95)) if np.isfinite(hd95).any() else float("nan")
         state["val"].append([state["step"], score])
+        state.setdefault("val_hd95", []).append([state["step"], hd95_mean])
         if writer:
             writer.add_scalar(f"{stage.name}/val_dice", score, state["step"])
+            writer.add_scalar(f"{stage.name}/val_hd95_mm", hd95_mean, state["step"])
         if score > state["best_dice"]:
             state["best_dice"], state["best_step"] = score, state["step"]
             save_atomic({"model": model.state_dict(), "step": state["step"], "dice": score}, stage_dir / "best.pt")
@@ -226,7 +232,7 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
     seconds = time.perf_counter() - started
     outcome = StageOutcome(stage.name, unet_config.to_dict(), best["model"], int(best["step"]), float(best["dice"]),
                            state["step"], seconds, seconds / max(1, state["step"]),
-                           {"loss": state["loss"], "val": state["val"]})
+                           {"loss": state["loss"], "val": state["val"], "val_hd95": state.get("val_hd95", [])})
     if rank == 0:
         (stage_dir / "done.json").write_text(json.dumps({k: v for k, v in asdict(outcome).items()
                                                          if k not in ("state_dict", "history")}, indent=1))
