@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-
-from heartseg.runtime.atomic import atomic_output
+from heartseg.runtime.atomic import atomic_output, write_text_atomic
 from heartseg.runtime.errors import HeartsegError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -22,8 +21,8 @@ def export(
     scan: Optional[List[Path]] = typer.Option(None, help="Real scan(s) for the end-to-end parity check (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output file."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads for the parity check."),
-    fp16: bool = typer.Option(False, "--fp16", help="Also write <output>.fp16.onnx (float16 weights) with its held-out Dice change."),
-    int8: bool = typer.Option(False, "--int8", help="Also write <output>.int8.onnx (ONNX Runtime static quantisation, calibrated on training patches) with its held-out Dice change."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write <output stem>.fp16.onnx (float16 weights) with its held-out Dice change."),
+    int8: bool = typer.Option(False, "--int8", help="Also write <output stem>.int8.onnx (ONNX Runtime static quantisation, calibrated on training patches) with its held-out Dice change."),
     data: Optional[Path] = typer.Option(None, help="The training dataset (MSD layout); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
 ) -> None:
     """Export, then check that ONNX Runtime reproduces PyTorch (probabilities within 1e-4, masks on 99.99 %
@@ -36,8 +35,8 @@ def export(
 
     console = Console(stderr=True)
     try:
-        import torch  # noqa: F401
         import onnx  # noqa: F401
+        import torch  # noqa: F401
     except ImportError:
         console.print("error: heartseg-export needs PyTorch and onnx: pip install 'heartseg[train]'")
         raise typer.Exit(2)
@@ -51,6 +50,9 @@ def export(
             raise HeartsegError(f"{output}: exists (use --overwrite to replace it)")
         if (fp16 or int8) and data is None:
             raise HeartsegError("--fp16/--int8 need --data DATASET to measure the variants on the held-out cases")
+        for flag, suffix in ((fp16, ".fp16.onnx"), (int8, ".int8.onnx")):
+            if flag and output.with_suffix(suffix).exists() and not overwrite:
+                raise HeartsegError(f"{output.with_suffix(suffix)}: exists (use --overwrite to replace it)")
         for path in scan or []:
             if not path.is_file():
                 raise HeartsegError(f"{path}: no such scan")
@@ -60,16 +62,16 @@ def export(
         with atomic_output(output) as tmp:
             export_onnx(model, tmp)
             results = check_parity(model, tmp, list(scan or []), threads)
-        if fp16 or int8:
-            _variants(console, model, output, data, fp16, int8, threads)
         for r in results:
             console.print(f"parity {r.what} {r.shape}: max |diff| {r.max_abs_diff:.2e}, "
                           f"masks agree on {100 * r.mask_agreement:.4f} % of voxels")
         report = output.with_name(output.name.removesuffix(".onnx") + ".parity.json")
-        report.write_text(json.dumps([r.to_dict() for r in results], indent=1))
+        write_text_atomic(report, json.dumps([r.to_dict() for r in results], indent=1))
         size = output.stat().st_size / 1e6
         console.print(f"wrote {output} ({size:.1f} MB); threshold {model.contract.final_stage.threshold} "
                       f"from the file's calibration; parity report {report}")
+        if fp16 or int8:
+            _variants(console, model, output, data, fp16, int8, threads)
     except HeartsegError as exc:
         console.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code)
@@ -77,7 +79,13 @@ def export(
 
 def _variants(console, model, output: Path, data: Path, fp16: bool, int8: bool, threads: int | None) -> None:
     """Write the requested variants and report each one's held-out Dice beside the fp32 model's."""
-    from heartseg.export.variants import calibration_feeds, compare, held_out_dice, make_fp16, make_int8
+    from heartseg.export.variants import (
+        calibration_feeds,
+        compare,
+        held_out_dice,
+        make_fp16,
+        make_int8,
+    )
     from heartseg.train.cache import default_cache_root, prepare_case
     from heartseg.train.dataset import read_dataset
 
@@ -102,7 +110,7 @@ def _variants(console, model, output: Path, data: Path, fp16: bool, int8: bool, 
         console.print(f"{r.variant}: {r.path} ({r.size_mb:.1f} MB); held-out Dice {r.dice_variant:.4f} vs fp32 "
                       f"{r.dice_fp32:.4f} ({r.dice_change:+.4f}, {verdict}) on {', '.join(r.cases)}")
     report_path = output.with_name(output.name.removesuffix(".onnx") + ".variants.json")
-    report_path.write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+    write_text_atomic(report_path, json.dumps([r.to_dict() for r in reports], indent=1))
 
 
 def main() -> None:

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.train.checkpoint import CHECKPOINT_FORMAT, load_safe
 from heartseg.train.unet import UNetConfig, build_unet
+from torch import nn
 
 
 @dataclass

@@ -6,27 +6,17 @@ import json
 import platform
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
 from heartseg.runtime.atomic import atomic_output
 from heartseg.runtime.contract import CONTRACT_KEY, FORMAT_VERSION
-from heartseg.runtime.errors import HeartsegError
 from heartseg.train.unet import count_flops_per_voxel
 
 from .model_file import ExportGraph, TrainedModel
 
 OPSET = 17
-
-
-@dataclass
-class ExportOptions:
-    """How to export."""
-
-    opset: int = OPSET
 
 
 def output_names(model: TrainedModel) -> list[str]:
@@ -70,7 +60,7 @@ def metadata(model: TrainedModel) -> dict[str, str]:
     return meta
 
 
-def export_onnx(model: TrainedModel, path: Path, options: ExportOptions = ExportOptions()) -> Path:
+def export_onnx(model: TrainedModel, path: Path, opset: int = OPSET) -> Path:
     """Trace the model (network, sigmoid, threshold) to ONNX with dynamic spatial axes and the metadata."""
     import onnx
 
@@ -90,7 +80,7 @@ def export_onnx(model: TrainedModel, path: Path, options: ExportOptions = Export
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, examples, str(raw), input_names=inputs, output_names=outputs,
-                              dynamic_axes=axes, opset_version=options.opset, do_constant_folding=True, dynamo=False)
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
         proto = onnx.load(str(raw))
     for key, value in metadata(model).items():
         entry = proto.metadata_props.add()
@@ -102,21 +92,6 @@ def export_onnx(model: TrainedModel, path: Path, options: ExportOptions = Export
     with atomic_output(path) as tmp:
         onnx.save(proto, str(tmp))
     return path
-
-
-def op_types(path: Path) -> set[str]:
-    """The set of operator types in an ONNX file."""
-    import onnx
-
-    return {node.op_type for node in onnx.load(str(path)).graph.node}
-
-
-def check_accepts(model: TrainedModel, shape: tuple[int, ...]) -> None:
-    """Raise a clear error for a spatial size the networks do not accept."""
-    for stage in model.contract.stages:
-        if any(int(s) % stage.divisor for s in shape):
-            raise HeartsegError(f"size {tuple(shape)} is not accepted by stage {stage.name!r}: "
-                                f"every axis must be a multiple of {stage.divisor}")
 
 
 def random_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.image import load_volume
 from heartseg.runtime.inference import infer_canonical, mask_from_prob

@@ -7,14 +7,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
+from heartseg.runtime.atomic import atomic_output
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, mask_from_prob
+from heartseg.runtime.metrics import dice_score
 from heartseg.runtime.preprocess import crop_padded, round_up
 from heartseg.runtime.session import OnnxSession
 from heartseg.train.cache import PreparedCase
-from heartseg.train.calibrate import dice
 from heartseg.train.trainer import canonical_of
 
 MAX_DICE_DROP = 0.005
@@ -38,10 +38,9 @@ class VariantReport:
         return asdict(self)
 
 
-def _tag(path: Path, variant: str) -> None:
+def _save_tagged(proto, path: Path, variant: str) -> None:
     import onnx
 
-    proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = "heartseg.variant", variant
     onnx.save(proto, str(path))
@@ -53,8 +52,8 @@ def make_fp16(source: Path, target: Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     proto = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-    onnx.save(proto, str(target))
-    _tag(target, "fp16")
+    with atomic_output(target) as tmp:
+        _save_tagged(proto, tmp, "fp16")
     return target
 
 
@@ -79,7 +78,12 @@ def calibration_feeds(contract: ModelContract, cases: list[PreparedCase], per_ca
 
 def make_int8(source: Path, target: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
     """ONNX Runtime static quantisation (QDQ, per-channel int8 weights) calibrated on the given feeds."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -88,10 +92,18 @@ def make_int8(source: Path, target: Path, feeds: list[dict[str, np.ndarray]]) ->
         def get_next(self):
             return next(self._items, None)
 
-    logging.getLogger().setLevel(logging.ERROR)
-    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    _tag(target, "int8")
+    import onnx
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs advice at WARNING on the root logger
+    try:
+        with atomic_output(target) as tmp:
+            quantize_static(str(source), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+            _save_tagged(onnx.load(str(tmp)), tmp, "int8")
+    finally:
+        root.setLevel(level)
     return target
 
 
@@ -101,7 +113,7 @@ def held_out_dice(model: Path, cases: list[PreparedCase], threads: int | None = 
     scores = []
     for case in cases:
         prob = infer_canonical(canonical_of(case), session.contract, session.predict).prob
-        scores.append(dice(mask_from_prob(prob, session.contract), np.asarray(case.label)))
+        scores.append(dice_score(mask_from_prob(prob, session.contract), np.asarray(case.label)))
     return float(np.mean(scores))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from .bench import (
     summarize,
     thread_env,
     time_scan,
+    usable_cores,
 )
 from .cli_common import (
     Device,
@@ -52,14 +52,6 @@ class WorkerError(HeartsegError):
     """A benchmark worker that crashed for an unexpected reason."""
 
     exit_code = 1
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def parse_threads(text: str | None) -> list[int]:

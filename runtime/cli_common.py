@@ -37,7 +37,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from .atomic import atomic_output
+from .atomic import write_text_atomic
 from .errors import HeartsegError, InputError
 from .image import is_nifti_path, strip_nifti_suffix
 
@@ -235,15 +235,6 @@ def check_report_path(path: Path | None, option: str) -> None:
         raise InputError(f"{option} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"{option} {path}: folder {folder} is not writable")
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write text to path through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-    return path
 
 
 def json_ready(value: Any) -> Any:

@@ -207,12 +207,24 @@ def _segment_one(segmenter: Segmenter, job: ScanJob, save_prob: bool, benchmark:
     else:
         prediction = segmenter.segment(volume, keep_prob=save_prob)
     write_start = time.perf_counter()
-    save_volume(prediction.mask.astype(np.uint8), volume.affine, job.mask_path, overwrite=overwrite)
-    if save_prob and job.prob_path is not None and prediction.prob is not None:
-        save_volume(prediction.prob.astype(np.float32), volume.affine, job.prob_path, overwrite=overwrite)
-    timings = {"read": read_seconds, **prediction.timings, "write": time.perf_counter() - write_start}
-    if overlay:
-        _save_overlay(job, volume, prediction.mask, reference)
+    written: list[Path] = []
+    try:
+        # The mask goes last: its presence is what marks a scan as done for the next run.
+        if save_prob and job.prob_path is not None and prediction.prob is not None:
+            written.append(save_volume(prediction.prob.astype(np.float32), volume.affine, job.prob_path,
+                                       overwrite=overwrite))
+        write_seconds = time.perf_counter() - write_start
+        if overlay:
+            written.append(_save_overlay(job, volume, prediction.mask, reference))
+        write_start = time.perf_counter()
+        written.append(save_volume(prediction.mask.astype(np.uint8), volume.affine, job.mask_path,
+                                   overwrite=overwrite))
+        write_seconds += time.perf_counter() - write_start
+    except BaseException:
+        for path in written:  # no partial set of outputs for a scan that failed
+            path.unlink(missing_ok=True)
+        raise
+    timings = {"read": read_seconds, **prediction.timings, "write": write_seconds}
     metrics = None
     if reference is not None:
         metrics = compute_metrics(prediction.mask, reference.data, volume.spacing).to_dict()

@@ -162,7 +162,7 @@ def volume_from_array(data: np.ndarray, affine: np.ndarray, source: str | os.Pat
 def load_mask(path: str | os.PathLike) -> Volume:
     """Load a binary label mask (any nonzero voxel is foreground) as uint8."""
     volume = load_volume(path, dtype=np.float32)
-    volume.data = (volume.data > 0.5).astype(np.uint8)
+    volume.data = (volume.data != 0).astype(np.uint8)
     return volume
 
 

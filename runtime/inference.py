@@ -73,7 +73,7 @@ def locate(canonical: CanonicalVolume, contract: ModelContract, predict: StagePr
     """The localiser's box around the target on the native canonical grid, or None when it finds nothing."""
     coarse = contract.stages[0]
     prob = predict_stage(canonical, coarse, contract, predict, max_voxels=max_voxels)
-    mask = largest_component(binarize(prob, float(coarse.threshold)))
+    mask = localiser_mask(prob, float(coarse.threshold))
     found = mask_box(mask)
     if found is None:
         return None
@@ -99,7 +99,12 @@ def infer_canonical(canonical: CanonicalVolume, contract: ModelContract, predict
     return CanonicalResult(resample_to_shape(prob, canonical.data.shape, order=1), stage_box)
 
 
-def mask_from_prob(prob: np.ndarray, contract: ModelContract) -> np.ndarray:
-    """Binary mask with the model's own threshold and postprocessing."""
-    mask = binarize(prob, float(contract.final_stage.threshold))
+def localiser_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """The localiser's mask: thresholded, largest component (its box is what the final stage sees)."""
+    return largest_component(binarize(prob, threshold))
+
+
+def mask_from_prob(prob: np.ndarray, contract: ModelContract, threshold: float | None = None) -> np.ndarray:
+    """Binary mask with the model's own threshold (or the given one, when calibrating) and postprocessing."""
+    mask = binarize(prob, float(contract.final_stage.threshold if threshold is None else threshold))
     return largest_component(mask) if contract.largest_component else mask

@@ -34,6 +34,7 @@ __all__ = [
     "SegmentationMetrics",
     "compute_metrics",
     "degenerate_reason",
+    "dice_score",
     "foreground_fraction",
     "summarize",
 ]
@@ -164,6 +165,12 @@ def compute_metrics(
         volume_pred_ml=float(volume_pred_ml),
         volume_ref_ml=float(volume_ref_ml),
     )
+
+
+def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two binary masks, without the distance metrics (1.0 when both are empty)."""
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
+    return 1.0 if total == 0 else 2.0 * float(np.count_nonzero(np.logical_and(pred, ref))) / total
 
 
 def foreground_fraction(mask: np.ndarray) -> float:

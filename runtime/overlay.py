@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_output
 from .errors import HeartsegError
 
 
@@ -27,6 +28,17 @@ def save_overlay(path: Path, image: np.ndarray, mask: np.ndarray, label: np.ndar
     ref = label if label is not None and label.any() else mask
     centre = np.argwhere(ref).mean(axis=0).astype(int) if ref.any() else np.asarray(image.shape) // 2
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    try:
+        _draw(fig, axes, image, mask, label, centre, title)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=80, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def _draw(fig, axes, image: np.ndarray, mask: np.ndarray, label: np.ndarray | None, centre: np.ndarray,
+          title: str) -> None:
     for axis, ax in enumerate(axes):
         index: list = [slice(None)] * 3
         index[axis] = int(centre[axis])
@@ -39,6 +51,3 @@ def save_overlay(path: Path, image: np.ndarray, mask: np.ndarray, label: np.ndar
         ax.axis("off")
     fig.suptitle(title + ("   red: prediction, green: label" if label is not None else "   red: prediction"))
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return Path(path)

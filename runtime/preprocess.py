@@ -56,12 +56,6 @@ def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], new_spacing
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))  # type: ignore[return-value]
 
 
-def map_index(index: np.ndarray, from_shape: tuple[int, ...], to_shape: tuple[int, ...]) -> np.ndarray:
-    """Continuous voxel index on one grid to the index of the same point on another grid of equal extent."""
-    scale = np.asarray(to_shape, float) / np.asarray(from_shape, float)
-    return (np.asarray(index, float) + 0.5) * scale - 0.5
-
-
 def resample_to_shape(data: np.ndarray, shape: tuple[int, ...], order: int = 1) -> np.ndarray:
     """Resample to a grid of the same extent and the given shape (voxel centres aligned, edges clamped)."""
     shape = tuple(int(s) for s in shape)

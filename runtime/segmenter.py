@@ -45,11 +45,6 @@ class Prediction:
         """Segmented volume in millilitres."""
         return float(self.mask.sum()) * float(np.prod(voxel_sizes(self.affine))) / 1000.0
 
-    @property
-    def qc_label(self) -> str:
-        """'ok', or 'FLAG: <reason>' for a degenerate mask."""
-        return "ok" if self.qc is None else f"FLAG: {self.qc}"
-
 
 class Segmenter:
     """Segments the left atrium in scans with a heartseg ONNX model."""

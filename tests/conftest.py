@@ -98,9 +98,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path):
     """The tiny cascade trained once per session (in-process): .data, .run (folder) and .model (run/model.pt)."""
     from types import SimpleNamespace
 
-    from typer.testing import CliRunner
-
     from heartseg.train.cli import app
+    from typer.testing import CliRunner
 
     run = tmp_path_factory.mktemp("trained") / "run"
     result = CliRunner().invoke(app, [str(synthetic_data), "-o", str(run), *TINY_TRAIN_ARGS])

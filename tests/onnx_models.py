@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from heartseg.runtime.contract import CONTRACT_KEY, ModelContract, StageContract
 
 OPSET = 17

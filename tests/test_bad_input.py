@@ -13,10 +13,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from onnx_models import default_affine, ellipsoid_image, make_scan
-
 from heartseg.runtime.cli_eval import app as eval_app
 from heartseg.runtime.cli_infer import app as infer_app
+from onnx_models import default_affine, ellipsoid_image, make_scan
 
 
 def assert_one_line_error(result, *fragments: str) -> None:

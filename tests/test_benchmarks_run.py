@@ -14,9 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_models import TEST_MODEL_BIAS, build_test_model, make_scan
-from typer.testing import CliRunner
-
 from heartseg.runtime.bench import (
     FLOPS_KEY,
     STAGES,
@@ -30,6 +27,8 @@ from heartseg.runtime.cli_bench import app, parse_threads
 from heartseg.runtime.errors import InputError
 from heartseg.runtime.image import Volume
 from heartseg.runtime.segmenter import Segmenter
+from onnx_models import TEST_MODEL_BIAS, build_test_model, make_scan
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 # The single-stage test model's grid (tests/onnx_models.py): a scan on it is not resampled.

@@ -9,11 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from onnx_models import default_affine, make_scan
-
 from heartseg.runtime.cli_eval import app
 from heartseg.runtime.cli_infer import app as infer_app
 from heartseg.runtime.metrics import compute_metrics
+from onnx_models import default_affine, make_scan
 
 SHAPE = (20, 22, 24)
 

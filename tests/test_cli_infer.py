@@ -11,10 +11,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from onnx_models import build_test_model, lps_affine, make_scan, rotation_affine
-
 from heartseg.runtime import segmenter as segmenter_module
 from heartseg.runtime.cli_infer import app
+from onnx_models import build_test_model, lps_affine, make_scan, rotation_affine
 
 AFFINES = {
     "ras": None,

@@ -16,18 +16,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from heartseg.export.cli import app
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.image import load_volume
 from heartseg.runtime.preprocess import stage_grid, to_canonical
 from heartseg.runtime.session import OnnxSession, read_contract
+from typer.testing import CliRunner
 
 SCAN = "syn_001.nii.gz"
 HELD_OUT = "syn_000"  # fold 0 validates on syn_000 and syn_005

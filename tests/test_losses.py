@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
-
 from heartseg.train.losses import DiceBCELoss, soft_dice
 
 torch.set_num_threads(1)

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-
 from heartseg.runtime.metrics import (
     SegmentationMetrics,
     compute_metrics,

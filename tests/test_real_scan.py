@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from heartseg.runtime.cli_infer import app
 
 pytestmark = pytest.mark.data

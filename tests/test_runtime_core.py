@@ -8,6 +8,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from heartseg.runtime.cli_infer import app
+from heartseg.runtime.image import Volume, load_volume
+from heartseg.runtime.postprocess import largest_component
+from heartseg.runtime.preprocess import from_canonical, resample_to_shape, to_canonical
+from heartseg.runtime.segmenter import Segmenter
+from heartseg.runtime.session import OnnxSession
+from heartseg.runtime.sliding_window import predict_tiled, predict_volume, predict_whole
 from onnx_models import (
     TEST_MODEL_BIAS,
     build_test_model,
@@ -16,14 +23,6 @@ from onnx_models import (
     make_scan,
     rotation_affine,
 )
-
-from heartseg.runtime.cli_infer import app
-from heartseg.runtime.image import Volume, load_volume
-from heartseg.runtime.postprocess import largest_component
-from heartseg.runtime.preprocess import from_canonical, resample_to_shape, to_canonical
-from heartseg.runtime.segmenter import Segmenter
-from heartseg.runtime.session import OnnxSession
-from heartseg.runtime.sliding_window import predict_tiled, predict_volume, predict_whole
 
 # --- orientation ------------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from heartseg.runtime.image import load_mask, load_volume
 from heartseg.runtime.metrics import compute_metrics
 from heartseg.runtime.segmenter import DEFAULT_MODEL_NAME, Segmenter, default_model_path

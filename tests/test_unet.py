@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
-
 from heartseg.train.losses import DiceBCELoss, soft_dice
-from heartseg.train.unet import PRESETS, UNet3D, UNetConfig, build_unet, count_flops_per_voxel
+from heartseg.train.unet import (
+    PRESETS,
+    UNet3D,
+    UNetConfig,
+    build_unet,
+    count_flops_per_voxel,
+)
 
 torch.set_num_threads(1)
 

@@ -1,7 +1,7 @@
 """Deterministic data augmentation for one (C, D, H, W) image and its (1, D, H, W) binary label.
 
-Inputs are single, unbatched samples (as produced by a ``Dataset.__getitem__``); batching
-happens afterwards in the ``DataLoader``. All randomness comes from the ``torch.Generator``
+Inputs are single, unbatched samples (the patch sampler augments each patch, then stacks them into
+a batch). All randomness comes from the ``torch.Generator``
 passed in, so the same seed and config give the same output.
 """
 

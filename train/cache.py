@@ -9,12 +9,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
+from heartseg.runtime import __version__
+from heartseg.runtime.atomic import write_text_atomic
 from heartseg.runtime.contract import ModelContract, StageContract
-from heartseg.runtime.preprocess import mask_box, resample_to_shape, stage_grid, target_shape, to_canonical
+from heartseg.runtime.preprocess import (
+    mask_box,
+    resample_to_shape,
+    stage_grid,
+    target_shape,
+    to_canonical,
+)
 
 from .dataset import Case, load_case
 from .plan import DataFingerprint
+
+# Bump when the runtime's preprocessing changes, so that no run trains on stale inputs.
+CACHE_VERSION = 1
 
 
 def default_cache_root() -> Path:
@@ -46,7 +56,7 @@ def stage_label(label: np.ndarray, spacing: tuple[float, float, float], stage: S
 
 def _key(case: Case, contract: ModelContract) -> str:
     stat_i, stat_l = case.image.stat(), case.label.stat()
-    spec = [str(case.image.resolve()), stat_i.st_size, stat_i.st_mtime_ns, stat_l.st_size, stat_l.st_mtime_ns,
+    spec = [CACHE_VERSION, __version__, str(case.image.resolve()), stat_i.st_size, stat_i.st_mtime_ns, stat_l.st_size, stat_l.st_mtime_ns,
             contract.orientation, contract.normalization, [list(s.spacing) for s in contract.stages]]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
@@ -77,7 +87,7 @@ def prepare_case(case: Case, contract: ModelContract, cache_root: Path | None) -
             folder.mkdir(parents=True, exist_ok=True)
             for name, array in arrays.items():
                 _save(folder / f"{name}.npy", array)
-            (folder / "spacing.json").write_text(json.dumps(list(spacing)))
+            write_text_atomic(folder / "spacing.json", json.dumps(list(spacing)))
     stages = {s.name: (arrays[f"{s.name}_image"], arrays[f"{s.name}_label"]) for s in contract.stages}
     return PreparedCase(case.case_id, arrays["native_image"], arrays["native_label"], spacing, stages)  # type: ignore[arg-type]
 

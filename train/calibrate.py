@@ -6,9 +6,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
 from heartseg.runtime.errors import HeartsegError
-from heartseg.runtime.metrics import degenerate_reason
+from heartseg.runtime.metrics import degenerate_reason, dice_score
 
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2).tolist())
 
@@ -35,19 +34,13 @@ class Calibration:
         return asdict(self)
 
 
-def dice(mask: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two binary masks (1.0 when both are empty)."""
-    total = int(mask.sum()) + int(ref.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(mask, ref).sum()) / total
-
-
 def calibrate_threshold(pairs: list[tuple[np.ndarray, np.ndarray]], to_mask: Callable[[np.ndarray, float], np.ndarray],
                         max_fraction: float, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> Calibration:
     """Pick the threshold that maximises mean Dice over (probability, label) pairs, never a degenerate one."""
     means, bad = [], []
     for threshold in thresholds:
         masks = [to_mask(prob, threshold) for prob, _ in pairs]
-        means.append(float(np.mean([dice(m, ref) for m, (_, ref) in zip(masks, pairs)])))
+        means.append(float(np.mean([dice_score(m, ref) for m, (_, ref) in zip(masks, pairs)])))
         bad.append(any(degenerate_reason(m, max_fraction) is not None for m in masks))
     usable = [i for i, b in enumerate(bad) if not b]
     if not usable:

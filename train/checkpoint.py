@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from heartseg.runtime.atomic import atomic_output
 from heartseg.runtime.errors import HeartsegError
 

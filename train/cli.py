@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
 from heartseg.runtime.errors import HeartsegError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -21,13 +20,24 @@ def _triple(text: str | None, kind=float):
     if text is None:
         return None
     parts = [p for p in text.replace("x", ",").split(",") if p]
-    if len(parts) != 3:
-        raise HeartsegError(f"expected three comma-separated numbers, got {text!r}")
-    return tuple(kind(p) for p in parts)
+    try:
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise HeartsegError(f"expected three positive comma-separated numbers, got {text!r}")
+    return values
 
 
 def _progress_factory(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     def factory(title: str, total: int):
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -92,7 +102,7 @@ def train(
         console.print("error: heartseg-train needs PyTorch: pip install 'heartseg[train]'")
         raise typer.Exit(2)
     from heartseg.train.pipeline import Run, RunConfig
-    from heartseg.train.plan import PlanOptions
+    from heartseg.train.plan import STAGE_KINDS, PlanOptions
     from heartseg.train.unet import PRESETS
 
     try:
@@ -101,6 +111,7 @@ def train(
             if not (resume / "config.json").is_file():
                 raise HeartsegError(f"{resume}: no config.json, not a heartseg-train run folder")
             config = RunConfig.load(resume / "config.json")
+            config.output = str(resume)  # the folder may have moved since it was created
             if fold is not None:
                 config.fold = fold
                 if not distributed or torch.distributed.get_rank() == 0:
@@ -109,19 +120,28 @@ def train(
         else:
             if data is None or output is None:
                 raise HeartsegError("give a dataset folder and -o RUN_FOLDER (or --resume RUN_FOLDER)")
-            if stage not in ("cascade", "single", "coarse", "fine"):
+            if stage not in STAGE_KINDS:
                 raise HeartsegError(f"--stage {stage!r}: choose cascade, single, coarse or fine")
             if preset not in PRESETS:
                 raise HeartsegError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
             if output.exists() and (output / "config.json").exists():
                 raise HeartsegError(f"{output}: a run already exists there (use --resume {output} or a new folder)")
+            if device not in ("auto", "cpu", "cuda"):
+                raise HeartsegError(f"--device {device!r}: choose auto, cpu or cuda")
             unet = PRESETS[preset]
-            unet = replace(unet, base_channels=width or unet.base_channels, norm=norm or unet.norm)
-            config = RunConfig(data=str(data), output=str(output), kind=stage, fold=fold or "0", n_folds=folds, seed=seed,
+            try:
+                unet = replace(unet, base_channels=width or unet.base_channels, norm=norm or unet.norm)
+            except ValueError as exc:
+                raise HeartsegError(f"network options: {exc}") from None
+            patch_size = _triple(patch, int)
+            if patch_size and any(p % 2**unet.depth for p in patch_size):
+                raise HeartsegError(f"--patch {patch}: every size must be a multiple of {2**unet.depth} "
+                                    f"(the network pools {unet.depth} times)")
+            config = RunConfig(data=str(data.resolve()), output=str(output.resolve()), kind=stage, fold=fold or "0", n_folds=folds, seed=seed,
                                fine_unet=unet, cache=cache, threads=threads,
                                command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
                                plan=PlanOptions(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
-                                                fine_patch=_triple(patch, int), crop_margin_mm=margin_mm))
+                                                fine_patch=patch_size, crop_margin_mm=margin_mm))
             config.fine = replace(config.fine, steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
                                   checkpoint_every=checkpoint_every, seed=seed, device=device,
                                   foreground_fraction=foreground_fraction)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from heartseg.runtime.errors import InputError
 from heartseg.runtime.image import Volume, load_volume, same_grid, strip_nifti_suffix
 

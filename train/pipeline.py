@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from heartseg.runtime.atomic import atomic_output
+from heartseg.runtime.atomic import atomic_output, write_text_atomic
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
-from heartseg.runtime.inference import infer_canonical, mask_from_prob
+from heartseg.runtime.inference import infer_canonical, localiser_mask, mask_from_prob
 from heartseg.runtime.metrics import compute_metrics
-from heartseg.runtime.postprocess import binarize, largest_component
 
 from .augment import AugmentConfig
 from .cache import PreparedCase, default_cache_root, fingerprint, prepare_case
@@ -25,8 +23,16 @@ from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
 from .dataset import DatasetInfo, image_hash, read_dataset
 from .plan import PlanOptions, TrainPlan, fingerprint_dict, plan_stages
 from .splits import Fold, make_folds, read_splits, write_splits
-from .trainer import (StageOutcome, TrainConfig, _rank, canonical_of, pick_device, torch_predictor, train_stage,
-                      validation_pairs)
+from .trainer import (
+    StageOutcome,
+    TrainConfig,
+    _rank,
+    canonical_of,
+    pick_device,
+    torch_predictor,
+    train_stage,
+    validation_pairs,
+)
 from .unet import PRESETS, UNetConfig, build_unet
 
 
@@ -52,7 +58,7 @@ class RunConfig:
 
     def save(self, path: Path) -> None:
         """Write config.json."""
-        path.write_text(json.dumps(asdict(self), indent=1))
+        write_text_atomic(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
@@ -69,7 +75,6 @@ def versions() -> dict[str, str]:
     """Software versions recorded in every model."""
     import nibabel
     import scipy
-
     from heartseg.runtime import __version__
 
     return {"heartseg": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
@@ -80,17 +85,6 @@ def _stage_configs(config: RunConfig, name: str) -> tuple[TrainConfig, UNetConfi
     if name == "coarse":
         return config.coarse, config.coarse_unet
     return config.fine, config.fine_unet
-
-
-def _final_mask(contract: ModelContract) -> callable:
-    def to_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
-        mask = binarize(prob, threshold)
-        return largest_component(mask) if contract.largest_component else mask
-    return to_mask
-
-
-def _coarse_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
-    return largest_component(binarize(prob, threshold))
 
 
 class Run:
@@ -193,18 +187,19 @@ class Run:
             net = build_unet(UNetConfig.from_dict(outcome.unet))
             net.load_state_dict(outcome.state_dict)
             networks[name] = net.to(device).to(memory_format=torch.channels_last_3d).eval()
-        predict = torch_predictor(networks, device)
+        predict = torch_predictor(networks, device, amp=False)
         calibrations: dict[str, Calibration] = {}
         if contract.is_cascade:
             coarse = contract.stages[0]
             pairs = validation_pairs(coarse, contract, val_cases, predict)
-            calibrations["coarse"] = calibrate_threshold(pairs, _coarse_mask, max_fraction=0.5)
+            calibrations["coarse"] = calibrate_threshold(pairs, localiser_mask, max_fraction=0.5)
             coarse.threshold = calibrations["coarse"].threshold
         final = contract.final_stage
         # The final threshold is calibrated on what the whole pipeline produces on held-out cases.
         probs = [infer_canonical(canonical_of(c), contract, predict).prob for c in val_cases]
         pairs = [(p, np.asarray(c.label)) for p, c in zip(probs, val_cases)]
-        calibrations[final.name] = calibrate_threshold(pairs, _final_mask(contract), contract.max_foreground_fraction)
+        calibrations[final.name] = calibrate_threshold(
+            pairs, lambda prob, t: mask_from_prob(prob, contract, t), contract.max_foreground_fraction)
         final.threshold = calibrations[final.name].threshold
         per_case = {}
         for case, prob in zip(val_cases, probs):
@@ -219,7 +214,7 @@ class Run:
                        for n, o in outcomes.items()},
             "calibration": {n: c.to_dict() for n, c in calibrations.items()},
         }
-        (fold_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_text_atomic(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
         contract.info = {
             "dataset": self.dataset.name, "dataset_description": self.dataset.description,
             "licence": self.dataset.licence, "reference": self.dataset.reference,
@@ -249,7 +244,7 @@ class Run:
                    "mean": summarize_dicts(per_case),
                    "per_fold": {k: v["mean"] for k, v in results.items()},
                    "split": "each case scored by the fold that held it out"}
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
 

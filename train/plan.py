@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
+from heartseg.runtime.atomic import write_text_atomic
 from heartseg.runtime.contract import ModelContract, StageContract
 from heartseg.runtime.preprocess import round_up
 
@@ -85,7 +85,7 @@ class TrainPlan:
         """Write plan.json."""
         data = {"kind": self.kind, "dataset": self.dataset, "fingerprint": self.fingerprint,
                 "contract": json.loads(self.contract.to_json())}
-        path.write_text(json.dumps(data, indent=1))
+        write_text_atomic(path, json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "TrainPlan":

@@ -5,28 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.inference import mask_from_prob
-from heartseg.runtime.overlay import save_overlay
+from heartseg.runtime.overlay import require_pyplot, save_overlay
 
 from .cache import PreparedCase
 from .calibrate import Calibration
 from .trainer import StageOutcome
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_curves(path: Path, outcomes: dict[str, StageOutcome]) -> None:
     """Loss and validation Dice against step, one column per stage."""
-    plt = _pyplot()
+    plt = require_pyplot()
     fig, axes = plt.subplots(2, len(outcomes), figsize=(5 * len(outcomes), 6), squeeze=False)
     for col, (name, outcome) in enumerate(outcomes.items()):
         loss = np.asarray(outcome.history["loss"])
@@ -50,7 +40,7 @@ def save_curves(path: Path, outcomes: dict[str, StageOutcome]) -> None:
 
 def save_calibration(path: Path, calibrations: dict[str, Calibration]) -> None:
     """Mean held-out Dice against threshold, the chosen one marked, degenerate thresholds greyed."""
-    plt = _pyplot()
+    plt = require_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, cal in calibrations.items():
         t, d = np.asarray(cal.thresholds), np.asarray(cal.mean_dice)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from heartseg.runtime.contract import StageContract
 from heartseg.runtime.preprocess import crop_padded, mask_box
 
@@ -87,14 +86,15 @@ class BackgroundBatches:
             try:
                 batch = sampler.sample()
             except BaseException as exc:  # surfaced in next()
-                self._queue.put(exc)
-                return
+                batch = exc
             while not self._stop.is_set():
                 try:
                     self._queue.put(batch, timeout=0.2)
                     break
                 except queue.Full:
                     continue
+            if isinstance(batch, BaseException):
+                return
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch."""

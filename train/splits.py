@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from heartseg.runtime.atomic import write_text_atomic
 from heartseg.runtime.errors import InputError
 
 
@@ -46,7 +47,7 @@ def make_folds(case_ids: list[str], hashes: dict[str, str], n_folds: int = 5, se
 def write_splits(path: Path, folds: list[Fold], seed: int) -> None:
     """Write splits.json."""
     data = {"seed": seed, "folds": [{"fold": f.index, "train": f.train, "val": f.val} for f in folds]}
-    path.write_text(json.dumps(data, indent=1))
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def read_splits(path: Path) -> list[Fold]:

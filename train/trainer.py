@@ -12,20 +12,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
+from heartseg.runtime.atomic import write_text_atomic
 from heartseg.runtime.contract import ModelContract, StageContract
+from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import StagePredictFn, infer_canonical, predict_stage
-from heartseg.runtime.metrics import compute_metrics
+from heartseg.runtime.metrics import compute_metrics, dice_score
 from heartseg.runtime.preprocess import CanonicalVolume
+from torch import nn
 
 from .augment import AugmentConfig
 from .cache import PreparedCase
-from .calibrate import dice
 from .checkpoint import load_safe, save_atomic
 from .losses import DiceBCELoss
 from .sampler import BackgroundBatches, PatchSampler, SamplerConfig
 from .unet import UNetConfig, build_unet
+
+
+class TrainingFailed(HeartsegError):
+    """Training diverged: reported with exit code 1, the last good checkpoint kept."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -67,8 +73,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from heartseg.runtime.errors import HeartsegError
-
         raise HeartsegError("--device cuda: PyTorch sees no CUDA device here")
     return torch.device(name)
 
@@ -79,14 +83,17 @@ def canonical_of(case: PreparedCase) -> CanonicalVolume:
     return CanonicalVolume(np.asarray(case.image), case.spacing, identity, tuple(case.image.shape))
 
 
-def torch_predictor(networks: dict[str, nn.Module], device: torch.device) -> StagePredictFn:
-    """A runtime stage-prediction function backed by PyTorch networks (sigmoid of the logits)."""
+def torch_predictor(networks: dict[str, nn.Module], device: torch.device, amp: bool = True) -> StagePredictFn:
+    """A runtime stage-prediction function backed by PyTorch networks (sigmoid of the logits).
+
+    amp=False keeps float32 on CUDA too: calibration must see what the exported fp32 graph computes.
+    """
 
     @torch.no_grad()
     def predict(stage_name: str, batch: np.ndarray) -> np.ndarray:
         net = networks[stage_name]
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).contiguous(memory_format=torch.channels_last_3d)
-        with _autocast(device):
+        with _autocast(device) if amp else torch.autocast(device.type, enabled=False):
             logits = net(x)
         return torch.sigmoid(logits.float()).cpu().numpy()
 
@@ -179,7 +186,7 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
         model.eval()
         pairs = validation_pairs(stage, contract, val_cases, torch_predictor({stage.name: model}, device))
         model.train()
-        score = float(np.mean([dice(p > 0.5, ref) for p, ref in pairs]))
+        score = float(np.mean([dice_score(p > 0.5, ref) for p, ref in pairs]))
         spacings = [stage.spacing if stage.name == "coarse" else case.spacing for case in val_cases]
         hd95 = [compute_metrics(p > 0.5, ref, sp).hd95_mm for (p, ref), sp in zip(pairs, spacings)]
         hd95_mean = float(np.nanmean(hd95)) if np.isfinite(hd95).any() else float("nan")
@@ -210,7 +217,8 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
             state["step"] += 1
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"{stage.name}: loss became {value} at step {state['step']}")
+                raise TrainingFailed(f"{stage.name}: the loss became {value} at step {state['step']}; "
+                                     "lower --lr and resume, or start again")
             state["loss"].append(value)
             if writer and rank == 0:
                 writer.add_scalar(f"{stage.name}/loss", value, state["step"])
@@ -234,6 +242,6 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
                            state["step"], seconds, seconds / max(1, state["step"]),
                            {"loss": state["loss"], "val": state["val"], "val_hd95": state.get("val_hd95", [])})
     if rank == 0:
-        (stage_dir / "done.json").write_text(json.dumps({k: v for k, v in asdict(outcome).items()
+        write_text_atomic(stage_dir / "done.json", json.dumps({k: v for k, v in asdict(outcome).items()
                                                          if k not in ("state_dict", "history")}, indent=1))
     return outcome
