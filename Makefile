@@ -16,7 +16,8 @@ $(DEMO_VENV)/.installed: pyproject.toml
 $(TEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/pip install -q --upgrade pip
-	# The CPU build of PyTorch (a plain `torch` would pull a multi-GB CUDA build).
+	# PyTorch 2.13.0: on the project's machines pip takes its CPU wheel from local disk (a plain
+	# `torch` would pull a multi-GB CUDA build); elsewhere add PyTorch's CPU index (see README.md).
 	$(TEST_VENV)/bin/pip install -q torch==2.13.0
 	$(TEST_VENV)/bin/pip install -q -e '.[cpu,train,dev]'
 	touch $@
