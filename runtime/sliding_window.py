@@ -52,15 +52,16 @@ def predict_whole(volume: np.ndarray, predict: PredictFn, divisor: int) -> np.nd
 def predict_tiled(volume: np.ndarray, predict: PredictFn, patch_size: tuple[int, int, int], divisor: int,
                   step_fraction: float = 0.5) -> np.ndarray:
     """Sliding-window prediction with Gaussian-weighted averaging of overlapping tiles."""
-    patch = tuple(min(p, round_up(s, divisor)) for p, s in zip(patch_size, volume.shape))
-    shape = tuple(max(p, s) for p, s in zip(patch, volume.shape))
+    # Tiles cover the volume padded exactly as predict_whole pads it, so both see the same edges.
+    shape = tuple(round_up(s, divisor) for s in volume.shape)
+    padded = crop_padded(volume, np.zeros(3, int), np.asarray(shape))
+    patch = tuple(min(p, s) for p, s in zip(patch_size, shape))
     weights = gaussian_weights(patch)
     acc = np.zeros(shape, np.float32)
     norm = np.zeros(shape, np.float32)
-    fill = float(volume.min())
     for origin in iter_tiles(shape, patch, step_fraction):
         lo = np.asarray(origin)
-        tile = crop_padded(volume, lo, lo + patch, fill=fill)
+        tile = padded[tuple(slice(o, o + p) for o, p in zip(origin, patch))]
         prob = predict(tile[None, None])[0, 0]
         region = tuple(slice(o, o + p) for o, p in zip(origin, patch))
         acc[region] += prob * weights
