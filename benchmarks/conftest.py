@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import benchlib
+import pytest
 
 
 @pytest.fixture(scope="session")

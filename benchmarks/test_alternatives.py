@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import benchlib
+import pytest
 from heartseg.runtime.bench import PeakMemory
 from heartseg.runtime.image import load_volume
 from heartseg.runtime.inference import infer_canonical

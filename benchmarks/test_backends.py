@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import benchlib
+import pytest
 
 pytestmark = pytest.mark.benchmark_suite
 

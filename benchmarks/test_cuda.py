@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import benchlib
+import pytest
 from heartseg.runtime.bench import stage_medians, time_scan
 from heartseg.runtime.segmenter import Segmenter
 

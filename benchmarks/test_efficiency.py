@@ -2,7 +2,7 @@
 
 FLOPs are counted, not estimated from time: the model's FLOPs per voxel of each stage (metadata
 'heartseg.flops_per_voxel', from train/unet.py count_flops_per_voxel) times the voxels each network
-actually processed (counted by wrapping the session's predict calls). The machine's reference is
+actually processed (counted by Segmenter: Prediction.network_voxels). The machine's reference is
 numpy's float32 matmul (sgemm) speed, measured in a fresh process with the same thread count.
 """
 
@@ -11,10 +11,13 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
-
 import benchlib
-from heartseg.runtime.bench import NetworkCounter, flops_per_voxel, sgemm_gflops_with_threads
+import pytest
+from heartseg.runtime.bench import (
+    flops_per_voxel,
+    network_flops,
+    sgemm_gflops_with_threads,
+)
 from heartseg.runtime.image import load_volume
 from heartseg.runtime.segmenter import Segmenter
 
@@ -50,9 +53,8 @@ def test_heartseg_model_efficiency(benchmark, bench_model: Path, bench_scans: li
     volume = load_volume(bench_scans[0])
 
     def segment() -> tuple[float, float | None]:
-        with NetworkCounter(segmenter.session) as counter:
-            prediction = segmenter.segment(volume)
-        return prediction.timings["network"], counter.flops(per_voxel)
+        prediction = segmenter.segment(volume)
+        return prediction.timings["network"], network_flops(prediction.network_voxels, per_voxel)
 
     _, results = benchlib.measure(benchmark, segment, benchlib.rounds(3))
     flops = results[0][1]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import benchlib
+import pytest
 from heartseg.runtime.bench import ScanTiming, stage_medians, time_scan
 from heartseg.runtime.segmenter import Segmenter
 

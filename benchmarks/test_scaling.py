@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import benchlib
+import pytest
 from heartseg.runtime.bench import PeakMemory, ScanTiming, stage_medians, time_scan
 from heartseg.runtime.segmenter import Segmenter
 

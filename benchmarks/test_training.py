@@ -6,9 +6,8 @@ backward and an AdamW update, with 2 intra-op threads. It tells how long CPU tra
 
 from __future__ import annotations
 
-import pytest
-
 import benchlib
+import pytest
 
 pytestmark = pytest.mark.benchmark_suite
 

@@ -60,10 +60,11 @@ def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), t
     results = []
     for stage in model.contract.stages:
         x = random_input(stage.patch_size, seed=len(results))
-        results.append(_compare(f"{stage.name}: random input", torch_predict(stage.name, x),
-                                session.predict(stage.name, x), float(stage.threshold)))
+        prob = session.predict(stage.name, x)
+        results.append(_compare(f"{stage.name}: random input", torch_predict(stage.name, x), prob,
+                                float(stage.threshold)))
         mask = session.mask(stage.name, x)
-        expected = (session.predict(stage.name, x) > float(stage.threshold)).astype(np.uint8)
+        expected = (prob > float(stage.threshold)).astype(np.uint8)
         if not np.array_equal(mask, expected):
             raise ParityError(f"{stage.name}: the graph's mask output disagrees with its probability and threshold")
     for scan in scans:

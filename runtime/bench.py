@@ -46,11 +46,6 @@ def flops_per_voxel(metadata: Mapping[str, str]) -> dict[str, float] | None:
         return None
 
 
-def batch_voxels(batch: np.ndarray) -> int:
-    """Voxels a network processes for one (N, C, X, Y, Z) batch: N x X x Y x Z."""
-    return int(batch.shape[0]) * int(np.prod(batch.shape[2:]))
-
-
 def network_flops(voxels: Mapping[str, int], per_voxel: Mapping[str, float] | None) -> float | None:
     """Sum over stages of FLOPs per voxel x voxels processed; None when a stage's FLOPs are unknown."""
     if per_voxel is None:
@@ -61,46 +56,6 @@ def network_flops(voxels: Mapping[str, int], per_voxel: Mapping[str, float] | No
             return None
         total += float(per_voxel[stage]) * int(count)
     return total
-
-
-class NetworkCounter:
-    """Counts the voxels each stage's network processes, by wrapping a session's predict calls.
-
-    Use as a context manager around Segmenter.segment: ``with NetworkCounter(segmenter.session) as c:``;
-    afterwards c.voxels maps each stage name to the voxels its network saw (batch x spatial).
-    """
-
-    def __init__(self, session: Any) -> None:
-        self.session = session
-        self.voxels: dict[str, int] = {}
-        self.calls = 0
-        self._saved: tuple[bool, Any] | None = None
-
-    def __enter__(self) -> "NetworkCounter":
-        session = self.session
-        own = vars(session)
-        self._saved = ("predict" in own, own.get("predict"))
-        original = session.predict
-
-        def counted(stage_name: str, batch: np.ndarray) -> np.ndarray:
-            self.voxels[stage_name] = self.voxels.get(stage_name, 0) + batch_voxels(batch)
-            self.calls += 1
-            return original(stage_name, batch)
-
-        session.predict = counted
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        had, previous = self._saved if self._saved is not None else (False, None)
-        if had:
-            self.session.predict = previous
-        else:
-            vars(self.session).pop("predict", None)
-
-    def flops(self, per_voxel: Mapping[str, float] | None) -> float | None:
-        """Network FLOPs of what was counted, given FLOPs per voxel of each stage."""
-        return network_flops(self.voxels, per_voxel)
 
 
 @dataclass
@@ -135,8 +90,7 @@ def time_scan(segmenter: Segmenter, scan: str | os.PathLike, outdir: str | os.Pa
     start = time.perf_counter()
     volume = load_volume(scan)
     read = time.perf_counter() - start
-    with NetworkCounter(segmenter.session) as counter:
-        prediction = segmenter.segment(volume)
+    prediction = segmenter.segment(volume)
     begin = time.perf_counter()
     save_volume(prediction.mask.astype(np.uint8), volume.affine,
                 Path(outdir) / f"{strip_nifti_suffix(scan.name)}_mask.nii.gz")
@@ -144,7 +98,7 @@ def time_scan(segmenter: Segmenter, scan: str | os.PathLike, outdir: str | os.Pa
     timings = prediction.timings
     return ScanTiming(str(scan), volume.shape, read, float(timings.get("preprocess", 0.0)),
                       float(timings.get("network", 0.0)), float(timings.get("postprocess", 0.0)), end - begin,
-                      end - start, dict(counter.voxels), prediction.device)
+                      end - start, dict(prediction.network_voxels), prediction.device)
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, float | int | None]:

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from .atomic import write_text_atomic
 from .cli_common import (
     EXIT_FLAGGED,
     EXIT_OK,
@@ -27,7 +28,6 @@ from .cli_common import (
     scan_name,
     warn,
     write_json,
-    write_text_atomic,
 )
 from .errors import InputError
 from .image import load_mask, same_grid

@@ -31,7 +31,8 @@ def default_model_path() -> Path:
 
 @dataclass
 class Prediction:
-    """A mask on the scan's own grid, with its probability map, QC verdict and timings."""
+    """A mask on the scan's own grid, with its probability map, QC verdict, timings and the voxels
+    each stage's network processed (batch x spatial, what FLOP counts multiply)."""
 
     mask: np.ndarray
     affine: np.ndarray
@@ -39,6 +40,8 @@ class Prediction:
     qc: str | None
     device: str
     timings: dict[str, float] = field(default_factory=dict)
+    network_voxels: dict[str, int] = field(default_factory=dict)
+    network_calls: int = 0
 
     @property
     def volume_ml(self) -> float:
@@ -67,8 +70,12 @@ class Segmenter:
     def segment(self, volume: Volume, keep_prob: bool = False) -> Prediction:
         """Segment one loaded volume; the mask lies on exactly the volume's grid."""
         network = [0.0]
+        voxels: dict[str, int] = {}
+        calls = [0]
 
         def timed_predict(stage_name: str, batch: np.ndarray) -> np.ndarray:
+            voxels[stage_name] = voxels.get(stage_name, 0) + int(np.prod(batch.shape[:1] + batch.shape[2:]))
+            calls[0] += 1
             begin = time.perf_counter()
             try:
                 return self.session.predict(stage_name, batch)
@@ -87,7 +94,7 @@ class Segmenter:
         prob = from_canonical(result.prob, canonical) if keep_prob else None
         qc = degenerate_reason(mask, self.contract.max_foreground_fraction)
         timings["postprocess"] = time.perf_counter() - start
-        return Prediction(mask, volume.affine, prob, qc, self.device, timings)
+        return Prediction(mask, volume.affine, prob, qc, self.device, timings, voxels, calls[0])
 
     def predict(self, image: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
         """Segment an in-memory NIfTI image; returns a uint8 mask image with the input's affine."""

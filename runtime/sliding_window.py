@@ -60,10 +60,8 @@ def predict_tiled(volume: np.ndarray, predict: PredictFn, patch_size: tuple[int,
     acc = np.zeros(shape, np.float32)
     norm = np.zeros(shape, np.float32)
     for origin in iter_tiles(shape, patch, step_fraction):
-        lo = np.asarray(origin)
-        tile = padded[tuple(slice(o, o + p) for o, p in zip(origin, patch))]
-        prob = predict(tile[None, None])[0, 0]
         region = tuple(slice(o, o + p) for o, p in zip(origin, patch))
+        prob = predict(padded[region][None, None])[0, 0]
         acc[region] += prob * weights
         norm[region] += weights
     out = acc / norm

@@ -17,7 +17,6 @@ import pytest
 from heartseg.runtime.bench import (
     FLOPS_KEY,
     STAGES,
-    NetworkCounter,
     PeakMemory,
     flops_per_voxel,
     network_flops,
@@ -150,30 +149,29 @@ def test_parse_threads() -> None:
         parse_threads("one")
 
 
-def test_network_counter_counts_the_voxels_the_network_saw(tmp_path: Path) -> None:
+def test_prediction_counts_the_voxels_the_network_saw(tmp_path: Path) -> None:
     """On the model's own grid, the network sees the volume padded to the stage's divisor (8)."""
     model = _model_with_flops(tmp_path / "tiny.onnx", {"single": 3.0})
     segmenter = Segmenter(model, device="cpu", threads=1)
     volume = Volume(np.random.default_rng(0).standard_normal((24, 28, 20)).astype(np.float32),
                     np.diag([*MODEL_SPACING, 1.0]))
-    with NetworkCounter(segmenter.session) as counter:
-        segmenter.segment(volume)
-    assert counter.voxels == {"single": 24 * 32 * 24} and counter.calls == 1
-    assert counter.flops(flops_per_voxel(segmenter.session.metadata)) == 3.0 * 24 * 32 * 24
-    assert "predict" not in vars(segmenter.session)  # the wrapper is gone after the block
+    prediction = segmenter.segment(volume)
+    assert prediction.network_voxels == {"single": 24 * 32 * 24} and prediction.network_calls == 1
+    assert network_flops(prediction.network_voxels, flops_per_voxel(segmenter.session.metadata)) == 3.0 * 24 * 32 * 24
+    # Counts belong to one call: a second segmentation does not add to the first one's.
+    assert segmenter.segment(volume).network_voxels == prediction.network_voxels
 
 
-def test_network_counter_counts_every_stage_of_a_cascade(tmp_path: Path) -> None:
+def test_prediction_counts_every_stage_of_a_cascade(tmp_path: Path) -> None:
     model = _model_with_flops(tmp_path / "cascade.onnx", {"coarse": 1.0, "fine": 10.0}, cascade=True)
     segmenter = Segmenter(model, device="cpu", threads=1)
     scan, _ = make_scan(tmp_path / "a.nii.gz", shape=(40, 48, 36))
     from heartseg.runtime.image import load_volume
 
-    with NetworkCounter(segmenter.session) as outer, NetworkCounter(segmenter.session) as inner:
-        segmenter.segment(load_volume(scan))
-    assert set(outer.voxels) == {"coarse", "fine"} and outer.voxels == inner.voxels
-    assert outer.flops({"coarse": 1.0, "fine": 10.0}) == outer.voxels["coarse"] + 10.0 * outer.voxels["fine"]
-    assert outer.flops({"coarse": 1.0}) is None
+    voxels = segmenter.segment(load_volume(scan)).network_voxels
+    assert set(voxels) == {"coarse", "fine"}
+    assert network_flops(voxels, {"coarse": 1.0, "fine": 10.0}) == voxels["coarse"] + 10.0 * voxels["fine"]
+    assert network_flops(voxels, {"coarse": 1.0}) is None
 
 
 def test_flops_helpers() -> None:
