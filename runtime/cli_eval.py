@@ -151,9 +151,11 @@ def evaluate(
         help="Write every case and the mean as JSON (NaN as null). [default: none]", show_default=False),
     csv_path: Optional[Path] = typer.Option(
         None, "--csv", metavar="FILE", help="Write one CSV row per case. [default: none]", show_default=False),
-    max_fraction: float = typer.Option(
-        0.05, "--max-fraction", min=0.0, max=1.0, metavar="F",
-        help="Flag a prediction covering more than this fraction of its scan as degenerate."),
+    max_fraction: Optional[float] = typer.Option(
+        None, "--max-fraction", min=0.0, max=1.0, metavar="F",
+        help="Also flag a prediction covering more than this fraction of its scan (the atrium's share differs "
+             "widely between datasets, so by default only empty and all-foreground predictions are flagged). "
+             "[default: none]", show_default=False),
 ) -> None:
     check_report_path(json_path, "--json")
     check_report_path(csv_path, "--csv")

@@ -160,7 +160,8 @@ def _print_info(model: Path) -> None:
             f"patch {' x '.join(map(str, stage.patch_size))}, divisor {stage.divisor}, threshold {stage.threshold:g}, "
             f"crop margin {stage.crop_margin_mm:g} mm, input {stage.input_name!r}, outputs {stage.prob_name!r} "
             f"(probabilities), {stage.mask_name!r} (mask)")
-    for key in ("orientation", "normalization", "largest_component", "max_foreground_fraction", "bytes_per_voxel",
+    for key in ("orientation", "normalization", "largest_component", "plausibility", "max_foreground_fraction",
+                "bytes_per_voxel",
                 "format_version"):
         say(f"{key}: {getattr(contract, key)}")
     for key, value in sorted(contract.info.items()):

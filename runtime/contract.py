@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 1
+from .plausibility import Plausibility
+
+# 2: plausibility learned from the training labels (format 1 had a fixed foreground fraction).
+FORMAT_VERSION = 2
 CONTRACT_KEY = "heartseg.contract"
 
 
@@ -40,7 +43,9 @@ class ModelContract:
     orientation: str = "RAS"
     normalization: str = "zscore"
     largest_component: bool = True
-    max_foreground_fraction: float = 0.05
+    plausibility: Plausibility | None = None
+    # Format 1 models only: the largest plausible share of the scan, before plausibility was learned.
+    max_foreground_fraction: float | None = None
     bytes_per_voxel: int = 600
     format_version: int = FORMAT_VERSION
     info: dict[str, str] = field(default_factory=dict)
@@ -71,7 +76,10 @@ class ModelContract:
         """Build from a plain dict (as read from JSON)."""
         data = dict(data)
         stages = [StageContract(**s) for s in data.pop("stages")]
-        return cls(stages=stages, **data)
+        plausibility = data.pop("plausibility", None)
+        if isinstance(plausibility, dict):
+            plausibility = Plausibility.from_dict(plausibility)
+        return cls(stages=stages, plausibility=plausibility, **data)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelContract":

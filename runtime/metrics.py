@@ -181,7 +181,7 @@ def foreground_fraction(mask: np.ndarray) -> float:
     return np.count_nonzero(mask) / mask.size
 
 
-def degenerate_reason(mask: np.ndarray, max_fraction: float) -> str | None:
+def degenerate_reason(mask: np.ndarray, max_fraction: float | None = None) -> str | None:
     """Return why ``mask`` is not a plausible segmentation, or None if it looks fine."""
     mask = np.asarray(mask)
     n_fg = int(np.count_nonzero(mask))
@@ -190,7 +190,7 @@ def degenerate_reason(mask: np.ndarray, max_fraction: float) -> str | None:
     if n_fg == mask.size:
         return "all foreground"
     frac = n_fg / mask.size
-    if frac > max_fraction:
+    if max_fraction is not None and frac > max_fraction:
         return (
             f"implausibly large: {100 * frac:.1f} % of the scan "
             f"(limit {100 * max_fraction:.1f} %)"

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import InputError, ModelError
 from .image import Volume, volume_from_array, voxel_sizes
 from .inference import infer_canonical, mask_from_prob
-from .metrics import degenerate_reason
+from .plausibility import mask_flag
 from .preprocess import from_canonical, to_canonical
 from .session import OnnxSession
 
@@ -92,7 +92,7 @@ class Segmenter:
         start = time.perf_counter()
         mask = from_canonical(mask_from_prob(result.prob, self.contract), canonical)
         prob = from_canonical(result.prob, canonical) if keep_prob else None
-        qc = degenerate_reason(mask, self.contract.max_foreground_fraction)
+        qc = mask_flag(mask, volume.spacing, self.contract.plausibility, self.contract.max_foreground_fraction)
         timings["postprocess"] = time.perf_counter() - start
         return Prediction(mask, volume.affine, prob, qc, self.device, timings, voxels, calls[0])
 

@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
 from heartseg.runtime.errors import InputError
+from heartseg.runtime.metrics import degenerate_reason
 from heartseg.train.calibrate import (
     DEFAULT_THRESHOLDS,
     CalibrationError,
@@ -319,13 +320,17 @@ def _threshold_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
     return prob > threshold
 
 
+def _fraction_flag(max_fraction: float):
+    return lambda index, mask: degenerate_reason(mask, max_fraction)
+
+
 @pytest.mark.parametrize("value", [0.99, 0.001])
 def test_calibration_refuses_when_every_threshold_is_degenerate(value):
     label = np.zeros((16, 16, 16), np.uint8)
     label[6:10, 6:10, 6:10] = 1
     pairs = [(np.full(label.shape, value, np.float32), label) for _ in range(2)]
     with pytest.raises(CalibrationError, match="calibration failed") as info:
-        calibrate_threshold(pairs, _threshold_mask, max_fraction=0.5)
+        calibrate_threshold(pairs, _threshold_mask, _fraction_flag(0.5))
     assert info.value.exit_code == 1
 
 
@@ -369,7 +374,7 @@ def _brute_force(pairs, max_fraction: float):
 @pytest.mark.parametrize("pairs, max_fraction", [(_soft_cases(0), 0.2), (_soft_cases(1), 0.2), (_too_large_cases(), 0.06)],
                          ids=["soft-0", "soft-1", "best-is-too-large"])
 def test_calibration_picks_the_usable_threshold_with_the_best_mean_dice(pairs, max_fraction):
-    cal = calibrate_threshold(pairs, _threshold_mask, max_fraction=max_fraction)
+    cal = calibrate_threshold(pairs, _threshold_mask, _fraction_flag(max_fraction))
     means, degenerate = _brute_force(pairs, max_fraction)
     assert cal.thresholds == list(DEFAULT_THRESHOLDS)
     assert cal.mean_dice == pytest.approx(means)
@@ -391,8 +396,8 @@ def test_calibration_picks_the_usable_threshold_with_the_best_mean_dice(pairs, m
 def test_ddp_two_processes_on_cpu(synthetic_data, tmp_path):
     run = tmp_path / "ddp"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "heartseg.train.cli", str(synthetic_data), "-o", str(run), "--steps", "10", "--coarse-steps", "6",
-            "--val-every", "5", *SMALL]
+            "-m", "heartseg.train.cli", str(synthetic_data), "-o", str(run), "--steps", "40", "--coarse-steps", "30",
+            "--val-every", "20", *SMALL]
     env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
                                                           "MASTER_PORT")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even where a GPU exists
@@ -402,7 +407,7 @@ def test_ddp_two_processes_on_cpu(synthetic_data, tmp_path):
     assert "Traceback" not in output
     model = _load(run / "model.pt")
     assert all(isinstance(s["threshold"], float) for s in model["contract"]["stages"])
-    assert json.loads((run / "fold_0" / "fine" / "done.json").read_text())["steps"] == 10
+    assert json.loads((run / "fold_0" / "fine" / "done.json").read_text())["steps"] == 40
     assert json.loads((run / "summary.json").read_text())["folds"] == [0]
     # Only rank 0 writes: one tensorboard log, no leftover temporary files.
     assert len(list((run / "fold_0" / "tb").iterdir())) == 1

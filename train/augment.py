@@ -19,22 +19,29 @@ from torch.nn import functional as F
 class AugmentConfig:
     """Augmentation probabilities and ranges; intensities are in normalised (z-scored) units."""
 
-    # Flips are off by default: the left atrium is lateralised, so mirroring makes anatomically
-    # impossible images. Axes are spatial: 0 = D, 1 = H, 2 = W.
-    flip_axes: tuple[int, ...] = ()
+    # Flips of every axis and (in the patch sampler) permutations of the axes: datasets disagree on
+    # which array axis is left, anterior or superior, so the networks must not rely on it.
+    # Axes are spatial: 0 = D, 1 = H, 2 = W.
+    flip_axes: tuple[int, ...] = (0, 1, 2)
     p_flip: float = 0.5
+    p_permute: float = 0.25
     # Rotation (degrees) around the depth axis, i.e. in the H-W plane.
     rotation_deg: float = 10.0
     # Smaller rotation (degrees) around the H and W axes.
     off_axis_rotation_deg: float = 3.0
     scale_range: tuple[float, float] = (0.9, 1.1)
     p_spatial: float = 0.3
-    intensity_scale: tuple[float, float] = (0.9, 1.1)
-    intensity_shift: float = 0.1
-    gamma_range: tuple[float, float] = (0.8, 1.25)
+    # Contrast, gamma, noise and a smooth multiplicative bias field: scans differ in sequence, scanner
+    # and storage (uint8, int16, float), and the z-score removes only scale and offset.
+    intensity_scale: tuple[float, float] = (0.75, 1.25)
+    intensity_shift: float = 0.2
+    gamma_range: tuple[float, float] = (0.7, 1.5)
     p_gamma: float = 0.3
-    noise_std: float = 0.05
+    noise_std: float = 0.1
     p_noise: float = 0.2
+    # Largest log-gain of the bias field across a patch (0.4: up to about 1.5x brighter or darker).
+    bias_field: float = 0.4
+    p_bias: float = 0.3
 
     def __post_init__(self) -> None:
         self.flip_axes = tuple(int(a) for a in self.flip_axes)
@@ -43,7 +50,7 @@ class AugmentConfig:
         self.gamma_range = (float(self.gamma_range[0]), float(self.gamma_range[1]))
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ValueError(f"flip_axes must be spatial axes in (0, 1, 2), got {self.flip_axes}")
-        for name in ("p_flip", "p_spatial", "p_gamma", "p_noise"):
+        for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
@@ -51,7 +58,7 @@ class AugmentConfig:
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
-        for name in ("rotation_deg", "off_axis_rotation_deg", "intensity_shift", "noise_std"):
+        for name in ("rotation_deg", "off_axis_rotation_deg", "intensity_shift", "noise_std", "bias_field"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -60,11 +67,13 @@ class AugmentConfig:
         """A config under which :func:`augment` returns its inputs unchanged."""
         return cls(
             flip_axes=(),
+            p_permute=0.0,
             p_spatial=0.0,
             intensity_scale=(1.0, 1.0),
             intensity_shift=0.0,
             p_gamma=0.0,
             p_noise=0.0,
+            p_bias=0.0,
         )
 
 
@@ -121,6 +130,18 @@ def _gamma(image: Tensor, gamma: float) -> Tensor:
     return out
 
 
+def _bias_field(image: Tensor, strength: float, rng: torch.Generator) -> Tensor:
+    """Multiply by exp(a smooth random quadratic field), about the image's minimum (the background)."""
+    coords = [torch.linspace(-1.0, 1.0, n, dtype=image.dtype, device=image.device) for n in image.shape[1:]]
+    zz, yy, xx = torch.meshgrid(*coords, indexing="ij")
+    terms = [zz, yy, xx, zz * yy, zz * xx, yy * xx, zz**2, yy**2, xx**2]
+    weights = [_uniform(rng, -1.0, 1.0) for _ in terms]
+    field = sum(w * t for w, t in zip(weights, terms))
+    field = field / field.abs().max().clamp_min(1e-6) * _uniform(rng, 0.0, strength)
+    low = image.amin(dim=(1, 2, 3), keepdim=True)
+    return (image - low) * torch.exp(field)[None] + low
+
+
 def augment(
     image: Tensor, label: Tensor, config: AugmentConfig, rng: torch.Generator
 ) -> tuple[Tensor, Tensor]:
@@ -150,6 +171,9 @@ def augment(
         # Log-uniform so that (0.8, 1.25) is symmetric between darkening and brightening.
         lo, hi = config.gamma_range
         image = _gamma(image, math.exp(_uniform(rng, math.log(lo), math.log(hi))))
+
+    if config.bias_field > 0 and _chance(rng, config.p_bias):
+        image = _bias_field(image, config.bias_field, rng)
 
     if config.noise_std > 0 and _chance(rng, config.p_noise):
         noise = torch.randn(image.shape, generator=rng, device=rng.device, dtype=image.dtype)

@@ -41,6 +41,7 @@ class PreparedCase:
     label: np.ndarray
     spacing: tuple[float, float, float]
     stages: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    dataset: str = ""
 
     @property
     def box(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -89,18 +90,20 @@ def prepare_case(case: Case, contract: ModelContract, cache_root: Path | None) -
                 _save(folder / f"{name}.npy", array)
             write_text_atomic(folder / "spacing.json", json.dumps(list(spacing)))
     stages = {s.name: (arrays[f"{s.name}_image"], arrays[f"{s.name}_label"]) for s in contract.stages}
-    return PreparedCase(case.case_id, arrays["native_image"], arrays["native_label"], spacing, stages)  # type: ignore[arg-type]
+    return PreparedCase(case.case_id, arrays["native_image"], arrays["native_label"], spacing, stages,  # type: ignore[arg-type]
+                        case.dataset)
 
 
 def fingerprint(cases: list[Case]) -> DataFingerprint:
     """Canonical spacing, shape and label box size of each case (headers and labels only)."""
     from heartseg.runtime.image import load_volume
 
-    spacings, shapes, boxes = [], [], []
+    spacings, shapes, boxes, datasets = [], [], [], []
     for case in cases:
+        datasets.append(case.dataset)
         label = to_canonical(load_volume(case.label), "RAS")
         spacings.append(label.spacing)
         shapes.append(label.data.shape)
         box = mask_box(label.data > 0.5)
         boxes.append(tuple(int(h - l) for l, h in zip(*box)) if box else label.data.shape)
-    return DataFingerprint(spacings, shapes, boxes)
+    return DataFingerprint(spacings, shapes, boxes, datasets)

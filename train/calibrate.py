@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from heartseg.runtime.errors import HeartsegError
-from heartseg.runtime.metrics import degenerate_reason, dice_score
+from heartseg.runtime.metrics import dice_score
 
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2).tolist())
 
@@ -28,25 +28,36 @@ class Calibration:
     mean_dice: list[float]
     degenerate: list[bool]
     cases: int
+    flags: dict[str, str] | None = None
 
     def to_dict(self) -> dict:
         """JSON-able form."""
         return asdict(self)
 
 
+MaskFlag = Callable[[int, np.ndarray], "str | None"]
+
+
 def calibrate_threshold(pairs: list[tuple[np.ndarray, np.ndarray]], to_mask: Callable[[np.ndarray, float], np.ndarray],
-                        max_fraction: float, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> Calibration:
-    """Pick the threshold that maximises mean Dice over (probability, label) pairs, never a degenerate one."""
-    means, bad = [], []
+                        flag: MaskFlag, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> Calibration:
+    """Pick the threshold that maximises mean Dice over (probability, label) pairs, never one whose mask of
+    some case is flagged (flag(case index, mask) says why a mask is unusable, or None)."""
+    means, bad, first_flags = [], [], {}
     for threshold in thresholds:
         masks = [to_mask(prob, threshold) for prob, _ in pairs]
         means.append(float(np.mean([dice_score(m, ref) for m, (_, ref) in zip(masks, pairs)])))
-        bad.append(any(degenerate_reason(m, max_fraction) is not None for m in masks))
+        flags = [(i, flag(i, m)) for i, m in enumerate(masks)]
+        flags = [(i, f) for i, f in flags if f is not None]
+        bad.append(bool(flags))
+        if flags:
+            first_flags[f"{threshold:g}"] = f"case {flags[0][0]}: {flags[0][1]}"
     usable = [i for i, b in enumerate(bad) if not b]
     if not usable:
+        example = next(iter(first_flags.items()))
         raise CalibrationError(
-            "threshold calibration failed: every threshold gives an empty or implausibly large mask on some "
-            "validation case; the model was not written (train longer, or check the labels)"
+            "threshold calibration failed: every threshold gives an empty or implausible mask on some "
+            f"validation case (at {example[0]}: {example[1]}); the model was not written (train longer, or check "
+            "the labels)"
         )
     best = max(usable, key=lambda i: means[i])
-    return Calibration(float(thresholds[best]), means[best], list(thresholds), means, bad, len(pairs))
+    return Calibration(float(thresholds[best]), means[best], list(thresholds), means, bad, len(pairs), first_flags)

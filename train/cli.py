@@ -7,7 +7,7 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from heartseg.runtime.errors import HeartsegError
@@ -64,7 +64,7 @@ def _progress_factory(console):
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Argument(None, help="Dataset folder in MSD layout (dataset.json, imagesTr/, labelsTr/)."),
+    data: Optional[List[Path]] = typer.Argument(None, help="Dataset folder(s) in MSD layout (dataset.json, imagesTr/, labelsTr/). Several folders train one model: sampling is balanced per dataset, folds are stratified by dataset, and every report is broken down per dataset."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run folder to create (plan, splits, checkpoints, model.pt, logs, PNGs)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoints (other options are ignored)."),
     stage: str = typer.Option("cascade", help="cascade (localiser at low resolution, then full resolution around it), single, coarse or fine."),
@@ -88,6 +88,7 @@ def train(
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this heartseg model.pt (fine-tuning); its networks must match this run's presets."),
 ) -> None:
     """Train, calibrate the threshold on held-out cases, and write RUN/model.pt.
 
@@ -118,8 +119,10 @@ def train(
                     config.save(resume / "config.json")
             console.print(f"resuming {resume} (folds: {config.fold})")
         else:
-            if data is None or output is None:
+            if not data or output is None:
                 raise HeartsegError("give a dataset folder and -o RUN_FOLDER (or --resume RUN_FOLDER)")
+            if init_from is not None and not init_from.is_file():
+                raise HeartsegError(f"--init-from {init_from}: no such file")
             if stage not in STAGE_KINDS:
                 raise HeartsegError(f"--stage {stage!r}: choose cascade, single, coarse or fine")
             if preset not in PRESETS:
@@ -137,8 +140,9 @@ def train(
             if patch_size and any(p % 2**unet.depth for p in patch_size):
                 raise HeartsegError(f"--patch {patch}: every size must be a multiple of {2**unet.depth} "
                                     f"(the network pools {unet.depth} times)")
-            config = RunConfig(data=str(data.resolve()), output=str(output.resolve()), kind=stage, fold=fold or "0", n_folds=folds, seed=seed,
-                               fine_unet=unet, cache=cache, threads=threads,
+            config = RunConfig(data=[str(d.resolve()) for d in data], output=str(output.resolve()), kind=stage,
+                               fold=fold or "0", n_folds=folds, seed=seed, fine_unet=unet, cache=cache, threads=threads,
+                               init_from=str(init_from.resolve()) if init_from else None,
                                command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
                                plan=PlanOptions(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
                                                 fine_patch=patch_size, crop_margin_mm=margin_mm))
@@ -150,6 +154,8 @@ def train(
         if config.threads:
             torch.set_num_threads(config.threads)
         run = Run(config, log=console.log, progress_factory=_progress_factory(console))
+        if config.init_from:
+            run.init_weights()  # refuse a model that does not fit before any work starts
         rank = torch.distributed.get_rank() if distributed else 0
         if distributed:
             # Every rank has checked that the run folder is new before rank 0 writes config.json into it.

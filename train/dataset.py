@@ -19,6 +19,7 @@ class Case:
     case_id: str
     image: Path
     label: Path
+    dataset: str = ""
 
 
 @dataclass
@@ -63,12 +64,28 @@ def read_dataset(root: str | Path) -> DatasetInfo:
             raise InputError(f"{manifest}: each training entry needs 'image' and 'label', got {entry!r}")
         image = _resolve_inside(root, entry["image"], "image")
         label = _resolve_inside(root, entry["label"], "label")
-        cases.append(Case(strip_nifti_suffix(image.name), image, label))
+        cases.append(Case(strip_nifti_suffix(image.name), image, label, root.resolve().name))
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids):
         raise InputError(f"{manifest}: duplicate case names")
     return DatasetInfo(root, str(meta.get("name", root.name)), str(meta.get("description", "")),
                        str(meta.get("licence", meta.get("license", "unknown"))), str(meta.get("reference", "")), cases)
+
+
+def read_datasets(roots: list[str | Path]) -> list[DatasetInfo]:
+    """Read several MSD folders for one run; case names must be unique across them."""
+    infos = [read_dataset(root) for root in roots]
+    names = [info.cases[0].dataset for info in infos]
+    if len(set(names)) != len(names):
+        raise InputError(f"two dataset folders share the name {names!r}: give each dataset its own folder name")
+    seen: dict[str, str] = {}
+    for info in infos:
+        for case in info.cases:
+            if case.case_id in seen:
+                raise InputError(f"case {case.case_id!r} is in both {seen[case.case_id]} and {info.root}: "
+                                 "case names must be unique across the datasets of a run")
+            seen[case.case_id] = str(info.root)
+    return infos
 
 
 def load_case(case: Case) -> tuple[Volume, Volume]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +14,14 @@ from heartseg.runtime.atomic import atomic_output, write_text_atomic
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, localiser_mask, mask_from_prob
-from heartseg.runtime.metrics import compute_metrics
+from heartseg.runtime.metrics import compute_metrics, degenerate_reason
+from heartseg.runtime.plausibility import learn_plausibility, mask_flag
 
 from .augment import AugmentConfig
 from .cache import PreparedCase, default_cache_root, fingerprint, prepare_case
 from .calibrate import Calibration, calibrate_threshold
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
-from .dataset import DatasetInfo, image_hash, read_dataset
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_safe, save_atomic
+from .dataset import DatasetInfo, image_hash, read_datasets
 from .plan import PlanOptions, TrainPlan, fingerprint_dict, plan_stages
 from .splits import Fold, make_folds, read_splits, write_splits
 from .trainer import (
@@ -40,7 +41,7 @@ from .unet import PRESETS, UNetConfig, build_unet
 class RunConfig:
     """Everything a run needs; saved as config.json so that --resume continues it unchanged."""
 
-    data: str
+    data: list[str]
     output: str
     kind: str = "cascade"
     fold: str = "0"
@@ -54,6 +55,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache: str | None = None
     threads: int | None = None
+    init_from: str | None = None
     command: str = ""
 
     def save(self, path: Path) -> None:
@@ -64,6 +66,8 @@ class RunConfig:
     def load(cls, path: Path) -> "RunConfig":
         """Read config.json."""
         data = json.loads(path.read_text())
+        if isinstance(data["data"], str):
+            data["data"] = [data["data"]]
         return cls(**{**data, "fine": TrainConfig(**data["fine"]), "coarse": TrainConfig(**data["coarse"]),
                       "fine_unet": UNetConfig.from_dict(data["fine_unet"]),
                       "coarse_unet": UNetConfig.from_dict(data["coarse_unet"]),
@@ -95,7 +99,8 @@ class Run:
         self.dir = Path(config.output)
         self.log = log
         self.progress_factory = progress_factory
-        self.dataset: DatasetInfo = read_dataset(config.data)
+        self.datasets: list[DatasetInfo] = read_datasets(config.data)
+        self.cases = [case for info in self.datasets for case in info.cases]
 
     def prepare(self) -> tuple[TrainPlan, list[Fold]]:
         """Write (or reread) plan.json and splits.json (under DDP, rank 0 writes them and the others read them)."""
@@ -112,12 +117,15 @@ class Run:
     def _prepare(self, plan_path: Path, splits_path: Path) -> tuple[TrainPlan, list[Fold]]:
         if plan_path.exists() and splits_path.exists():
             return TrainPlan.load(plan_path), read_splits(splits_path)
-        fp = fingerprint(self.dataset.cases)
-        contract = ModelContract(stages=plan_stages(self.config.kind, fp, self.config.plan),
+        fp = fingerprint(self.cases)
+        reasons: dict[str, str] = {}
+        contract = ModelContract(stages=plan_stages(self.config.kind, fp, self.config.plan, reasons),
                                  bytes_per_voxel=self.config.fine_unet.base_channels * 4 * 10)
-        plan = TrainPlan(self.config.kind, contract, str(self.dataset.root), fingerprint_dict(fp))
-        hashes = {c.case_id: image_hash(c.image) for c in self.dataset.cases}
-        folds = make_folds([c.case_id for c in self.dataset.cases], hashes, self.config.n_folds, self.config.seed)
+        plan = TrainPlan(self.config.kind, contract, ",".join(str(info.root) for info in self.datasets),
+                         fingerprint_dict(fp), reasons)
+        hashes = {c.case_id: image_hash(c.image) for c in self.cases}
+        folds = make_folds([c.case_id for c in self.cases], hashes, self.config.n_folds, self.config.seed,
+                           strata={c.case_id: c.dataset for c in self.cases})
         plan.save(plan_path)
         write_splits(splits_path, folds, self.config.seed)
         return plan, folds
@@ -125,7 +133,7 @@ class Run:
     def load_cases(self, contract: ModelContract, ids: list[str]) -> list[PreparedCase]:
         """Preprocess (or read from the cache) the given cases."""
         cache = None if self.config.cache == "none" else Path(self.config.cache) if self.config.cache else default_cache_root()
-        by_id = {c.case_id: c for c in self.dataset.cases}
+        by_id = {c.case_id: c for c in self.cases}
         return [prepare_case(by_id[i], contract, cache) for i in ids]
 
     def folds_to_run(self, folds: list[Fold]) -> list[Fold]:
@@ -164,10 +172,14 @@ class Run:
             self.log(f"fold {fold.index}: already complete, kept as it is")
             return json.loads((fold_dir / "metrics.json").read_text())
         fold_dir.mkdir(parents=True, exist_ok=True)
-        contract = plan.contract
-        self.log(f"fold {fold.index}: training on {len(fold.train)} cases, validating on {fold.val}")
-        train_cases = self.load_cases(contract, fold.train)
-        val_cases = self.load_cases(contract, fold.val)
+        self.log(f"fold {fold.index}: training on {len(fold.train)} cases, validating on {len(fold.val)} "
+                 f"({_count_by_dataset(self.cases, fold.val)})")
+        train_cases = self.load_cases(plan.contract, fold.train)
+        val_cases = self.load_cases(plan.contract, fold.val)
+        # What a plausible atrium is comes from this fold's training labels only.
+        plausibility = learn_plausibility((np.asarray(c.label), c.spacing) for c in train_cases)
+        contract = replace(plan.contract, plausibility=plausibility)
+        init = self.init_weights()
         rank = _rank()[0]
         writer = _tensorboard(fold_dir / "tb") if rank == 0 else None
         outcomes: dict[str, StageOutcome] = {}
@@ -175,7 +187,9 @@ class Run:
             train_config, unet_config = _stage_configs(self.config, stage.name)
             progress = self.progress_factory(f"fold {fold.index} {stage.name}", train_config.steps) if self.progress_factory else None
             outcomes[stage.name] = train_stage(fold_dir / stage.name, stage, contract, unet_config, train_cases,
-                                               val_cases, train_config, self.config.augment, progress, writer)
+                                               val_cases, train_config, self.config.augment, progress, writer,
+                                               init_state=init.get(stage.name),
+                                               log=lambda text, k=fold.index: self.log(f"fold {k} {text}"))
             o = outcomes[stage.name]
             self.log(f"fold {fold.index} {stage.name}: best validation Dice {o.best_dice:.4f} at step {o.best_step}; "
                      f"{o.seconds_per_step:.2f} s/step over {o.steps} steps")
@@ -192,34 +206,43 @@ class Run:
         if contract.is_cascade:
             coarse = contract.stages[0]
             pairs = validation_pairs(coarse, contract, val_cases, predict)
-            calibrations["coarse"] = calibrate_threshold(pairs, localiser_mask, max_fraction=0.5)
-            coarse.threshold = calibrations["coarse"].threshold
+            calibrations["coarse"] = calibrate_threshold(pairs, localiser_mask,
+                                                         lambda i, mask: degenerate_reason(mask, 0.5))
+            contract = _with_threshold(contract, coarse.name, calibrations["coarse"].threshold)
         final = contract.final_stage
         # The final threshold is calibrated on what the whole pipeline produces on held-out cases.
         probs = [infer_canonical(canonical_of(c), contract, predict).prob for c in val_cases]
         pairs = [(p, np.asarray(c.label)) for p, c in zip(probs, val_cases)]
         calibrations[final.name] = calibrate_threshold(
-            pairs, lambda prob, t: mask_from_prob(prob, contract, t), contract.max_foreground_fraction)
-        final.threshold = calibrations[final.name].threshold
+            pairs, lambda prob, t: mask_from_prob(prob, contract, t),
+            lambda i, mask: mask_flag(mask, val_cases[i].spacing, plausibility))
+        contract = _with_threshold(contract, final.name, calibrations[final.name].threshold)
         per_case = {}
         for case, prob in zip(val_cases, probs):
             mask = mask_from_prob(prob, contract)
-            per_case[case.case_id] = compute_metrics(mask, np.asarray(case.label), case.spacing).to_dict()
+            per_case[case.case_id] = {**compute_metrics(mask, np.asarray(case.label), case.spacing).to_dict(),
+                                      "dataset": case.dataset}
         metrics = {
             "fold": fold.index, "train_cases": fold.train, "val_cases": fold.val,
             "split": "held-out validation cases of this fold (never trained on)",
             "mean": {k: (None if v != v else v) for k, v in summarize_dicts(per_case).items()},
+            "per_dataset": summarize_by_dataset(per_case),
             "per_case": per_case,
+            "plausibility": plausibility.to_dict(),
             "stages": {n: {k: v for k, v in asdict(o).items() if k not in ("state_dict", "history")}
                        for n, o in outcomes.items()},
             "calibration": {n: c.to_dict() for n, c in calibrations.items()},
         }
         write_text_atomic(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
-        contract.info = {
-            "dataset": self.dataset.name, "dataset_description": self.dataset.description,
-            "licence": self.dataset.licence, "reference": self.dataset.reference,
+        contract = replace(contract, info={
+            "dataset": " + ".join(info.name for info in self.datasets),
+            "datasets": ",".join(info.cases[0].dataset for info in self.datasets),
+            "dataset_description": " | ".join(info.description for info in self.datasets),
+            "licence": " | ".join(f"{info.name}: {info.licence}" for info in self.datasets),
+            "reference": " | ".join(f"{info.name}: {info.reference}" for info in self.datasets),
             "fold": str(fold.index), "train_cases": ",".join(fold.train), "val_cases": ",".join(fold.val),
-        }
+            "init_from": self.config.init_from or "",
+        })
         checkpoint = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": plan.kind,
             "contract": json.loads(contract.to_json()),
@@ -231,26 +254,63 @@ class Run:
         save_reports(fold_dir, outcomes, calibrations, val_cases, probs, contract)
         if writer:
             writer.close()
-        self.log(f"fold {fold.index}: held-out Dice {metrics['mean']['dice']:.4f} "
-                 f"(threshold {final.threshold}); wrote {fold_dir / 'model.pt'}")
-        for stage in contract.stages:
-            stage.threshold = None
+        by_dataset = ", ".join(f"{name} {m['dice']:.4f}" for name, m in metrics["per_dataset"].items())
+        self.log(f"fold {fold.index}: held-out Dice {metrics['mean']['dice']:.4f} ({by_dataset}; threshold "
+                 f"{contract.final_stage.threshold}); wrote {fold_dir / 'model.pt'}")
         return metrics
+
+    def init_weights(self) -> dict[str, dict]:
+        """Per-stage weights of the --init-from model (empty without one)."""
+        if not self.config.init_from:
+            return {}
+        data = load_safe(Path(self.config.init_from))
+        networks = data.get("networks")
+        if data.get("format") != CHECKPOINT_FORMAT or not isinstance(networks, dict):
+            raise HeartsegError(f"{self.config.init_from}: --init-from needs a heartseg model.pt (from heartseg-train)")
+        weights = {}
+        for name, entry in networks.items():
+            ours = self.config.coarse_unet if name == "coarse" else self.config.fine_unet
+            if not isinstance(entry, dict) or UNetConfig.from_dict(entry.get("unet", {})) != ours:
+                raise HeartsegError(f"{self.config.init_from}: its {name!r} network is not the one this run trains "
+                                    f"({entry.get('unet') if isinstance(entry, dict) else entry} vs {ours.to_dict()})")
+            weights[name] = entry["state_dict"]
+        return weights
 
     def summarize(self, results: dict[int, dict]) -> dict:
         """Write summary.json over the folds that were run."""
         per_case = {cid: m for r in results.values() for cid, m in r["per_case"].items()}
         summary = {"folds": sorted(results), "cases": len(per_case),
                    "mean": summarize_dicts(per_case),
+                   "per_dataset": summarize_by_dataset(per_case),
                    "per_fold": {k: v["mean"] for k, v in results.items()},
                    "split": "each case scored by the fold that held it out"}
         write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
 
+def _with_threshold(contract: ModelContract, stage_name: str, threshold: float) -> ModelContract:
+    """A new contract whose named stage has the given threshold."""
+    stages = [replace(s, threshold=threshold) if s.name == stage_name else s for s in contract.stages]
+    return replace(contract, stages=stages)
+
+
+def _count_by_dataset(cases, ids: list[str]) -> str:
+    wanted = set(ids)
+    names = [c.dataset for c in cases if c.case_id in wanted]
+    return ", ".join(f"{name} {names.count(name)}" for name in sorted(set(names)))
+
+
+def summarize_by_dataset(per_case: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """summarize_dicts per dataset (the 'dataset' entry of each case), with the case count."""
+    names = sorted({m.get("dataset", "") for m in per_case.values()})
+    return {name: {"cases": sum(m.get("dataset", "") == name for m in per_case.values()),
+                   **summarize_dicts({k: m for k, m in per_case.items() if m.get("dataset", "") == name})}
+            for name in names}
+
+
 def summarize_dicts(per_case: dict[str, dict]) -> dict[str, float]:
-    """Mean of each metric over cases, ignoring missing values."""
-    keys = next(iter(per_case.values())).keys() if per_case else []
+    """Mean of each numeric metric over cases, ignoring missing values."""
+    keys = [k for k in next(iter(per_case.values())).keys() if k != "dataset"] if per_case else []
     out = {}
     for key in keys:
         values = [v[key] for v in per_case.values() if v[key] is not None]

@@ -39,33 +39,50 @@ class PatchSampler:
         self.patch = np.asarray(stage.patch_size)
         self.foreground = [np.argwhere(c.stages[stage.name][1]) for c in cases]
         self.boxes = [mask_box(c.stages[stage.name][1]) for c in cases]
+        # Balanced per dataset: pick a dataset uniformly, then one of its cases.
+        names = sorted({c.dataset for c in cases})
+        self.by_dataset = [[i for i, c in enumerate(cases) if c.dataset == name] for name in names]
 
-    def _origin(self, index: int) -> np.ndarray:
+    def _case_index(self) -> int:
+        members = self.by_dataset[int(self.rng.integers(len(self.by_dataset)))]
+        return members[int(self.rng.integers(len(members)))]
+
+    def _permutation(self) -> np.ndarray:
+        if self.augment_config.p_permute > 0 and self.rng.random() < self.augment_config.p_permute:
+            return self.rng.permutation(3)
+        return np.arange(3)
+
+    def _origin(self, index: int, patch: np.ndarray) -> np.ndarray:
         image, _ = self.cases[index].stages[self.stage.name]
         shape = np.asarray(image.shape)
         fg = self.foreground[index]
         if len(fg) and self.rng.random() < self.config.foreground_fraction:
             centre = fg[self.rng.integers(len(fg))]
-            return centre - self.patch // 2 + self.rng.integers(-self.patch // 4, self.patch // 4 + 1)
+            return centre - patch // 2 + self.rng.integers(-patch // 4, patch // 4 + 1)
         box = self.boxes[index]
         if self.stage.crop_margin_mm > 0 and box is not None:
             reach = (self.stage.crop_margin_mm + self.config.box_jitter_mm) / np.asarray(self.stage.spacing)
             lo = np.floor(box[0] - reach).astype(int)
-            hi = np.ceil(box[1] + reach).astype(int) - self.patch
+            hi = np.ceil(box[1] + reach).astype(int) - patch
             return self.rng.integers(np.minimum(lo, hi), np.maximum(lo, hi) + 1)
-        high = np.maximum(shape - self.patch, 0)
+        high = np.maximum(shape - patch, 0)
         return self.rng.integers(0, high + 1)
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch: images (N, 1, D, H, W) float32 and labels (N, 1, D, H, W) float32."""
         images, labels = [], []
         for _ in range(self.config.batch_size):
-            index = int(self.rng.integers(len(self.cases)))
+            index = self._case_index()
             image, label = self.cases[index].stages[self.stage.name]
-            lo = self._origin(index)
-            hi = lo + self.patch
-            img = torch.from_numpy(crop_padded(np.asarray(image), lo, hi, fill=float(np.min(image))))[None]
-            lbl = torch.from_numpy(crop_padded(np.asarray(label), lo, hi, fill=0).astype(np.float32))[None]
+            # Crop the region whose axes, permuted by perm, have the patch's shape.
+            perm = self._permutation()
+            crop = self.patch[np.argsort(perm)]
+            lo = self._origin(index, crop)
+            hi = lo + crop
+            img_np = crop_padded(np.asarray(image), lo, hi, fill=float(np.min(image))).transpose(perm)
+            lbl_np = crop_padded(np.asarray(label), lo, hi, fill=0).astype(np.float32).transpose(perm)
+            img = torch.from_numpy(np.ascontiguousarray(img_np))[None]
+            lbl = torch.from_numpy(np.ascontiguousarray(lbl_np))[None]
             img, lbl = augment(img, lbl, self.augment_config, self.torch_rng)
             images.append(img)
             labels.append(lbl)

@@ -21,8 +21,25 @@ class Fold:
     val: list[str]
 
 
-def make_folds(case_ids: list[str], hashes: dict[str, str], n_folds: int = 5, seed: int = 0) -> list[Fold]:
-    """Split cases into n_folds groups; cases whose image hashes are equal always land together."""
+def make_folds(case_ids: list[str], hashes: dict[str, str], n_folds: int = 5, seed: int = 0,
+               strata: dict[str, str] | None = None) -> list[Fold]:
+    """Split cases into n_folds groups; cases whose image hashes are equal always land together.
+
+    With strata (case id -> dataset), each dataset is split on its own and fold k joins the k-th part
+    of every dataset, so each fold holds out the same share of each dataset.
+    """
+    if strata and len(set(strata.values())) > 1:
+        per_stratum = [_make_folds([c for c in case_ids if strata[c] == name], hashes, n_folds, seed)
+                       for name in sorted(set(strata.values()))]
+        folds = []
+        for index in range(n_folds):
+            val = sorted(c for parts in per_stratum for c in parts[index].val)
+            folds.append(Fold(index, sorted(c for c in case_ids if c not in set(val)), val))
+        return folds
+    return _make_folds(case_ids, hashes, n_folds, seed)
+
+
+def _make_folds(case_ids: list[str], hashes: dict[str, str], n_folds: int, seed: int) -> list[Fold]:
     if n_folds < 2:
         raise InputError("cross-validation needs at least 2 folds")
     groups: dict[str, list[str]] = defaultdict(list)

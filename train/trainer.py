@@ -145,8 +145,11 @@ ProgressFn = Callable[[int, int, float, float | None], None]
 def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, unet_config: UNetConfig,
                 train_cases: list[PreparedCase], val_cases: list[PreparedCase], config: TrainConfig,
                 augment_config: AugmentConfig, progress: ProgressFn | None = None,
-                writer=None) -> StageOutcome:
-    """Train one stage, resuming from stage_dir/last.pt when it exists; keeps the best validation checkpoint."""
+                writer=None, init_state: dict | None = None, log: Callable[[str], None] | None = None) -> StageOutcome:
+    """Train one stage, resuming from stage_dir/last.pt when it exists; keeps the best validation checkpoint.
+
+    init_state (weights of the same architecture) starts a new stage from existing weights (fine-tuning).
+    """
     stage_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _rank()
     device = pick_device(config.device)
@@ -162,6 +165,12 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
 
     state = {"step": 0, "best_dice": -1.0, "best_step": -1, "seconds": 0.0, "loss": [], "val": []}
     last = stage_dir / "last.pt"
+    if init_state is not None and not last.exists():
+        try:
+            model.load_state_dict(init_state)
+        except RuntimeError as exc:
+            raise HeartsegError(f"{stage.name}: --init-from weights do not fit this network "
+                                f"({str(exc).splitlines()[0][:200]})") from None
     if last.exists():
         ckpt = load_safe(last)
         model.load_state_dict(ckpt["model"])
@@ -186,15 +195,24 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
         model.eval()
         pairs = validation_pairs(stage, contract, val_cases, torch_predictor({stage.name: model}, device))
         model.train()
-        score = float(np.mean([dice_score(p > 0.5, ref) for p, ref in pairs]))
+        dices = [dice_score(p > 0.5, ref) for p, ref in pairs]
+        score = float(np.mean(dices))
         spacings = [stage.spacing if stage.name == "coarse" else case.spacing for case in val_cases]
         hd95 = [compute_metrics(p > 0.5, ref, sp).hd95_mm for (p, ref), sp in zip(pairs, spacings)]
         hd95_mean = float(np.nanmean(hd95)) if np.isfinite(hd95).any() else float("nan")
         state["val"].append([state["step"], score])
         state.setdefault("val_hd95", []).append([state["step"], hd95_mean])
+        by_dataset = {name: float(np.mean([d for d, c in zip(dices, val_cases) if c.dataset == name]))
+                      for name in sorted({c.dataset for c in val_cases})}
+        state.setdefault("val_by_dataset", []).append([state["step"], by_dataset])
         if writer:
             writer.add_scalar(f"{stage.name}/val_dice", score, state["step"])
             writer.add_scalar(f"{stage.name}/val_hd95_mm", hd95_mean, state["step"])
+            for name, value in by_dataset.items():
+                writer.add_scalar(f"{stage.name}/val_dice/{name or 'data'}", value, state["step"])
+        if log:
+            parts = ", ".join(f"{name} {value:.4f}" for name, value in by_dataset.items())
+            log(f"{stage.name} step {state['step']}: validation Dice {score:.4f} ({parts}), HD95 {hd95_mean:.1f} mm")
         if score > state["best_dice"]:
             state["best_dice"], state["best_step"] = score, state["step"]
             save_atomic({"model": model.state_dict(), "step": state["step"], "dice": score}, stage_dir / "best.pt")
@@ -240,7 +258,8 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
     seconds = time.perf_counter() - started
     outcome = StageOutcome(stage.name, unet_config.to_dict(), best["model"], int(best["step"]), float(best["dice"]),
                            state["step"], seconds, seconds / max(1, state["step"]),
-                           {"loss": state["loss"], "val": state["val"], "val_hd95": state.get("val_hd95", [])})
+                           {"loss": state["loss"], "val": state["val"], "val_hd95": state.get("val_hd95", []),
+                            "val_by_dataset": state.get("val_by_dataset", [])})
     if rank == 0:
         write_text_atomic(stage_dir / "done.json", json.dumps({k: v for k, v in asdict(outcome).items()
                                                          if k not in ("state_dict", "history")}, indent=1))
