@@ -2,23 +2,129 @@
 
 Training writes it (as a plan, thresholds still empty), export bakes it into the ONNX file's
 metadata, and the runtime reads it from there. No caller can override any of it.
+
+Contracts are immutable and valid by construction: every field is checked (type, range, and the
+consistency of the stages) when a contract is built, so a bad model is refused when it is opened,
+naming the field, never per scan. New contracts are made with dataclasses.replace.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
+from .errors import ModelError
 from .plausibility import Plausibility
 
-# 2: plausibility learned from the training labels (format 1 had a fixed foreground fraction).
-FORMAT_VERSION = 2
+# 1: a fixed largest foreground fraction; 2: plausibility learned from the training labels;
+# 3: an explicit role per stage.
+FORMAT_VERSION = 3
 CONTRACT_KEY = "heartseg.contract"
 
+LOCALISER = "localiser"
+SEGMENTER = "segmenter"
+ROLES = (LOCALISER, SEGMENTER)
+# Stage layouts a model may have: a segmenter, a localiser trained alone, or a localiser then a segmenter.
+LAYOUTS = ((SEGMENTER,), (LOCALISER,), (LOCALISER, SEGMENTER))
+ORIENTATIONS = ("RAS",)  # heartseg trains in RAS only; a model claiming another was not made by it
+NORMALIZATIONS = ("zscore",)
+SPACING_RANGE_MM = (0.05, 50.0)
+MARGIN_RANGE_MM = (0.0, 500.0)
+MAX_PATCH = 1024
+MAX_DIVISOR = 256
+BYTES_PER_VOXEL_RANGE = (1, 1_000_000)
 
-@dataclass
+
+class ContractError(ModelError):
+    """A contract field with a wrong type or value; names the field."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        self.field = field_name
+        self.problem = problem
+        super().__init__(f"contract field {field_name!r}: {problem}")
+
+    def under(self, prefix: str) -> "ContractError":
+        """The same error with its field path prefixed (e.g. 'stages[1].')."""
+        return ContractError(prefix + self.field, self.problem)
+
+
+def _number(value: Any, name: str, lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ContractError(name, f"must be a number, got {value!r}")
+    value = float(value)
+    below = value <= lo if open_lo else value < lo
+    above = value >= hi if open_hi else value > hi
+    if not math.isfinite(value) or below or above:
+        bounds = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+        raise ContractError(name, f"must be a finite number in {bounds}, got {value!r}")
+    return value
+
+
+def _integer(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        raise ContractError(name, f"must be an integer, got {value!r}")
+    if not lo <= int(value) <= hi:
+        raise ContractError(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def _triple(value: Any, name: str, convert) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
+        raise ContractError(name, f"must be three values (one per axis), got {value!r}")
+    return tuple(convert(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ContractError(name, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ContractError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _range(value: Any, name: str) -> tuple[float, float]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ContractError(name, f"must be a (low, high) pair, got {value!r}")
+    lo = _number(value[0], f"{name}[0]", 0.0, math.inf, open_lo=True, open_hi=True)
+    hi = _number(value[1], f"{name}[1]", 0.0, math.inf, open_lo=True, open_hi=True)
+    if lo > hi:
+        raise ContractError(name, f"low {lo:g} is above high {hi:g}")
+    return lo, hi
+
+
+def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility | None:
+    """A validated Plausibility (from itself or its dict form), or None."""
+    if value is None:
+        return None
+    if isinstance(value, Plausibility):
+        value = value.to_dict()
+    if not isinstance(value, dict):
+        raise ContractError(name, f"must be an object, got {value!r}")
+    unknown = set(value) - {f.name for f in fields(Plausibility)}
+    if unknown:
+        raise ContractError(f"{name}.{sorted(unknown)[0]}", "unknown field")
+    if "volume_ml" not in value or "extent_mm" not in value:
+        raise ContractError(name, "needs volume_ml and extent_mm")
+    extents = value["extent_mm"]
+    if isinstance(extents, (str, bytes)) or not hasattr(extents, "__len__") or len(extents) != 3:
+        raise ContractError(f"{name}.extent_mm", f"must be three (low, high) pairs, got {extents!r}")
+    return Plausibility(
+        volume_ml=_range(value["volume_ml"], f"{name}.volume_ml"),
+        extent_mm=tuple(_range(e, f"{name}.extent_mm[{i}]") for i, e in enumerate(extents)),  # type: ignore[arg-type]
+        cases=_integer(value.get("cases", 0), f"{name}.cases", 0, 10**9),
+        margin=_number(value.get("margin", 1.0), f"{name}.margin", 1.0, 1000.0),
+    )
+
+
+@dataclass(frozen=True)
 class StageContract:
-    """One network of a cascade: its grid, its patch, its calibrated threshold and its ONNX names."""
+    """One network of a cascade: its role, grid, patch, calibrated threshold and ONNX names."""
 
     name: str
     spacing: tuple[float, float, float]
@@ -29,17 +135,34 @@ class StageContract:
     input_name: str = "image"
     prob_name: str = "prob"
     mask_name: str = "mask"
+    # localiser: finds the target on the whole scan at low resolution; segmenter: makes the mask.
+    role: str = SEGMENTER
 
     def __post_init__(self) -> None:
-        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731
+        _text(self.name, "name")
+        put("role", _choice(self.role, "role", ROLES))
+        divisor = _integer(self.divisor, "divisor", 1, MAX_DIVISOR)
+        if divisor & (divisor - 1):
+            raise ContractError("divisor", f"must be a power of two (the network pools by 2), got {divisor}")
+        put("divisor", divisor)
+        put("spacing", _triple(self.spacing, "spacing", lambda v, n: _number(v, n, *SPACING_RANGE_MM)))
+        patch = _triple(self.patch_size, "patch_size", lambda v, n: _integer(v, n, 1, MAX_PATCH))
+        if any(p % divisor for p in patch):
+            raise ContractError("patch_size", f"every size must be a multiple of the divisor {divisor}, got {patch}")
+        put("patch_size", patch)
+        if self.threshold is not None:
+            put("threshold", _number(self.threshold, "threshold", 0.0, 1.0, open_lo=True, open_hi=True))
+        put("crop_margin_mm", _number(self.crop_margin_mm, "crop_margin_mm", *MARGIN_RANGE_MM))
+        for key in ("input_name", "prob_name", "mask_name"):
+            _text(getattr(self, key), key)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelContract:
     """The whole pre/post-processing contract of a model (a one- or two-stage cascade)."""
 
-    stages: list[StageContract]
+    stages: tuple[StageContract, ...]
     orientation: str = "RAS"
     normalization: str = "zscore"
     largest_component: bool = True
@@ -50,10 +173,52 @@ class ModelContract:
     format_version: int = FORMAT_VERSION
     info: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731
+        version = _integer(self.format_version, "format_version", 1, 10**6)
+        if version > FORMAT_VERSION:
+            ModelContract._newer(version)
+        put("format_version", version)
+        if isinstance(self.stages, (str, bytes, dict)) or not hasattr(self.stages, "__iter__"):
+            raise ContractError("stages", f"must be a list of stages, got {self.stages!r}")
+        stages = tuple(self.stages)
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, StageContract):
+                raise ContractError(f"stages[{i}]", f"must be a stage, got {stage!r}")
+        roles = tuple(s.role for s in stages)
+        if roles not in LAYOUTS:
+            raise ContractError("stages", f"roles {list(roles)} are not a model heartseg can run "
+                                "(one segmenter, one localiser, or a localiser then a segmenter)")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ContractError("stages", f"stage names repeat: {names}")
+        onnx_names = [n for s in stages for n in (s.input_name, s.prob_name, s.mask_name)]
+        if len(set(onnx_names)) != len(onnx_names):
+            raise ContractError("stages", f"ONNX input and output names repeat: {onnx_names}")
+        put("stages", stages)
+        put("orientation", _choice(self.orientation, "orientation", ORIENTATIONS))
+        put("normalization", _choice(self.normalization, "normalization", NORMALIZATIONS))
+        if not isinstance(self.largest_component, bool):
+            raise ContractError("largest_component", f"must be true or false, got {self.largest_component!r}")
+        put("plausibility", check_plausibility(self.plausibility))
+        if self.max_foreground_fraction is not None:
+            put("max_foreground_fraction", _number(self.max_foreground_fraction, "max_foreground_fraction", 0.0, 1.0,
+                                                   open_lo=True))
+        put("bytes_per_voxel", _integer(self.bytes_per_voxel, "bytes_per_voxel", *BYTES_PER_VOXEL_RANGE))
+        if not isinstance(self.info, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in self.info.items()):
+            raise ContractError("info", "must map strings to strings")
+        put("info", dict(self.info))
+
+    @property
+    def localiser(self) -> StageContract | None:
+        """The stage that finds the target for the segmenter, if the model has one in front of it."""
+        return self.stages[0] if self.is_cascade else None
+
     @property
     def is_cascade(self) -> bool:
-        """True for a localiser followed by a full-resolution stage."""
-        return len(self.stages) == 2
+        """True for a localiser followed by a segmenter."""
+        return tuple(s.role for s in self.stages) == (LOCALISER, SEGMENTER)
 
     @property
     def final_stage(self) -> StageContract:
@@ -67,21 +232,84 @@ class ModelContract:
                 return stage
         raise KeyError(name)
 
+    def with_threshold(self, stage_name: str, threshold: float) -> "ModelContract":
+        """A new contract whose named stage has the given threshold."""
+        self.stage(stage_name)
+        return replace(self, stages=tuple(replace(s, threshold=threshold) if s.name == stage_name else s
+                                          for s in self.stages))
+
+    def require_thresholds(self) -> "ModelContract":
+        """Self, when every stage has a calibrated threshold; ContractError otherwise."""
+        for i, stage in enumerate(self.stages):
+            if stage.threshold is None:
+                raise ContractError(f"stages[{i}].threshold", f"stage {stage.name!r} has no calibrated threshold")
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-able form."""
+        data = asdict(self)
+        data["stages"] = [dict(s) for s in data["stages"]]
+        return data
+
     def to_json(self) -> str:
         """Serialise to JSON."""
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelContract":
-        """Build from a plain dict (as read from JSON)."""
+    def from_dict(cls, data: Any) -> "ModelContract":
+        """Build from a plain dict (as read from JSON); ContractError names the first bad field."""
+        if not isinstance(data, dict):
+            raise ContractError("(contract)", f"must be an object, got {type(data).__name__}")
         data = dict(data)
-        stages = [StageContract(**s) for s in data.pop("stages")]
-        plausibility = data.pop("plausibility", None)
-        if isinstance(plausibility, dict):
-            plausibility = Plausibility.from_dict(plausibility)
-        return cls(stages=stages, plausibility=plausibility, **data)
+        version = data.get("format_version", 1)
+        _integer(version, "format_version", 1, 10**6)
+        if int(version) > FORMAT_VERSION:
+            cls._newer(int(version))
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ContractError(sorted(unknown)[0], "unknown field")
+        raw_stages = data.pop("stages", None)
+        if not isinstance(raw_stages, list) or not raw_stages:
+            raise ContractError("stages", f"must be a non-empty list, got {raw_stages!r}")
+        if len(raw_stages) > 2:
+            raise ContractError("stages", f"at most two stages, got {len(raw_stages)}")
+        stages = []
+        for i, raw in enumerate(raw_stages):
+            stages.append(cls._stage_from_dict(raw, i, len(raw_stages), int(version)))
+        return cls(stages=tuple(stages), **data)
+
+    @staticmethod
+    def _newer(version: int) -> None:
+        raise ContractError("format_version", f"{version} is from a newer heartseg (this one reads formats 1 to "
+                            f"{FORMAT_VERSION}); upgrade heartseg to use this model")
+
+    @staticmethod
+    def _stage_from_dict(raw: Any, index: int, count: int, version: int) -> StageContract:
+        where = f"stages[{index}]"
+        if not isinstance(raw, dict):
+            raise ContractError(where, f"must be an object, got {raw!r}")
+        unknown = set(raw) - {f.name for f in fields(StageContract)}
+        if unknown:
+            raise ContractError(f"{where}.{sorted(unknown)[0]}", "unknown field")
+        missing = {"name", "spacing", "patch_size"} - set(raw)
+        if version >= 3:
+            missing |= {"role"} - set(raw)
+        if missing:
+            raise ContractError(f"{where}.{sorted(missing)[0]}", "missing")
+        raw = dict(raw)
+        if "role" not in raw:
+            # Before format 3 a two-stage model was always a localiser followed by the segmenter.
+            raw["role"] = LOCALISER if count == 2 and index == 0 else SEGMENTER
+        try:
+            return StageContract(**raw)
+        except ContractError as exc:
+            raise exc.under(where + ".") from None
 
     @classmethod
     def from_json(cls, text: str) -> "ModelContract":
         """Parse the JSON form."""
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ContractError("(contract)", f"not valid JSON ({exc})") from None
+        return cls.from_dict(data)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
-from heartseg.runtime.contract import ModelContract
+from heartseg.runtime.contract import LOCALISER, ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, localiser_mask, mask_from_prob
 from heartseg.runtime.metrics import compute_metrics, degenerate_reason
@@ -85,8 +85,8 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "scipy": scipy.__version__, "nibabel": nibabel.__version__}
 
 
-def _stage_configs(config: RunConfig, name: str) -> tuple[TrainConfig, UNetConfig]:
-    if name == "coarse":
+def _stage_configs(config: RunConfig, role: str) -> tuple[TrainConfig, UNetConfig]:
+    if role == LOCALISER:
         return config.coarse, config.coarse_unet
     return config.fine, config.fine_unet
 
@@ -184,7 +184,7 @@ class Run:
         writer = _tensorboard(fold_dir / "tb") if rank == 0 else None
         outcomes: dict[str, StageOutcome] = {}
         for stage in contract.stages:
-            train_config, unet_config = _stage_configs(self.config, stage.name)
+            train_config, unet_config = _stage_configs(self.config, stage.role)
             progress = self.progress_factory(f"fold {fold.index} {stage.name}", train_config.steps) if self.progress_factory else None
             outcomes[stage.name] = train_stage(fold_dir / stage.name, stage, contract, unet_config, train_cases,
                                                val_cases, train_config, self.config.augment, progress, writer,
@@ -203,12 +203,12 @@ class Run:
             networks[name] = net.to(device).to(memory_format=torch.channels_last_3d).eval()
         predict = torch_predictor(networks, device, amp=False)
         calibrations: dict[str, Calibration] = {}
-        if contract.is_cascade:
-            coarse = contract.stages[0]
-            pairs = validation_pairs(coarse, contract, val_cases, predict)
-            calibrations["coarse"] = calibrate_threshold(pairs, localiser_mask,
-                                                         lambda i, mask: degenerate_reason(mask, 0.5))
-            contract = _with_threshold(contract, coarse.name, calibrations["coarse"].threshold)
+        if contract.localiser is not None:
+            localiser = contract.localiser
+            pairs = validation_pairs(localiser, contract, val_cases, predict)
+            calibrations[localiser.name] = calibrate_threshold(pairs, localiser_mask,
+                                                               lambda i, mask: degenerate_reason(mask, 0.5))
+            contract = contract.with_threshold(localiser.name, calibrations[localiser.name].threshold)
         final = contract.final_stage
         # The final threshold is calibrated on what the whole pipeline produces on held-out cases.
         probs = [infer_canonical(canonical_of(c), contract, predict).prob for c in val_cases]
@@ -216,7 +216,7 @@ class Run:
         calibrations[final.name] = calibrate_threshold(
             pairs, lambda prob, t: mask_from_prob(prob, contract, t),
             lambda i, mask: mask_flag(mask, val_cases[i].spacing, plausibility))
-        contract = _with_threshold(contract, final.name, calibrations[final.name].threshold)
+        contract = contract.with_threshold(final.name, calibrations[final.name].threshold)
         per_case = {}
         for case, prob in zip(val_cases, probs):
             mask = mask_from_prob(prob, contract)
@@ -286,12 +286,6 @@ class Run:
                    "split": "each case scored by the fold that held it out"}
         write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=1))
         return summary
-
-
-def _with_threshold(contract: ModelContract, stage_name: str, threshold: float) -> ModelContract:
-    """A new contract whose named stage has the given threshold."""
-    stages = [replace(s, threshold=threshold) if s.name == stage_name else s for s in contract.stages]
-    return replace(contract, stages=stages)
 
 
 def _count_by_dataset(cases, ids: list[str]) -> str:

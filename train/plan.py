@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from heartseg.runtime.atomic import write_text_atomic
-from heartseg.runtime.contract import ModelContract, StageContract
+from heartseg.runtime.contract import LOCALISER, SEGMENTER, ModelContract, StageContract
 from heartseg.runtime.preprocess import round_up
 
 STAGE_KINDS = ("cascade", "single", "coarse", "fine")
@@ -101,9 +101,9 @@ def plan_stages(kind: str, fp: DataFingerprint, options: PlanOptions,
         why["fine_patch"] = (f"the largest median atrium box of any dataset per axis plus {options.crop_margin_mm:g} mm "
                              f"margins ({_fmt(box_mm)} mm), within {options.max_patch_voxels} voxels")
     coarse = StageContract("coarse", coarse_spacing, coarse_patch, options.divisor, crop_margin_mm=0.0,
-                           input_name="coarse_image", prob_name="coarse_prob", mask_name="coarse_mask")
+                           input_name="coarse_image", prob_name="coarse_prob", mask_name="coarse_mask", role=LOCALISER)
     fine = StageContract("fine", fine_spacing, fine_patch, options.divisor, crop_margin_mm=options.crop_margin_mm,
-                         input_name="fine_image", prob_name="fine_prob", mask_name="fine_mask")
+                         input_name="fine_image", prob_name="fine_prob", mask_name="fine_mask", role=SEGMENTER)
     if kind == "cascade":
         return [coarse, fine]
     if kind == "coarse":
@@ -111,7 +111,7 @@ def plan_stages(kind: str, fp: DataFingerprint, options: PlanOptions,
     if kind == "fine":
         return [fine]
     whole = _fit_patch(np.median(np.asarray(fp.shapes), axis=0), options.divisor, options.max_patch_voxels)
-    return [StageContract("single", fine_spacing, whole, options.divisor)]
+    return [StageContract("single", fine_spacing, whole, options.divisor, role=SEGMENTER)]
 
 
 def _fmt(values) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from heartseg.runtime.atomic import write_text_atomic
-from heartseg.runtime.contract import ModelContract, StageContract
+from heartseg.runtime.contract import LOCALISER, ModelContract, StageContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import StagePredictFn, infer_canonical, predict_stage
 from heartseg.runtime.metrics import compute_metrics, dice_score
@@ -118,7 +118,7 @@ def validation_pairs(stage: StageContract, contract: ModelContract, cases: list[
     solo = ModelContract(stages=[stage], orientation=contract.orientation, normalization=contract.normalization)
     for case in cases:
         canonical = canonical_of(case)
-        if stage.name == "coarse":
+        if stage.role == LOCALISER:
             pairs.append((predict_stage(canonical, stage, solo, predict), np.asarray(case.stages[stage.name][1])))
         else:
             box = case.box if stage.crop_margin_mm > 0 else None
@@ -197,7 +197,7 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
         model.train()
         dices = [dice_score(p > 0.5, ref) for p, ref in pairs]
         score = float(np.mean(dices))
-        spacings = [stage.spacing if stage.name == "coarse" else case.spacing for case in val_cases]
+        spacings = [stage.spacing if stage.role == LOCALISER else case.spacing for case in val_cases]
         hd95 = [compute_metrics(p > 0.5, ref, sp).hd95_mm for (p, ref), sp in zip(pairs, spacings)]
         hd95_mean = float(np.nanmean(hd95)) if np.isfinite(hd95).any() else float("nan")
         state["val"].append([state["step"], score])
