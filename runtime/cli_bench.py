@@ -42,6 +42,7 @@ from .cli_common import (
     write_json,
 )
 from .errors import HeartsegError, InputError
+from .outputs import check_outputs
 from .segmenter import Segmenter, default_model_path
 from .session import _ort, choose_providers, read_contract
 
@@ -251,6 +252,7 @@ def bench(
     check_report_path(json_path, "--json")
     counts = parse_threads(threads)
     found = discover_scans(scans)
+    check_outputs([*found, model_path], [("--json", json_path)])
     contract, meta = read_contract(model_path)
     choose_providers(device.value, list(_ort().get_available_providers()))
     machine = machine_info()

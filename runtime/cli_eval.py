@@ -30,7 +30,8 @@ from .cli_common import (
     write_json,
 )
 from .errors import InputError
-from .image import load_mask, same_grid
+from .image import load_label, same_grid, voxel_volume_mm3
+from .outputs import check_outputs
 from .metrics import SegmentationMetrics, compute_metrics, degenerate_reason, summarize
 
 app = new_app()
@@ -75,15 +76,16 @@ def pair_cases(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], list
     return pairs, unmatched_pred, unmatched_gt
 
 
-def evaluate_pair(name: str, pred_path: Path, gt_path: Path, max_fraction: float) -> Case:
+def evaluate_pair(name: str, pred_path: Path, gt_path: Path, max_fraction: float | None,
+                  label_value: float | None = None) -> Case:
     """Load one prediction and its label, check they share a grid, and compute the metrics."""
-    pred = load_mask(pred_path)
-    gt = load_mask(gt_path)
+    pred = load_label(pred_path, what="prediction")
+    gt = load_label(gt_path, label_value)
     if not same_grid(pred, gt):
         what = "shapes" if pred.shape != gt.shape else "affines"
         raise InputError(f"prediction {pred_path} (shape {pred.shape}) and label {gt_path} (shape {gt.shape}) "
                          f"are not on the same grid: their {what} differ")
-    metrics = compute_metrics(pred.data, gt.data, gt.spacing)
+    metrics = compute_metrics(pred.data, gt.data, gt.spacing, voxel_volume_mm3(gt.affine))
     return Case(name, pred_path, gt_path, metrics, degenerate_reason(pred.data, max_fraction))
 
 
@@ -123,9 +125,12 @@ and both volumes (mL).
 
 PRED and GT are two NIfTI files, or two folders. Folders are paired by file name: a prediction
 X.nii.gz or X_mask.nii.gz (as heartseg-infer writes it) pairs with the label X.nii.gz; *_prob files
-are ignored; predictions without a label are reported and left out, and so are labels without a
-prediction. Any nonzero voxel is foreground. Each prediction must lie on its label's grid (same
-shape and affine), otherwise the tool stops with exit code 2 naming both files.
+are ignored; predictions without a label are reported and left out. Labels without a prediction stop
+the tool with exit code 2, listing them, unless --allow-missing (then they are listed in the JSON
+under "missing_predictions"). Masks must hold only 0 and 1; a label with other values (a
+multi-class label map) is refused unless --label-value V says which value is the foreground. Each
+prediction must lie on its label's grid (same shape and affine), otherwise the tool stops with exit
+code 2 naming both files. Volumes use the voxel volume of the label's affine (|det|).
 
 Distances are in mm from the label's voxel size. HD95 is the larger of the two directed 95th
 percentile surface distances; ASSD is the mean over both directed distance sets. Empty masks: both
@@ -137,7 +142,8 @@ A prediction that is empty, all foreground or covers more than --max-fraction of
 flagged: a "FLAG" row in the table, a warning line, and exit code 3.
 
 Exit codes: 0 all cases evaluated and none flagged; 2 usage or input error (missing or unreadable
-file, grids that differ, nothing to pair); 3 at least one prediction flagged as degenerate.
+file, grids that differ, nothing to pair, labels without a prediction, a non-binary mask, a report
+path that is one of the inputs); 3 at least one prediction flagged as degenerate.
 """
 
 
@@ -156,15 +162,28 @@ def evaluate(
         help="Also flag a prediction covering more than this fraction of its scan (the atrium's share differs "
              "widely between datasets, so by default only empty and all-foreground predictions are flagged). "
              "[default: none]", show_default=False),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="Evaluate the labels that have a prediction and list the others, instead of "
+        "stopping with exit code 2 when some labels have none."),
+    label_value: Optional[float] = typer.Option(
+        None, "--label-value", metavar="V", help="Score the label voxels equal to V (for multi-class label maps). "
+        "[default: labels must hold only 0 and 1]", show_default=False),
 ) -> None:
     check_report_path(json_path, "--json")
     check_report_path(csv_path, "--csv")
     pairs, unmatched_pred, unmatched_gt = pair_cases(pred, gt)
+    check_outputs([*(p for _, p, _ in pairs), *(g for _, _, g in pairs), *unmatched_pred, *unmatched_gt],
+                  [("--json", json_path), ("--csv", csv_path)])
+    if unmatched_gt and not allow_missing:
+        names = ", ".join(scan_name(p) for p in unmatched_gt[:10]) + (", ..." if len(unmatched_gt) > 10 else "")
+        raise InputError(f"{len(unmatched_gt)} label(s) in {gt} have no prediction in {pred}: {names} "
+                         "(--allow-missing evaluates the others)")
     for path in unmatched_pred:
         warn(f"{path}: no label of the same name in {gt}; not evaluated")
     if unmatched_gt:
-        say(f"{len(unmatched_gt)} label(s) in {gt} have no prediction and were not evaluated")
-    cases = [evaluate_pair(name, p, g, max_fraction) for name, p, g in pairs]
+        warn(f"{len(unmatched_gt)} label(s) in {gt} have no prediction and were not evaluated: "
+             + ", ".join(scan_name(p) for p in unmatched_gt))
+    cases = [evaluate_pair(name, p, g, max_fraction, label_value) for name, p, g in pairs]
     mean = summarize([case.metrics for case in cases])
     out_console().print(_table(cases, mean))
     flagged = [case for case in cases if case.flag is not None]
@@ -179,6 +198,8 @@ def evaluate(
             "mean": mean,
             "flagged": [case.name for case in flagged],
             "unmatched_predictions": [str(p) for p in unmatched_pred],
+            "missing_predictions": [str(p) for p in unmatched_gt],
+            "label_value": label_value,
             "cases": [{"case": c.name, "pred": str(c.pred), "gt": str(c.gt), **c.metrics.to_dict(), "flag": c.flag}
                       for c in cases],
         })

@@ -36,8 +36,9 @@ from .cli_common import (
 )
 from .contract import CONTRACT_KEY
 from .errors import HeartsegError, InputError
-from .image import Volume, load_mask, load_volume, same_grid, save_volume
+from .image import Volume, load_mask, load_volume, same_grid, save_volume, voxel_volume_mm3
 from .metrics import compute_metrics
+from .outputs import check_outputs
 from .overlay import require_pyplot, save_overlay
 from .preprocess import to_canonical
 from .segmenter import Segmenter, default_model_path
@@ -228,7 +229,8 @@ def _segment_one(segmenter: Segmenter, job: ScanJob, save_prob: bool, benchmark:
     timings = {"read": read_seconds, **prediction.timings, "write": write_seconds}
     metrics = None
     if reference is not None:
-        metrics = compute_metrics(prediction.mask, reference.data, volume.spacing).to_dict()
+        metrics = compute_metrics(prediction.mask, reference.data, volume.spacing,
+                                  voxel_volume_mm3(volume.affine)).to_dict()
     seconds = time.perf_counter() - start
     return ScanResult(job, "ok" if prediction.qc is None else "flagged", seconds, prediction.device,
                       prediction.volume_ml, prediction.qc, metrics, timings, runs)
@@ -345,6 +347,9 @@ def infer(
         require_pyplot()
     found = discover_scans(scans)
     jobs = _plan(found, output, save_prob, label, labels)
+    check_outputs([model_path, *(p for job in jobs for p in (job.scan, job.label))],
+                  [("--json", json_path), *((what, p) for job in jobs for what, p in
+                                            (("mask", job.mask_path), ("probability map", job.prob_path)))])
     segmenter = Segmenter(model_path, device=device.value, threads=threads, memory_limit_mb=memory_limit_mb)
     ensure_output_folder(output)
 

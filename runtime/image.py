@@ -57,6 +57,11 @@ def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(s) for s in sizes)  # type: ignore[return-value]
 
 
+def voxel_volume_mm3(affine: np.ndarray) -> float:
+    """Volume of one voxel in mm^3: |det| of the affine's 3x3 part (exact for sheared and oblique grids)."""
+    return float(abs(np.linalg.det(np.asarray(affine, float)[:3, :3])))
+
+
 def _read_nifti(path: Path) -> nib.Nifti1Image:
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -163,6 +168,22 @@ def load_mask(path: str | os.PathLike) -> Volume:
     """Load a binary label mask (any nonzero voxel is foreground) as uint8."""
     volume = load_volume(path, dtype=np.float32)
     volume.data = (volume.data != 0).astype(np.uint8)
+    return volume
+
+
+def load_label(path: str | os.PathLike, value: float | None = None, what: str = "label") -> Volume:
+    """Load a mask as uint8 0/1: voxels equal to value when given, else a file that must hold only 0 and 1."""
+    volume = load_volume(path, dtype=np.float32)
+    data = volume.data
+    if value is not None:
+        volume.data = (data == value).astype(np.uint8)
+        return volume
+    if np.any((data != 0) & (data != 1)):
+        values = np.unique(data)
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        hint = "; pass --label-value V to score the voxels equal to V" if what == "label" else ""
+        raise InputError(f"{what} {path}: not binary (values {shown}){hint}")
+    volume.data = data.astype(np.uint8)
     return volume
 
 

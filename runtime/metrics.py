@@ -92,7 +92,8 @@ def _directed_distances(
 
 
 def compute_metrics(
-    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float],
+    voxel_volume_mm3: float | None = None,
 ) -> SegmentationMetrics:
     """Compare a binary prediction with a binary reference of the same shape.
 
@@ -103,6 +104,9 @@ def compute_metrics(
     instead take one percentile over both directed distance sets pooled,
     which can be smaller, never meaningfully larger. ASSD is the mean over
     both directed distance sets pooled (the MedPy convention).
+
+    Volumes use ``voxel_volume_mm3`` when given (|det| of the affine's 3x3
+    part, exact for sheared grids), else the product of ``spacing``.
     """
     pred_b = _as_binary(pred, "pred")
     ref_b = _as_binary(ref, "ref")
@@ -121,7 +125,9 @@ def compute_metrics(
     n_pred = int(np.count_nonzero(pred_b))
     n_ref = int(np.count_nonzero(ref_b))
     n_both = int(np.count_nonzero(pred_b & ref_b))
-    voxel_ml = math.prod(spacing_t) / 1000.0
+    if voxel_volume_mm3 is not None and not (math.isfinite(voxel_volume_mm3) and voxel_volume_mm3 > 0):
+        raise ValueError(f"voxel volume must be positive and finite, got {voxel_volume_mm3}")
+    voxel_ml = (math.prod(spacing_t) if voxel_volume_mm3 is None else float(voxel_volume_mm3)) / 1000.0
     volume_pred_ml = n_pred * voxel_ml
     volume_ref_ml = n_ref * voxel_ml
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputError, ModelError
-from .image import Volume, volume_from_array, voxel_sizes
+from .image import Volume, volume_from_array, voxel_volume_mm3
 from .inference import infer_canonical, mask_from_prob
 from .plausibility import mask_flag
 from .preprocess import from_canonical, to_canonical
@@ -46,7 +46,7 @@ class Prediction:
     @property
     def volume_ml(self) -> float:
         """Segmented volume in millilitres."""
-        return float(self.mask.sum()) * float(np.prod(voxel_sizes(self.affine))) / 1000.0
+        return float(np.count_nonzero(self.mask)) * voxel_volume_mm3(self.affine) / 1000.0
 
 
 class Segmenter:
@@ -92,7 +92,8 @@ class Segmenter:
         start = time.perf_counter()
         mask = from_canonical(mask_from_prob(result.prob, self.contract), canonical)
         prob = from_canonical(result.prob, canonical) if keep_prob else None
-        qc = mask_flag(mask, volume.spacing, self.contract.plausibility, self.contract.max_foreground_fraction)
+        qc = mask_flag(mask, volume.spacing, self.contract.plausibility, self.contract.max_foreground_fraction,
+                       voxel_volume_mm3(volume.affine))
         timings["postprocess"] = time.perf_counter() - start
         return Prediction(mask, volume.affine, prob, qc, self.device, timings, voxels, calls[0])
 

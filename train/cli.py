@@ -171,7 +171,7 @@ def train(
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     except HeartsegError as exc:
-        console.print(f"error: {exc}", markup=False, highlight=False)
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
 
 
