@@ -31,6 +31,7 @@ from .cli_common import (
 )
 from .errors import InputError
 from .image import load_label, same_grid, voxel_volume_mm3
+from .memory import check_eval_budget
 from .outputs import check_outputs
 from .metrics import SegmentationMetrics, compute_metrics, degenerate_reason, summarize
 
@@ -79,8 +80,8 @@ def pair_cases(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], list
 def evaluate_pair(name: str, pred_path: Path, gt_path: Path, max_fraction: float | None,
                   label_value: float | None = None) -> Case:
     """Load one prediction and its label, check they share a grid, and compute the metrics."""
-    pred = load_label(pred_path, what="prediction")
-    gt = load_label(gt_path, label_value)
+    pred = load_label(pred_path, what="prediction", check=lambda g: check_eval_budget(g, pred_path))
+    gt = load_label(gt_path, label_value, check=lambda g: check_eval_budget(g, gt_path))
     if not same_grid(pred, gt):
         what = "shapes" if pred.shape != gt.shape else "affines"
         raise InputError(f"prediction {pred_path} (shape {pred.shape}) and label {gt_path} (shape {gt.shape}) "

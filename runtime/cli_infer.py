@@ -191,7 +191,7 @@ def _segment_one(segmenter: Segmenter, job: ScanJob, save_prob: bool, benchmark:
                  overwrite: bool, overlay: bool = False) -> ScanResult:
     """Load, check, segment (benchmark: repeatedly), write and score one scan."""
     start = time.perf_counter()
-    volume = load_volume(job.scan)
+    volume = load_volume(job.scan, check=lambda geometry: segmenter.check_header(geometry, job.scan))
     read_seconds = time.perf_counter() - start
     reference: Volume | None = None
     if job.label is not None:
@@ -312,8 +312,10 @@ def infer(
         help="CPU threads for ONNX Runtime. [default: ONNX Runtime's choice, all cores]", show_default=False),
     memory_limit_mb: Optional[float] = typer.Option(
         None, "--memory-limit-mb", metavar="MB",
-        help="Switch to sliding-window inference when the whole volume would need more than MB megabytes "
-             "(estimated from the model's bytes per voxel). [default: no limit, whole volume]",
+        help="Memory budget of the whole process in megabytes: each scan's needs (read, resampling, network, "
+             "postprocessing) are estimated from its header before any voxel is read; the network runs on sliding "
+             "windows when the whole volume does not fit, and a scan that does not fit at all is refused (exit 2). "
+             "[default: 80 % of physical memory]",
         show_default=False),
     save_prob: bool = typer.Option(False, "--save-prob", help="Also write X_prob.nii.gz (probabilities)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs instead of skipping the scan."),

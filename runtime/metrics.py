@@ -74,6 +74,15 @@ def _as_binary(mask: np.ndarray, name: str) -> np.ndarray:
     return binary
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the nonzero voxels' bounding box (from per-axis projections, no coordinate list)."""
+    box = []
+    for axis in range(mask.ndim):
+        line = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(line[0]), int(line[-1]) + 1))
+    return tuple(box)
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Return the foreground voxels that have a background 6-neighbour."""
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
@@ -146,10 +155,7 @@ def compute_metrics(
         # cheaper and stay exact, since every surface voxel is inside it. The
         # crop edge adds no false surface: a foreground voxel on the box edge
         # already has a background (or outside-volume) neighbour beyond it.
-        coords = np.argwhere(pred_b | ref_b)
-        crop = tuple(
-            slice(int(a), int(b) + 1) for a, b in zip(coords.min(axis=0), coords.max(axis=0))
-        )
+        crop = _bounding_box(pred_b | ref_b)
         pred_surface = _surface(pred_b[crop])
         ref_surface = _surface(ref_b[crop])
         pred_to_ref = _directed_distances(pred_surface, ref_surface, spacing_t)

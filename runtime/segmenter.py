@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputError, ModelError
-from .image import Volume, volume_from_array, voxel_volume_mm3
+from .image import ScanGeometry, Volume, volume_from_array, voxel_volume_mm3
 from .inference import infer_canonical, mask_from_prob
+from .memory import MB, MemoryPlan, check_plausible, current_rss, default_budget, plan_memory
 from .plausibility import mask_flag
 from .preprocess import from_canonical, to_canonical
 from .session import OnnxSession
@@ -53,14 +55,29 @@ class Segmenter:
     """Segments the left atrium in scans with a heartseg ONNX model."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
-                 memory_limit_mb: float | None = None) -> None:
+                 memory_limit_mb: float | None = None, max_network_voxels: int | None = None) -> None:
+        """memory_limit_mb bounds the whole process (default: a share of physical memory); max_network_voxels
+        forces sliding windows above that many voxels per network call."""
+        if memory_limit_mb is not None and not (math.isfinite(memory_limit_mb) and memory_limit_mb > 0):
+            raise InputError(f"--memory-limit-mb {memory_limit_mb}: must be a positive number of megabytes")
         self.session = OnnxSession(model if model is not None else default_model_path(), device, threads)
         self.contract = self.session.contract
-        self.max_voxels = None
-        if memory_limit_mb is not None:
-            if memory_limit_mb <= 0:
-                raise InputError("the memory limit must be positive")
-            self.max_voxels = int(memory_limit_mb * 1e6 / self.contract.bytes_per_voxel)
+        self.budget = int(memory_limit_mb * MB) if memory_limit_mb is not None else default_budget()
+        self.max_network_voxels = max_network_voxels
+        if self.budget is not None and current_rss() >= self.budget:
+            raise InputError(f"--memory-limit-mb {self.budget / MB:g}: the process already uses "
+                             f"{current_rss() / MB:.0f} MB with the model loaded")
+
+    def plan(self, geometry: ScanGeometry, source: str | os.PathLike = "scan", *, loaded: bool = False,
+             keep_prob: bool = False) -> MemoryPlan:
+        """Check a scan's header against the model's plausible spacing and field of view and the memory budget."""
+        check_plausible(geometry, self.contract, source)
+        return plan_memory(geometry, self.contract, self.budget, baseline=current_rss(), include_read=not loaded,
+                           keep_prob=keep_prob, source=source)
+
+    def check_header(self, geometry: ScanGeometry, source: str | os.PathLike = "scan") -> None:
+        """A load_volume check: refuse a scan the model cannot plausibly or affordably segment, before reading it."""
+        self.plan(geometry, source)
 
     @property
     def device(self) -> str:
@@ -82,10 +99,15 @@ class Segmenter:
             finally:
                 network[0] += time.perf_counter() - begin
 
+        source = volume.path or "scan"
+        plan = self.plan(ScanGeometry(volume.shape, volume.affine), source, loaded=True, keep_prob=keep_prob)
+        max_voxels = plan.max_network_voxels
+        if self.max_network_voxels is not None:
+            max_voxels = min(max_voxels or self.max_network_voxels, self.max_network_voxels)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         canonical = to_canonical(volume, self.contract.orientation)
-        result = infer_canonical(canonical, self.contract, timed_predict, self.max_voxels)
+        result = infer_canonical(canonical, self.contract, timed_predict, max_voxels)
         # Resampling, normalisation and cropping happen between the network calls: all of it is preprocessing.
         timings["preprocess"] = time.perf_counter() - start - network[0]
         timings["network"] = network[0]
