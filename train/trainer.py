@@ -22,8 +22,9 @@ from torch import nn
 
 from .augment import AugmentConfig
 from .cache import PreparedCase
-from .checkpoint import load_safe, save_atomic
+from .checkpoint import read_best, read_last, save_atomic
 from .losses import DiceBCELoss
+from .options import COARSE_TRAIN, TrainConfig  # noqa: F401  (TrainConfig is part of this module's API)
 from .sampler import BackgroundBatches, PatchSampler, SamplerConfig
 from .unet import UNetConfig, build_unet
 
@@ -32,25 +33,6 @@ class TrainingFailed(HeartsegError):
     """Training diverged: reported with exit code 1, the last good checkpoint kept."""
 
     exit_code = 1
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one stage."""
-
-    steps: int = 1000
-    batch_size: int = 2
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    warmup_steps: int = 20
-    val_every: int = 100
-    checkpoint_every: int = 20
-    foreground_fraction: float = 0.5
-    dice_weight: float = 1.0
-    bce_weight: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
 
 
 @dataclass
@@ -172,10 +154,14 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
             raise HeartsegError(f"{stage.name}: --init-from weights do not fit this network "
                                 f"({str(exc).splitlines()[0][:200]})") from None
     if last.exists():
-        ckpt = load_safe(last)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        ckpt = read_last(last)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise HeartsegError(f"{last}: does not fit this run's network or optimiser "
+                                f"({str(exc).splitlines()[0][:200]}); delete it to restart the stage") from None
         state = ckpt["state"]
     net: nn.Module = model
     if world > 1:
@@ -254,7 +240,7 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
         save_atomic({"model": model.state_dict(), "step": state["step"], "dice": float("nan")}, stage_dir / "best.pt")
     if world > 1:
         torch.distributed.barrier()
-    best = load_safe(stage_dir / "best.pt")
+    best = read_best(stage_dir / "best.pt")
     seconds = time.perf_counter() - started
     outcome = StageOutcome(stage.name, unet_config.to_dict(), best["model"], int(best["step"]), float(best["dice"]),
                            state["step"], seconds, seconds / max(1, state["step"]),
