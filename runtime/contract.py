@@ -246,14 +246,12 @@ class ModelContract:
         return self
 
     def to_dict(self) -> dict:
-        """JSON-able form."""
-        data = asdict(self)
-        data["stages"] = [dict(s) for s in data["stages"]]
-        return data
+        """Plain JSON form (lists, dicts, numbers and strings)."""
+        return json.loads(json.dumps(asdict(self)))
 
     def to_json(self) -> str:
         """Serialise to JSON."""
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Any) -> "ModelContract":

@@ -156,7 +156,9 @@ def _check_file_size(path: Path, image: nib.Nifti1Image) -> None:
     if path.name.endswith(".gz"):
         return
     header = image.header
-    expected = int(header.get_data_offset()) + int(np.prod(image.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    # A single-file NIfTI's voxels start after its header even when vox_offset says less.
+    offset = max(int(header.get_data_offset()), int(getattr(header, "single_vox_offset", 0)))
+    expected = offset + int(np.prod(image.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
     actual = path.stat().st_size
     if actual < expected:
         raise InputError(f"{path}: truncated, the header describes {expected} bytes of voxel data and offset but the "
