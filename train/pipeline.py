@@ -23,7 +23,7 @@ from .calibrate import Calibration, calibrate_threshold
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_safe, save_atomic
 from .dataset import DatasetInfo, image_hash, read_datasets
 from .plan import PlanOptions, TrainPlan, fingerprint_dict, plan_stages
-from .splits import Fold, make_folds, read_splits, write_splits
+from .splits import Fold, given_folds, make_folds, read_splits, write_splits
 from .trainer import (
     StageOutcome,
     TrainConfig,
@@ -56,6 +56,7 @@ class RunConfig:
     cache: str | None = None
     threads: int | None = None
     init_from: str | None = None
+    splits: str | None = None
     command: str = ""
 
     def save(self, path: Path) -> None:
@@ -124,8 +125,11 @@ class Run:
         plan = TrainPlan(self.config.kind, contract, ",".join(str(info.root) for info in self.datasets),
                          fingerprint_dict(fp), reasons)
         hashes = {c.case_id: image_hash(c.image) for c in self.cases}
-        folds = make_folds([c.case_id for c in self.cases], hashes, self.config.n_folds, self.config.seed,
-                           strata={c.case_id: c.dataset for c in self.cases})
+        if self.config.splits:
+            folds = given_folds(Path(self.config.splits), hashes)
+        else:
+            folds = make_folds([c.case_id for c in self.cases], hashes, self.config.n_folds, self.config.seed,
+                               strata={c.case_id: c.dataset for c in self.cases})
         plan.save(plan_path)
         write_splits(splits_path, folds, self.config.seed)
         return plan, folds
