@@ -239,11 +239,7 @@ class Run:
         }
         write_text_atomic(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
         contract = replace(contract, info={
-            "dataset": " + ".join(info.name for info in self.datasets),
-            "datasets": ",".join(info.cases[0].dataset for info in self.datasets),
-            "dataset_description": " | ".join(info.description for info in self.datasets),
-            "licence": " | ".join(f"{info.name}: {info.licence}" for info in self.datasets),
-            "reference": " | ".join(f"{info.name}: {info.reference}" for info in self.datasets),
+            **_dataset_info(self.datasets),
             "fold": str(fold.index), "train_cases": ",".join(fold.train), "val_cases": ",".join(fold.val),
             "init_from": self.config.init_from or "",
         })
@@ -290,6 +286,17 @@ class Run:
                    "split": "each case scored by the fold that held it out"}
         write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+
+def _dataset_info(datasets: list[DatasetInfo]) -> dict[str, str]:
+    """What the model's metadata says of its training data (each dataset named when there are several)."""
+    def joined(attr: str) -> str:
+        if len(datasets) == 1:
+            return str(getattr(datasets[0], attr))
+        return " | ".join(f"{d.name}: {getattr(d, attr)}" for d in datasets)
+
+    return {"dataset": " + ".join(d.name for d in datasets), "datasets": ",".join(d.cases[0].dataset for d in datasets),
+            "dataset_description": joined("description"), "licence": joined("licence"), "reference": joined("reference")}
 
 
 def _with_threshold(contract: ModelContract, stage_name: str, threshold: float) -> ModelContract:
