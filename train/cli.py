@@ -95,6 +95,7 @@ def train(
     device: str = typer.Option(_FINE.device, help="auto (CUDA when available), cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Use the folds of this file (the format of a run's splits.json) instead of making them: a fixed split, or a subset of the cases (cases no fold names are not used)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this heartseg model.pt (fine-tuning); its networks must match this run's presets."),
 ) -> None:
     """Train, calibrate the threshold on held-out cases, and write RUN/model.pt.
@@ -128,6 +129,8 @@ def train(
         else:
             if not data or output is None:
                 raise HeartsegError("give a dataset folder and -o RUN_FOLDER (or --resume RUN_FOLDER)")
+            if splits is not None and not splits.is_file():
+                raise HeartsegError(f"--splits {splits}: no such file")
             if init_from is not None and not init_from.is_file():
                 raise HeartsegError(f"--init-from {init_from}: no such file")
             if stage not in STAGE_KINDS:
@@ -148,7 +151,7 @@ def train(
             if patch_size and any(p % 2**unet.depth for p in patch_size):
                 raise HeartsegError(f"--patch {patch}: every size must be a multiple of {2**unet.depth} "
                                     f"(the network pools {unet.depth} times)")
-            config = _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from,
+            config = _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits,
                                  dict(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
                                       fine_patch=patch_size, crop_margin_mm=margin_mm),
                                  dict(steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
@@ -186,7 +189,7 @@ def train(
         raise typer.Exit(exc.exit_code)
 
 
-def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, plan: dict,
+def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits, plan: dict,
                 fine: dict, coarse: dict):
     """A new run's configuration; a value no run can use is named by its command-line option."""
     from heartseg.train.pipeline import RunConfig
@@ -207,6 +210,7 @@ def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, in
         return RunConfig(data=[str(d.resolve()) for d in data], output=str(output.resolve()), kind=stage,
                          fold=fold or "0", n_folds=folds, seed=seed, fine_unet=unet, cache=cache, threads=threads,
                          init_from=str(init_from.resolve()) if init_from else None,
+                         splits=str(splits.resolve()) if splits else None,
                          command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
                          plan=plan_options, fine=fine_config, coarse=coarse_config)
     except ConfigError as exc:
