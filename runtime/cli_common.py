@@ -61,9 +61,9 @@ EXIT_CODES_HELP = (
 OUTPUT_SUFFIXES = ("_mask", "_prob")
 
 
-def new_app() -> typer.Typer:
-    """A typer app with the settings every heartseg runtime tool shares (no tracebacks, -h and --help)."""
-    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+def new_app(help: str | None = None) -> typer.Typer:
+    """A typer app with the settings every heartseg tool shares (no tracebacks, -h and --help, no markup)."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, help=help,
                        context_settings={"help_option_names": ["-h", "--help"]})
 
 
