@@ -164,12 +164,14 @@ class Segmenter:
             options: Any = None, series: str | None = None) -> list[Any]:
         """Segment files and folders and write their outputs as heartseg-infer does; one ScanResult per scan."""
         from .formats import discover_sources
-        from .pipeline import OutputOptions, check_options, plan_jobs, run_jobs
+        from .pipeline import OutputOptions, check_options, output_folders, plan_jobs, run_jobs
 
         options = options if options is not None else OutputOptions()
         check_options(options)
         jobs = plan_jobs(discover_sources([Path(s) for s in scans], series),
                          Path(output) if output is not None else None, options)
+        for folder in output_folders(jobs):
+            folder.mkdir(parents=True, exist_ok=True)
         return run_jobs(self, jobs, options)
 
 
