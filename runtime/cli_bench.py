@@ -294,7 +294,8 @@ def bench(
                 "machine": machine,
                 "configs": [{**s, "raw": r} for s, r in zip(summaries, raw)],
             })
-            say(f"wrote {json_path}")
+            if str(json_path) != "-":
+                say(f"wrote {json_path}")
 
 
 def main() -> None:
