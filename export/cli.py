@@ -8,11 +8,11 @@ from typing import List, Optional
 
 import typer
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
+from heartseg.runtime.cli_common import new_app, version_option
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.outputs import check_outputs
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="Export model.pt to ONNX with the calibrated threshold and the whole contract baked in.")
+app = new_app(help="Export model.pt to ONNX with the calibrated threshold and the whole contract baked in.")
 
 
 @app.command()
@@ -25,6 +25,7 @@ def export(
     fp16: bool = typer.Option(False, "--fp16", help="Also write <output stem>.fp16.onnx (float16 weights) with its held-out Dice change."),
     int8: bool = typer.Option(False, "--int8", help="Also write <output stem>.int8.onnx (ONNX Runtime static quantisation, calibrated on training patches) with its held-out Dice change."),
     data: Optional[List[Path]] = typer.Option(None, help="The training dataset(s) (MSD layout; repeat --data for a model trained on several); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
+    version: bool = version_option(),
 ) -> None:
     """Export, then check that ONNX Runtime reproduces PyTorch (probabilities within 1e-4, masks on 99.99 %
     of voxels) on real-size random inputs and on the given scans; the file is only written when it does.
@@ -34,7 +35,7 @@ def export(
     """
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, highlight=False)
     try:
         import onnx  # noqa: F401
         import torch  # noqa: F401
@@ -129,7 +130,7 @@ def _variants(console, model, output: Path, data: list[Path], fp16: bool, int8: 
 
 def main() -> None:
     """Console entry point."""
-    app()
+    app(prog_name="heartseg-export")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def check_outputs(inputs: Iterable[Path | None], outputs: Iterable[Output]) -> N
             read.setdefault(_identity(Path(path)), Path(path))
     written: dict[tuple, str] = {}
     for what, path in outputs:
-        if path is None:
+        if path is None or str(path) == "-":  # '-' is standard output
             continue
         path = Path(path)
         if path.is_dir():
