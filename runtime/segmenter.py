@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputError, ModelError
-from .image import ScanGeometry, Volume, volume_from_array, voxel_volume_mm3
+from .image import ScanGeometry, Volume, volume_from_array, voxel_sizes, voxel_volume_mm3
 from .inference import infer_canonical, mask_from_prob
 from .memory import MB, MemoryPlan, check_plausible, current_rss, default_budget, plan_memory
 from .plausibility import mask_flag
