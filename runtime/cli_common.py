@@ -225,29 +225,6 @@ def nifti_files(folder: Path, skip_outputs: bool = False) -> list[Path]:
     return files
 
 
-def discover_scans(inputs: Iterable[Path]) -> list[Path]:
-    """Scan files from files and folders (folders: their NIfTI files, sorted), without duplicates."""
-    scans: list[Path] = []
-    seen: set[Path] = set()
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            found = nifti_files(item, skip_outputs=True)
-        elif item.exists():
-            found = [item]
-        else:
-            raise InputError(f"{item}: no such file or folder")
-        for path in found:
-            key = path.resolve()
-            if key not in seen:
-                seen.add(key)
-                scans.append(path)
-    if not scans:
-        where = ", ".join(str(i) for i in inputs) or "(nothing given)"
-        raise InputError(f"no scans found (looked for *.nii / *.nii.gz in {where})")
-    return scans
-
-
 def index_by_key(files: Iterable[Path], strip: Sequence[str] = (), what: str = "file") -> dict[str, Path]:
     """Map each file's pairing key to the file; two files with one key is an error."""
     index: dict[str, Path] = {}
