@@ -299,7 +299,7 @@ def infer(
     if info:
         _print_info(model_path)
         raise typer.Exit(0)
-    if not scans:
+    if not scans and scan_list is None:
         raise InputError("no scans given: heartseg-infer SCANS... [-o OUT]")
     if report_target(json_path) and report_target(csv_path):
         raise InputError("--json - and --csv - both ask for stdout; give one of them a file name")
@@ -321,7 +321,7 @@ def infer(
         from .distributed import require_ray
 
         require_ray()
-    sources = discover_sources(expand_inputs(scans, scan_list), series)
+    sources = discover_sources(expand_inputs(scans or [], scan_list), series)
     # Every shard plans every scan, so outputs that would collide across shards are refused in each.
     jobs = plan_jobs(sources, output, options, label, labels)
     if merge_reports:

@@ -212,6 +212,10 @@ def test_globs_and_scan_lists(tmp_path: Path, cohort: Path, single_model: Path, 
                      "--scan-list", listing)
     assert_clean_exit(result, 0)
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"case_0{i}_mask.nii.gz" for i in (0, 1, 2, 4)]
+    only_list = run_cli(app, "-o", tmp_path / "listed", "--model", single_model, "--threads", 1, "--scan-list", listing)
+    assert_clean_exit(only_list, 0)
+    assert sorted(p.name for p in (tmp_path / "listed").glob("*.nii.gz")) == ["case_00_mask.nii.gz",
+                                                                              "case_04_mask.nii.gz"]
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
     assert_one_line_error(run_cli(app, cohort, "-o", out, "--model", single_model, "--scan-list", empty),
