@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -34,12 +35,23 @@ from .cli_common import (
     write_json,
     write_report,
 )
+from .cohort import MergedReport, expand_inputs, merge_records, parse_shard, select_shard
 from .contract import CONTRACT_KEY
 from .errors import InputError
 from .formats import discover_sources
 from .outputs import check_outputs
-from .pipeline import OutputOptions, ScanResult, check_options, output_folders, plan_jobs, run_jobs
-from .segmenter import Segmenter, resolve_model
+from .pipeline import (
+    RECORDS_FOLDER,
+    OutputOptions,
+    ScanJob,
+    ScanResult,
+    check_options,
+    keeps_records,
+    output_folders,
+    plan_jobs,
+    run_jobs,
+)
+from .segmenter import VARIANTS, Segmenter, resolve_model
 from .session import read_contract
 from .statistics import AtriumStatistics
 
@@ -186,6 +198,19 @@ and mediolateral diameters (mm, along the axes of the scan's affine). --json FIL
 A scan that fails is reported as "error: name: message" and the remaining scans are still
 processed.
 
+Cohorts: SCANS may also be quoted globs ('scans/**/*.nii.gz') and --scan-list FILE adds one path a
+line. --resume, --shard and --ray keep a record per scan (OUT/{RECORDS_FOLDER}/, written atomically
+after the scan's outputs): a scan with a record is finished and is reported from it, never
+segmented twice; --resume also redoes scans whose outputs exist without a record (left by an
+interrupted run). A failed scan is tried again. --shard K/N segments only the scans that shard K of N
+owns (by a hash of the scan's name: every task of a SLURM array or Kubernetes indexed job computes
+the same split alone); --merge-reports, given the same SCANS and -o, gathers every shard's records
+into one report (table, --json, --csv, exit code) and exits 1 when a scan has no record. --ray
+auto|ADDRESS spreads the scans over a Ray cluster (heartseg[ray]): one worker per CPU (--workers),
+each with one ONNX Runtime session; outputs, records, report and exit codes are those of a local
+run. A worker that dies is restarted and its scan retried. The scans, the model and OUT must be
+on a file system every node sees.
+
 {EXIT_CODES_HELP}
 """
 
@@ -252,35 +277,93 @@ def infer(
     json_path: Optional[Path] = typer.Option(
         None, "--json", metavar="FILE", help="Also write a JSON report of every scan; '-' is stdout. "
         "[default: none]", show_default=False),
+    scan_list: Optional[Path] = typer.Option(
+        None, "--scan-list", metavar="FILE", help="A text file of scans, one path a line (relative to the file; "
+        "'#' comments), added to SCANS. [default: none]", show_default=False),
+    resume: bool = typer.Option(
+        False, "--resume", help="Keep a record per scan; skip the scans a record says are finished and redo the "
+        "others, replacing what an interrupted run left."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", metavar="K/N", help="Segment only shard K of N (K from 0 to N-1, e.g. "
+        "$SLURM_ARRAY_TASK_ID/N), chosen by a hash of each scan's name. [default: every scan]", show_default=False),
+    merge_reports: bool = typer.Option(
+        False, "--merge-reports", help="Segment nothing: gather the records of every scan of SCANS (all shards) "
+        "into one report; exit 1 when a scan has none."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", metavar="auto|ADDRESS", help="Segment on a Ray cluster (heartseg[ray]): auto is the running "
+        "cluster or else a local one; ADDRESS is HOST:PORT or ray://HOST:PORT. [default: this process]",
+        show_default=False),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, metavar="N", help="Ray workers, each one ONNX Runtime session using --threads "
+        "threads (default 1). [default: the cluster's CPUs / threads]", show_default=False),
     version: bool = version_option(),
 ) -> None:
     model_path = resolve_model(model)
     if info:
         _print_info(model_path)
         raise typer.Exit(0)
-    if not scans:
+    if not scans and scan_list is None:
         raise InputError("no scans given: heartseg-infer SCANS... [-o OUT]")
     if report_target(json_path) and report_target(csv_path):
         raise InputError("--json - and --csv - both ask for stdout; give one of them a file name")
     check_report_path(json_path, "--json")
     check_report_path(csv_path, "--csv")
+    the_shard = parse_shard(shard) if shard is not None else None
+    if merge_reports and (ray_address or the_shard or benchmark):
+        raise InputError("--merge-reports only reads records: give it without --ray, --shard and --benchmark")
+    if ray_address is not None and benchmark:
+        raise InputError("--benchmark times scans in this process: give it without --ray")
+    if workers is not None and ray_address is None:
+        raise InputError("--workers sets the number of Ray workers: give it with --ray")
     options = OutputOptions(output_format.value, save_prob, overlay, statistics or csv_path is not None,
-                            mesh.value if mesh else None, mesh_space.value, overwrite)
+                            mesh.value if mesh else None, mesh_space.value, overwrite,
+                            records=bool(resume or the_shard or ray_address), resume=resume,
+                            shard=str(the_shard) if the_shard else None)
     check_options(options)
-    sources = discover_sources(scans, series)
+    if ray_address is not None:
+        from .distributed import require_ray
+
+        require_ray()
+    sources = discover_sources(expand_inputs(scans or [], scan_list), series)
+    # Every shard plans every scan, so outputs that would collide across shards are refused in each.
     jobs = plan_jobs(sources, output, options, label, labels)
     check_outputs([model_path, *(p for job in jobs for p in (job.source.path, job.label))],
                   [("--json", json_path), ("--csv", csv_path), *(("output", p) for job in jobs for p in job.outputs())])
-    segmenter = Segmenter(model_path, device=device.provider, threads=threads, memory_limit_mb=memory_limit_mb)
+    if merge_reports:
+        with stdout_for_reports(json_path, csv_path):
+            code = _merge(jobs, model_path, options, json_path, csv_path)
+        raise typer.Exit(code)
+    jobs = select_shard(jobs, the_shard)
+    if not jobs:
+        say(f"shard {the_shard}: none of the {len(sources)} scans falls into this shard")
+        raise typer.Exit(0)
+    if ray_address is not None:
+        from .distributed import RayConfig, run_jobs_on_ray
+
+        read_contract(model_path)  # a bad model fails here, once, not on every worker
+        config = RayConfig(ray_address, workers, threads or 1, device.provider, memory_limit_mb)
+        model_name = model if model in VARIANTS or model is None else str(model_path.absolute())
+
+        def runner(on_start: Callable[[ScanJob], None], on_done: Callable[[ScanResult], None]) -> list[ScanResult]:
+            return run_jobs_on_ray(model_name, jobs, options, config, on_done)
+
+        where, device_name = model_path, f"ray ({ray_address})"
+    else:
+        segmenter = Segmenter(model_path, device=device.provider, threads=threads, memory_limit_mb=memory_limit_mb)
+
+        def runner(on_start: Callable[[ScanJob], None], on_done: Callable[[ScanResult], None]) -> list[ScanResult]:
+            return run_jobs(segmenter, jobs, options, benchmark, on_start=on_start, on_done=on_done)
+
+        where, device_name = segmenter.session.path, segmenter.device
     for folder in output_folders(jobs):
         ensure_output_folder(folder)
     with stdout_for_reports(json_path, csv_path):
-        code = _run(segmenter, jobs, options, benchmark, json_path, csv_path)
+        code = _run(runner, jobs, where, device_name, options, benchmark, json_path, csv_path)
     raise typer.Exit(code)
 
 
-def _run(segmenter: Segmenter, jobs: list, options: OutputOptions, benchmark: int | None, json_path: Path | None,
-         csv_path: Path | None) -> int:
+def _run(runner: Callable[..., list[ScanResult]], jobs: list[ScanJob], model: Path, device: str,
+         options: OutputOptions, benchmark: int | None, json_path: Path | None, csv_path: Path | None) -> int:
     """Segment every job with a progress bar, print the table and messages, write the reports; the exit code."""
     with progress_bar(len(jobs), enabled=len(jobs) > 1) as (progress, task):
         def done(result: ScanResult) -> None:
@@ -288,16 +371,24 @@ def _run(segmenter: Segmenter, jobs: list, options: OutputOptions, benchmark: in
                 error(result.error or "failed")
             elif result.status == "skipped":
                 existing = next(p for p in result.job.outputs() if p.exists())
-                say(f"{result.job.name}: skipped, {existing} exists (use --overwrite to replace it)")
+                hint = "--resume to redo it or --overwrite" if keeps_records(options) else "--overwrite"
+                say(f"{result.job.name}: skipped, {existing} exists (use {hint} to replace it)")
             progress.advance(task)
 
-        results = run_jobs(segmenter, jobs, options, benchmark,
-                           on_start=lambda job: progress.update(task, description=job.name), on_done=done)
+        results = runner(lambda job: progress.update(task, description=job.name), done)
+    return _report(results, model, device, options, benchmark, json_path, csv_path)
 
+
+def _report(results: list[ScanResult], model: Path, device: str, options: OutputOptions, benchmark: int | None,
+            json_path: Path | None, csv_path: Path | None, extra: dict | None = None, code: int | None = None) -> int:
+    """Print the table and messages and write the reports of a run's results; the exit code."""
+    resumed = sum(r.resumed for r in results)
+    if resumed:
+        say(f"{resumed} of {len(results)} scans were finished by an earlier run: reported from their records")
     shown = [r for r in results if r.status != "failed"]
     if shown:
-        out_console().print(_results_table(shown, segmenter.session.path, segmenter.device,
-                                           any(r.job.label for r in results), benchmark, options.statistics))
+        out_console().print(_results_table(shown, model, device, any(r.job.label for r in results), benchmark,
+                                           options.statistics))
     failed = [r for r in results if r.status == "failed"]
     flagged = [r for r in results if r.status == "flagged"]
     if benchmark and any(r.runs for r in results):
@@ -308,17 +399,39 @@ def _run(segmenter: Segmenter, jobs: list, options: OutputOptions, benchmark: in
         error(f"{len(failed)} of {len(results)} scans failed")
     for result in flagged:
         warn(f"{result.job.name}: mask flagged by QC ({result.qc}); it was written, check it")
-    code = final_exit_code([r.exit_code for r in failed], bool(flagged))
+    code = final_exit_code([r.exit_code for r in failed] + ([code] if code else []), bool(flagged))
     if csv_path is not None:
         write_report(csv_path, cohort_csv(results))
     if json_path is not None:
         write_json(json_path, {
-            "model": str(segmenter.session.path),
-            "device": segmenter.device,
+            "model": str(model),
+            "device": device,
             "exit_code": code,
+            **(extra or {}),
             "scans": [r.to_dict() for r in results],
         })
     return code
+
+
+def _merge(jobs: list[ScanJob], model: Path, options: OutputOptions, json_path: Path | None,
+           csv_path: Path | None) -> int:
+    """Report every scan from its record, as one run over all shards would have; exit 1 when one has none."""
+    merged: MergedReport = merge_records(jobs)
+    devices = sorted({r.device for r in merged.results if r.device})
+    for path in merged.stray:
+        warn(f"{path}: a record of a scan that is not among SCANS")
+    for problem in merged.misassigned:
+        error(problem)
+    if merged.missing:
+        names = ", ".join(job.name for job in merged.missing[:10]) + (", ..." if len(merged.missing) > 10 else "")
+        error(f"{len(merged.missing)} of {len(jobs)} scans have no record (not run, still running, or skipped): "
+              f"{names}; run their shards again with --resume")
+    extra = {"complete": merged.complete, "missing": [str(job.source) for job in merged.missing],
+             "problems": merged.misassigned}
+    for result in merged.results:
+        result.resumed = False  # every result of a merge comes from a record; no need to say so per scan
+    return _report(merged.results, model, ", ".join(devices) or "-", options, None, json_path, csv_path, extra,
+                   code=1 if not merged.complete else None)
 
 
 def main() -> None:

@@ -3,18 +3,29 @@
 heartseg-infer, heartseg-bench and the Python API all go through process(), so a scan is read,
 timed, written and described one way only. Stage seconds: read, preprocess, network, postprocess,
 write (and statistics, when asked for).
+
+A scan is finished when its outputs are written (each atomically, the mask last) and then its
+record: one small JSON file per scan, RECORDS_FOLDER/<mask file name>.json beside the mask, also
+written atomically. run_job() is the one per-scan function of every run, local, --shard or Ray:
+it reports a finished scan from its record instead of segmenting it again, so a run that was
+stopped, or a worker retried after it died, never produces a scan twice or leaves a partial one.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import write_text_atomic
 from .errors import HeartsegError, InputError
 from .formats import ScanImage, ScanSource, read_scan, writer
 from .formats.base import optional_import
@@ -35,6 +46,9 @@ from .segmenter import Prediction, Segmenter
 from .statistics import atrium_statistics
 
 EXIT_FAILED = 1
+# Hidden folder beside the masks that holds one record per finished (or failed) scan.
+RECORDS_FOLDER = ".heartseg-records"
+RECORD_VERSION = 1
 
 
 @dataclass
@@ -48,6 +62,9 @@ class OutputOptions:
     mesh: str | None = None
     mesh_space: str = "lps"
     overwrite: bool = False
+    records: bool = False  # write a record per scan (implied by resume); finished scans are not redone
+    resume: bool = False  # also redo scans whose outputs exist without a record (an interrupted run's leftovers)
+    shard: str | None = None  # "K/N", kept in each record
 
 
 @dataclass
@@ -89,6 +106,7 @@ class ScanResult:
     exit_code: int = 0
     prediction: Prediction | None = None
     scan: ScanImage | None = None
+    resumed: bool = False  # reported from the record of an earlier run, not segmented again
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record of this scan."""
@@ -313,6 +331,60 @@ def process(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmar
                       prediction=prediction, scan=scan)
 
 
+def record_path(job: ScanJob) -> Path:
+    """Where the record of a job goes: RECORDS_FOLDER beside its mask, named after the mask."""
+    return job.mask_path.parent / RECORDS_FOLDER / f"{job.mask_path.name}.json"
+
+
+def keeps_records(options: OutputOptions) -> bool:
+    """True when the run writes per-scan records (--resume, --shard, Ray)."""
+    return options.records or options.resume
+
+
+def write_record(result: ScanResult, options: OutputOptions) -> Path:
+    """Write the scan's record atomically (after its outputs): the JSON report entry plus who did it, and when."""
+    from .cli_common import json_ready
+
+    record = dict(result.to_dict(), exit_code=result.exit_code, shard=options.shard,
+                  worker=f"{socket.gethostname()}:{os.getpid()}",
+                  finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), record_version=RECORD_VERSION)
+    path = record_path(result.job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, json.dumps(json_ready(record), indent=1, allow_nan=False) + "\n")
+
+
+def read_record(job: ScanJob) -> dict[str, Any] | None:
+    """The job's record, or None when there is none (an unreadable record counts as none)."""
+    try:
+        record = json.loads(record_path(job).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def finished_record(job: ScanJob) -> dict[str, Any] | None:
+    """The job's record when the scan is finished: segmented (ok or flagged) and every output still there."""
+    record = read_record(job)
+    if record is None or record.get("status") not in ("ok", "flagged"):
+        return None
+    # Names, not paths: shards on different machines may mount the scans at different paths.
+    if record.get("name") != job.name or record.get("series") != job.source.series:
+        return None
+    if not all(path.exists() for path in job.outputs()):
+        return None
+    return record
+
+
+def result_from_record(job: ScanJob, record: dict[str, Any]) -> ScanResult:
+    """The ScanResult a record describes, as the run that wrote it reported it."""
+    qc = record.get("qc")
+    return ScanResult(job, record["status"], record.get("seconds"), record.get("device"), record.get("volume_ml"),
+                      qc[len("FLAG: "):] if isinstance(qc, str) and qc.startswith("FLAG: ") else None,
+                      record.get("metrics"), record.get("statistics"), record.get("timings") or {},
+                      error=record.get("error"), exit_code=int(record.get("exit_code") or 0),
+                      resumed=True)
+
+
 def describe_failure(source: ScanSource, exc: BaseException) -> str:
     """'name: message' for a failed scan, without repeating the path when the message has it."""
     message = str(exc) or type(exc).__name__
@@ -323,25 +395,47 @@ def describe_failure(source: ScanSource, exc: BaseException) -> str:
     return f"{source.path.name}: {message}"
 
 
+def run_job(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmark: int | None = None) -> ScanResult:
+    """Segment one scan unless it is finished or its outputs exist; never raises for a bad scan.
+
+    With records, a finished scan is reported from its record and a new record follows every
+    outcome; with resume, outputs without a record are replaced (the leftovers of an interrupted run).
+    """
+    records = keeps_records(options)
+    if records and not options.overwrite:
+        record = finished_record(job)
+        if record is not None:
+            return result_from_record(job, record)
+    if any(p.exists() for p in job.outputs()) and not options.overwrite:
+        if not options.resume:
+            return ScanResult(job, "skipped")
+        options = replace(options, overwrite=True)
+    try:
+        result = process(segmenter, job, options, benchmark)
+        result.prediction, result.scan = None, None  # a batch keeps no volumes in memory
+    except HeartsegError as exc:
+        result = ScanResult(job, "failed", error=describe_failure(job.source, exc), exit_code=exc.exit_code)
+    except Exception as exc:  # a bad scan must not stop the batch
+        result = ScanResult(job, "failed", error=describe_failure(job.source, exc), exit_code=EXIT_FAILED)
+    if records:
+        try:
+            write_record(result, options)
+        except OSError as exc:
+            # Outputs without a record are not finished: the next --resume redoes the scan.
+            result = ScanResult(job, "failed", error=describe_failure(job.source, InputError(
+                f"cannot write its record {record_path(job)} ({exc.strerror or exc})")), exit_code=EXIT_FAILED)
+    return result
+
+
 def run_jobs(segmenter: Segmenter, jobs: Sequence[ScanJob], options: OutputOptions, benchmark: int | None = None,
              on_start: Callable[[ScanJob], None] | None = None,
              on_done: Callable[[ScanResult], None] | None = None) -> list[ScanResult]:
-    """Process every job in turn: skip those already done, and let no failing scan stop the batch."""
+    """Process every job in turn (run_job): skip those done, and let no failing scan stop the batch."""
     results: list[ScanResult] = []
     for job in jobs:
         if on_start is not None:
             on_start(job)
-        existing = [p for p in job.outputs() if p.exists()]
-        if existing and not options.overwrite:
-            result = ScanResult(job, "skipped")
-        else:
-            try:
-                result = process(segmenter, job, options, benchmark)
-                result.prediction, result.scan = None, None  # a batch keeps no volumes in memory
-            except HeartsegError as exc:
-                result = ScanResult(job, "failed", error=describe_failure(job.source, exc), exit_code=exc.exit_code)
-            except Exception as exc:  # a bad scan must not stop the batch
-                result = ScanResult(job, "failed", error=describe_failure(job.source, exc), exit_code=EXIT_FAILED)
+        result = run_job(segmenter, job, options, benchmark)
         results.append(result)
         if on_done is not None:
             on_done(result)
