@@ -17,7 +17,8 @@ import numpy as np
 from .contract import ModelContract
 from .errors import InputError
 from .image import ScanGeometry
-from .preprocess import round_up, target_shape
+from .preprocess import target_shape
+from .sliding_window import padded_shape
 
 MB = 1_000_000
 # Bytes per scan voxel at the postprocessing peak: the float32 scan, its canonical copy, the probabilities
@@ -115,7 +116,7 @@ def plan_memory(geometry: ScanGeometry, contract: ModelContract, budget: int | N
     loaded = 0 if include_read else 4
     read = geometry.read_bytes() if include_read else 0
     grids = [int(np.prod(target_shape(shape, spacing, s.spacing), dtype=np.int64)) for s in contract.stages]
-    padded = max(int(np.prod([round_up(n, s.divisor) for n in target_shape(shape, spacing, s.spacing)],
+    padded = max(int(np.prod(padded_shape(target_shape(shape, spacing, s.spacing), s.patch_size, s.divisor),
                              dtype=np.int64)) for s in contract.stages)
     postprocess = voxels * (NATIVE_BYTES + (4 if keep_prob else 0) - loaded)
     making_grids = voxels * (HELD_BYTES - loaded) + max(grids) * STAGE_BYTES

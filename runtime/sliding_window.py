@@ -40,11 +40,20 @@ def iter_tiles(shape: tuple[int, ...], patch: tuple[int, ...], step_fraction: fl
                 yield z, y, x
 
 
-def predict_whole(volume: np.ndarray, predict: PredictFn, divisor: int) -> np.ndarray:
-    """One pass over the volume padded to a multiple of divisor; returns probabilities on volume's grid."""
-    padded_shape = tuple(round_up(s, divisor) for s in volume.shape)
-    lo = np.zeros(3, int)
-    padded = crop_padded(volume, lo, np.asarray(padded_shape))
+def padded_shape(shape: tuple[int, ...], patch_size: tuple[int, ...] | None, divisor: int) -> tuple[int, ...]:
+    """The network's input shape for a volume: a multiple of divisor, and at least the training patch.
+
+    A volume smaller than the patch is padded up to it (with its minimum), as training pads its patches:
+    networks with instance norm see the same share of padding in both.
+    """
+    minimum = patch_size or (0,) * len(shape)
+    return tuple(max(round_up(s, divisor), int(p)) for s, p in zip(shape, minimum))
+
+
+def predict_whole(volume: np.ndarray, predict: PredictFn, divisor: int,
+                  patch_size: tuple[int, int, int] | None = None) -> np.ndarray:
+    """One pass over the volume padded to padded_shape; returns probabilities on volume's grid."""
+    padded = crop_padded(volume, np.zeros(3, int), np.asarray(padded_shape(volume.shape, patch_size, divisor)))
     prob = predict(padded[None, None])[0, 0]
     return np.ascontiguousarray(prob[tuple(slice(0, s) for s in volume.shape)], dtype=np.float32)
 
@@ -53,7 +62,7 @@ def predict_tiled(volume: np.ndarray, predict: PredictFn, patch_size: tuple[int,
                   step_fraction: float = 0.5) -> np.ndarray:
     """Sliding-window prediction with Gaussian-weighted averaging of overlapping tiles."""
     # Tiles cover the volume padded exactly as predict_whole pads it, so both see the same edges.
-    shape = tuple(round_up(s, divisor) for s in volume.shape)
+    shape = padded_shape(volume.shape, patch_size, divisor)
     padded = crop_padded(volume, np.zeros(3, int), np.asarray(shape))
     patch = tuple(min(p, s) for p, s in zip(patch_size, shape))
     weights = gaussian_weights(patch)
@@ -71,7 +80,7 @@ def predict_tiled(volume: np.ndarray, predict: PredictFn, patch_size: tuple[int,
 def predict_volume(volume: np.ndarray, predict: PredictFn, patch_size: tuple[int, int, int], divisor: int,
                    max_voxels: int | None = None) -> np.ndarray:
     """Whole-volume inference when it fits in max_voxels, else sliding window; same result up to rounding."""
-    padded_voxels = int(np.prod([round_up(s, divisor) for s in volume.shape]))
+    padded_voxels = int(np.prod(padded_shape(volume.shape, patch_size, divisor)))
     if max_voxels is None or padded_voxels <= max_voxels:
-        return predict_whole(volume, predict, divisor)
+        return predict_whole(volume, predict, divisor, patch_size)
     return predict_tiled(volume, predict, patch_size, divisor)

@@ -217,3 +217,24 @@ def test_saved_probabilities_are_soft(tmp_path: Path, single_model: Path, run_cl
     assert len(np.unique(prob)) > 1000  # soft, not a resampled binary mask
     assert np.count_nonzero((prob > 0.05) & (prob < 0.95)) > 100
     np.testing.assert_array_equal(mask, largest_component(prob > 0.5))
+
+
+def test_a_volume_smaller_than_the_patch_is_padded_up_to_it_as_in_training() -> None:
+    """Instance-normalised networks see the share of padding they saw in training: a volume smaller
+    than the training patch along an axis is padded to the patch with its minimum, whole or tiled."""
+    seen: list[np.ndarray] = []
+
+    def record(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.copy())
+        return np.full(batch.shape, 0.25, np.float32)
+
+    volume = np.random.default_rng(5).standard_normal((30, 70, 12)).astype(np.float32)
+    whole = predict_whole(volume, record, 8, patch_size=(64, 64, 64))
+    assert seen[-1].shape == (1, 1, 64, 72, 64) and whole.shape == volume.shape
+    padding = seen[-1][0, 0, 30:, :, :]
+    assert np.all(padding == volume.min())
+    seen.clear()
+    tiled = predict_tiled(volume, record, (64, 64, 64), 8)
+    assert all(batch.shape == (1, 1, 64, 64, 64) for batch in seen) and len(seen) == 2
+    np.testing.assert_allclose(tiled, whole)
+    assert predict_volume(volume, record, (64, 64, 64), 8).shape == volume.shape
