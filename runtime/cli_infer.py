@@ -34,12 +34,14 @@ from .cli_common import (
     warn,
     write_json,
 )
+from .atomic import write_text_atomic
 from .contract import CONTRACT_KEY
 from .errors import HeartsegError, InputError
 from .image import Volume, load_mask, load_volume, same_grid, save_volume
 from .metrics import compute_metrics
 from .overlay import require_pyplot, save_overlay
 from .preprocess import to_canonical
+from .qc import QCReport
 from .segmenter import Segmenter, default_model_path
 from .session import read_contract
 
@@ -66,6 +68,7 @@ class ScanResult:
     device: str | None = None
     volume_ml: float | None = None
     qc: str | None = None
+    report: QCReport | None = None
     metrics: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     runs: list[float] = field(default_factory=list)
@@ -84,7 +87,11 @@ class ScanResult:
             "seconds": self.seconds,
             "device": self.device,
             "volume_ml": self.volume_ml,
-            "qc": "ok" if self.status == "ok" else (f"FLAG: {self.qc}" if self.qc else None),
+            "qc": self.report.summary() if self.report is not None else None,
+            "verdict": self.report.verdict if self.report is not None else None,
+            "estimated_dice": self.report.estimated_dice if self.report is not None else None,
+            "dice_interval": list(self.report.dice_interval) if self.report and self.report.dice_interval else None,
+            "qc_report": self.report.to_dict() if self.report is not None else None,
             "metrics": self.metrics,
             "timings": self.timings or None,
             "error": self.error,
@@ -162,7 +169,7 @@ def _print_info(model: Path) -> None:
             f"(probabilities), {stage.mask_name!r} (mask)")
     for key in ("orientation", "normalization", "largest_component", "plausibility", "max_foreground_fraction",
                 "bytes_per_voxel",
-                "format_version"):
+                "format_version", "score_calibration"):
         say(f"{key}: {getattr(contract, key)}")
     for key, value in sorted(contract.info.items()):
         say(f"info.{key}: {value}")
@@ -177,13 +184,20 @@ def _print_info(model: Path) -> None:
             say(f"  {key}: {value}")
 
 
-def _save_overlay(job: ScanJob, volume: Volume, mask: np.ndarray, reference: Volume | None) -> Path:
-    """OUTDIR/X_overlay.png: three orthogonal slices in RAS orientation."""
+def _save_overlay(job: ScanJob, volume: Volume, mask: np.ndarray, reference: Volume | None,
+                  report: QCReport | None = None) -> Path:
+    """OUTDIR/X_overlay.png: three orthogonal slices in RAS orientation, the QC verdict in the title."""
     canonical = to_canonical(volume)
     flip = lambda data: to_canonical(Volume(data, volume.affine)).data  # noqa: E731
     label = flip(reference.data) if reference is not None else None
     path = job.mask_path.with_name(scan_name(job.scan) + "_overlay.png")
-    return save_overlay(path, canonical.data, flip(mask), label, scan_name(job.scan))
+    title = scan_name(job.scan)
+    if report is not None:
+        title += f"   QC {report.verdict.upper()}" + (f", est. Dice {report.dice_text()}"
+                                                     if report.estimated_dice is not None else "")
+        reasons = "; ".join(report.reasons)
+        title += f": {reasons[:117]}..." if len(reasons) > 120 else f": {reasons}" if reasons else ""
+    return save_overlay(path, canonical.data, flip(mask), label, title)
 
 
 def _segment_one(segmenter: Segmenter, job: ScanJob, save_prob: bool, benchmark: int | None,
@@ -216,7 +230,7 @@ def _segment_one(segmenter: Segmenter, job: ScanJob, save_prob: bool, benchmark:
                                        overwrite=overwrite))
         write_seconds = time.perf_counter() - write_start
         if overlay:
-            written.append(_save_overlay(job, volume, prediction.mask, reference))
+            written.append(_save_overlay(job, volume, prediction.mask, reference, prediction.report))
         write_start = time.perf_counter()
         written.append(save_volume(prediction.mask.astype(np.uint8), volume.affine, job.mask_path,
                                    overwrite=overwrite))
@@ -231,7 +245,7 @@ def _segment_one(segmenter: Segmenter, job: ScanJob, save_prob: bool, benchmark:
         metrics = compute_metrics(prediction.mask, reference.data, volume.spacing).to_dict()
     seconds = time.perf_counter() - start
     return ScanResult(job, "ok" if prediction.qc is None else "flagged", seconds, prediction.device,
-                      prediction.volume_ml, prediction.qc, metrics, timings, runs)
+                      prediction.volume_ml, prediction.qc, prediction.report, metrics, timings, runs)
 
 
 def _results_table(results: list[ScanResult], model: Path, device: str, with_metrics: bool,
@@ -246,6 +260,9 @@ def _results_table(results: list[ScanResult], model: Path, device: str, with_met
     table.add_column("device")
     table.add_column("LA volume mL", justify="right")
     table.add_column("QC")
+    with_estimate = any(r.report is not None and r.report.estimated_dice is not None for r in results)
+    if with_estimate:
+        table.add_column("est. Dice [interval]", justify="right")
     if with_metrics:
         table.add_column("Dice", justify="right")
         table.add_column("HD95 mm", justify="right")
@@ -253,19 +270,56 @@ def _results_table(results: list[ScanResult], model: Path, device: str, with_met
         name = scan_name(result.job.scan)
         if result.status == "skipped":
             row = [name, "-"] + (["-", "-"] if benchmark else []) + ["-", "-"]
-            row += [Text("skipped: output exists", style="dim")] + (["-", "-"] if with_metrics else [])
+            row += [Text("skipped: output exists", style="dim")] + (["-"] if with_estimate else [])
+            row += ["-", "-"] if with_metrics else []
             table.add_row(*row)
             continue
-        qc = Text("ok", style="green") if result.status == "ok" else Text(f"FLAG: {result.qc}", style="bold red")
+        qc = _verdict_text(result.report)
         row = [name, fmt(result.seconds, 2)]
         if benchmark:
             row += [fmt(float(np.median(result.runs)), 3), fmt(float(np.percentile(result.runs, 95)), 3)]
         row += [result.device or "-", fmt(result.volume_ml, 1), qc]
+        if with_estimate:
+            row += [result.report.dice_text() if result.report is not None else "n/a"]
         if with_metrics:
             metrics = result.metrics or {}
             row += [fmt(metrics.get("dice"), 3), fmt(metrics.get("hd95_mm"), 2)]
         table.add_row(*row)
     return table
+
+
+VERDICT_STYLES = {"ok": "green", "review": "bold yellow", "fail": "bold red"}
+
+
+def _verdict_text(report: QCReport | None) -> Text:
+    """The QC cell: the verdict in its colour, with its reasons."""
+    if report is None:
+        return Text("n/a", style="dim")
+    return Text(report.summary(), style=VERDICT_STYLES.get(report.verdict, ""))
+
+
+QC_CSV_COLUMNS = ("name", "status", "volume_ml", "verdict", "estimated_dice", "dice_low", "dice_high", "score",
+                  "reasons", "dice")
+
+
+def _qc_csv(results: list[ScanResult]) -> str:
+    """One CSV row per segmented scan: volume, verdict, reasons, estimated Dice (and true Dice with labels)."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(QC_CSV_COLUMNS)
+    for result in results:
+        if result.report is None:
+            continue
+        report = result.report
+        low, high = report.dice_interval if report.dice_interval is not None else (None, None)
+        dice = (result.metrics or {}).get("dice")
+        writer.writerow([scan_name(result.job.scan), result.status, fmt(result.volume_ml, 2), report.verdict,
+                         *("" if v is None else f"{v:.4f}" for v in (report.estimated_dice, low, high, report.score)),
+                         "; ".join(report.reasons), "" if dice is None else f"{dice:.4f}"])
+    return buffer.getvalue()
 
 
 HELP = f"""Segment the left atrium in 3D cardiac MRI scans (NIfTI) with a heartseg ONNX model.
@@ -280,9 +334,13 @@ an input file is refused.
 Preprocessing, spacing, patch size, threshold and postprocessing all come from the contract stored
 in the model file; nothing here can change them (see --info).
 
-A table row per scan shows the time, device, left-atrium volume in mL and the QC verdict: "ok", or
-"FLAG: reason" for a mask that is empty, all foreground, or implausibly large. Flagged masks are
-still written. With --label/--labels it also shows Dice and HD95 (mm) against the label.
+A table row per scan shows the time, device, left-atrium volume in mL and the QC verdict with its
+reasons: "ok"; "review" (look at this mask: volume, extents, fragments, a mask cut by the box or the
+scan edge, a voxel size or field of view the model never trained on, or a low estimated Dice); or
+"fail" (empty, all foreground, far outside the plausible volume, or a very low estimated Dice).
+Models with a score calibration also show the estimated Dice and its interval. Masks under review
+or failed are still written. With --label/--labels it also shows Dice and HD95 (mm) against the
+label.
 
 A scan that fails is reported as "error: name: message" and the remaining scans are still
 processed.
@@ -331,6 +389,11 @@ def infer(
     json_path: Optional[Path] = typer.Option(
         None, "--json", metavar="FILE", help="Also write a JSON report of every scan. [default: none]",
         show_default=False),
+    csv_path: Optional[Path] = typer.Option(
+        None, "--csv", metavar="FILE", help="Also write one CSV row per scan: volume, QC verdict, reasons, "
+        "estimated Dice and interval (and Dice with labels). [default: none]", show_default=False),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the probabilities of the scan "
+                             "and its three mirrored copies (4 inferences per scan). [default: off]"),
 ) -> None:
     model_path = model if model is not None else default_model_path()
     if info:
@@ -341,11 +404,12 @@ def infer(
     if not scans:
         raise InputError("no scans given: heartseg-infer SCANS... -o OUTDIR")
     check_report_path(json_path, "--json")
+    check_report_path(csv_path, "--csv")
     if overlay:
         require_pyplot()
     found = discover_scans(scans)
     jobs = _plan(found, output, save_prob, label, labels)
-    segmenter = Segmenter(model_path, device=device.value, threads=threads, memory_limit_mb=memory_limit_mb)
+    segmenter = Segmenter(model_path, device=device.value, threads=threads, memory_limit_mb=memory_limit_mb, tta=tta)
     ensure_output_folder(output)
 
     results: list[ScanResult] = []
@@ -381,7 +445,7 @@ def infer(
     if len(results) > 1 and failed:
         error(f"{len(failed)} of {len(results)} scans failed")
     for result in flagged:
-        warn(f"{scan_name(result.job.scan)}: mask flagged by QC ({result.qc}); it was written, check it")
+        warn(f"{scan_name(result.job.scan)}: flagged by QC ({result.qc}); the mask was written, check it")
     code = final_exit_code([r.exit_code for r in failed], bool(flagged))
     if json_path is not None:
         write_json(json_path, {
@@ -390,6 +454,8 @@ def infer(
             "exit_code": code,
             "scans": [r.to_dict() for r in results],
         })
+    if csv_path is not None:
+        write_text_atomic(csv_path, _qc_csv(results))
     raise typer.Exit(code)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .confidence import ScoreCalibration
 from .plausibility import Plausibility
 
 # 2: plausibility learned from the training labels (format 1 had a fixed foreground fraction).
@@ -49,6 +50,9 @@ class ModelContract:
     bytes_per_voxel: int = 600
     format_version: int = FORMAT_VERSION
     info: dict[str, str] = field(default_factory=dict)
+    # --- QC: the confidence score's calibration into an estimated Dice, fitted on held-out cases.
+    # None in models calibrated before it existed (their QC verdict comes from the mask rules only).
+    score_calibration: ScoreCalibration | None = None
 
     @property
     def is_cascade(self) -> bool:
@@ -79,7 +83,11 @@ class ModelContract:
         plausibility = data.pop("plausibility", None)
         if isinstance(plausibility, dict):
             plausibility = Plausibility.from_dict(plausibility)
-        return cls(stages=stages, plausibility=plausibility, **data)
+        # --- QC score calibration (optional).
+        score_calibration = data.pop("score_calibration", None)
+        if isinstance(score_calibration, dict):
+            score_calibration = ScoreCalibration.from_dict(score_calibration)
+        return cls(stages=stages, plausibility=plausibility, score_calibration=score_calibration, **data)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelContract":

@@ -13,10 +13,11 @@ import numpy as np
 
 from .errors import InputError, ModelError
 from .image import Volume, volume_from_array, voxel_sizes
-from .inference import infer_canonical, mask_from_prob
-from .plausibility import mask_flag
+from .inference import infer_canonical, mask_from_prob, stage_shape
 from .preprocess import from_canonical, to_canonical
+from .qc import QCReport, assess, stage_box_on_native
 from .session import OnnxSession
+from .tta import infer_canonical_tta
 
 DEFAULT_MODEL_NAME = "heartseg-la.onnx"
 
@@ -42,6 +43,7 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     network_voxels: dict[str, int] = field(default_factory=dict)
     network_calls: int = 0
+    report: QCReport | None = None
 
     @property
     def volume_ml(self) -> float:
@@ -53,9 +55,10 @@ class Segmenter:
     """Segments the left atrium in scans with a heartseg ONNX model."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
-                 memory_limit_mb: float | None = None) -> None:
+                 memory_limit_mb: float | None = None, tta: bool = False) -> None:
         self.session = OnnxSession(model if model is not None else default_model_path(), device, threads)
         self.contract = self.session.contract
+        self.tta = tta
         self.max_voxels = None
         if memory_limit_mb is not None:
             if memory_limit_mb <= 0:
@@ -85,16 +88,24 @@ class Segmenter:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         canonical = to_canonical(volume, self.contract.orientation)
-        result = infer_canonical(canonical, self.contract, timed_predict, self.max_voxels)
+        infer = infer_canonical_tta if self.tta else infer_canonical
+        result = infer(canonical, self.contract, timed_predict, self.max_voxels)
         # Resampling, normalisation and cropping happen between the network calls: all of it is preprocessing.
         timings["preprocess"] = time.perf_counter() - start - network[0]
         timings["network"] = network[0]
         start = time.perf_counter()
-        mask = from_canonical(mask_from_prob(result.prob, self.contract), canonical)
+        canonical_mask = mask_from_prob(result.prob, self.contract)
+        mask = from_canonical(canonical_mask, canonical)
         prob = from_canonical(result.prob, canonical) if keep_prob else None
-        qc = mask_flag(mask, volume.spacing, self.contract.plausibility, self.contract.max_foreground_fraction)
+        box = None
+        if result.box is not None:
+            box = stage_box_on_native(result.box, canonical.data.shape,
+                                      stage_shape(canonical, self.contract.final_stage))
+        report = assess(canonical_mask, result.prob, canonical.spacing, self.contract, box)
+        # "postprocess" includes QC, so that the stages add up to the total; "qc" is its share.
         timings["postprocess"] = time.perf_counter() - start
-        return Prediction(mask, volume.affine, prob, qc, self.device, timings, voxels, calls[0])
+        timings["qc"] = report.seconds
+        return Prediction(mask, volume.affine, prob, report.flag, self.device, timings, voxels, calls[0], report)
 
     def predict(self, image: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
         """Segment an in-memory NIfTI image; returns a uint8 mask image with the input's affine."""

@@ -56,8 +56,11 @@ def _value(name: str, elem_type: int, prefix: str):
 
 def build_test_model(path: str | Path, *, cascade: bool = False, threshold: float = 0.5, scale: float = 1.0,
                      bias: float = 0.0, with_contract: bool = True, spacing=(1.25, 1.25, 1.37),
-                     coarse_spacing=(5.0, 5.0, 5.0)) -> Path:
-    """Write a pointwise heartseg test model (single stage or two-stage cascade) and return its path."""
+                     coarse_spacing=(5.0, 5.0, 5.0), contract_fields: dict | None = None) -> Path:
+    """Write a pointwise heartseg test model (single stage or two-stage cascade) and return its path.
+
+    contract_fields: further ModelContract fields (plausibility, score_calibration, ...).
+    """
     onnx = _onnx()
     helper, TensorProto = onnx.helper, onnx.TensorProto
     path = Path(path)
@@ -81,7 +84,8 @@ def build_test_model(path: str | Path, *, cascade: bool = False, threshold: floa
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="heartseg-tests")
     model.ir_version = 8  # readable by every ONNX Runtime >= 1.17
     if with_contract:
-        contract = ModelContract(stages=stages, info={"source": "tests/onnx_models.py", "kind": "pointwise"})
+        contract = ModelContract(stages=stages, info={"source": "tests/onnx_models.py", "kind": "pointwise"},
+                                 **(contract_fields or {}))
         meta = {
             CONTRACT_KEY: contract.to_json(),
             "heartseg.threshold": f"{threshold:g}",
