@@ -224,3 +224,70 @@ def test_calibration_is_stored_in_and_read_from_the_onnx_metadata(tmp_path) -> N
     contract, meta = read_contract(path)
     assert contract.score_calibration == CALIBRATION and contract.plausibility == PLAUSIBLE
     assert '"score_calibration"' in meta["heartseg.contract"]
+
+
+# --- heartseg-infer with a model that carries plausibility and a score calibration ---
+
+SCAN_PLAUSIBLE = Plausibility(volume_ml=(1.0, 50.0), extent_mm=((5.0, 60.0), (5.0, 60.0), (5.0, 60.0)), cases=3,
+                              spacing_mm=((0.5, 3.0), (0.5, 3.0), (0.5, 3.0)),
+                              fov_mm=((20.0, 200.0), (20.0, 200.0), (20.0, 200.0)))
+
+
+def _qc_model(path, review_below: float):
+    from onnx_models import TEST_MODEL_BIAS
+
+    calibration = ScoreCalibration(slope=1.0, intercept=0.0, residual_lo=-0.05, residual_hi=0.05, cases=5,
+                                   review_below=review_below, fail_below=min(0.3, review_below))
+    return build_test_model(path, bias=TEST_MODEL_BIAS,
+                            contract_fields={"plausibility": SCAN_PLAUSIBLE, "score_calibration": calibration})
+
+
+@pytest.mark.parametrize("review_below, verdict, code", [(0.3, "ok", 0), (0.999, "review", 3)])
+def test_infer_reports_the_verdict_and_estimated_dice(tmp_path, run_cli, review_below, verdict, code) -> None:
+    import csv
+    import json
+
+    from heartseg.runtime.cli_infer import app
+    from onnx_models import make_scan
+
+    model = _qc_model(tmp_path / "qc.onnx", review_below)
+    scan, label = make_scan(tmp_path / "in" / "s.nii.gz")
+    report, table = tmp_path / "r.json", tmp_path / "r.csv"
+    result = run_cli(app, scan, "-o", tmp_path / "out", "--model", model, "--threads", 1, "--label", label,
+                     "--json", report, "--csv", table)
+    assert result.exit_code == code, result.output
+    assert "est. Dice" in result.stdout and verdict in result.stdout
+    record = json.loads(report.read_text())["scans"][0]
+    assert record["verdict"] == verdict and record["status"] == ("ok" if verdict == "ok" else "flagged")
+    qc = record["qc_report"]
+    assert record["estimated_dice"] == pytest.approx(qc["score"], abs=1e-9)
+    assert qc["measures"]["components"] >= 1 and qc["seconds"] > 0
+    low, high = record["dice_interval"]
+    assert low < record["estimated_dice"] < high
+    if verdict == "review":
+        assert any(r.startswith("estimated Dice") for r in qc["reasons"])
+    (row,) = list(csv.DictReader(table.open()))
+    assert row["verdict"] == verdict and float(row["estimated_dice"]) == pytest.approx(record["estimated_dice"],
+                                                                                        abs=1e-4)
+    assert float(row["dice"]) == pytest.approx(record["metrics"]["dice"], abs=1e-4)
+
+
+def test_overlay_title_carries_the_verdict(tmp_path, run_cli, monkeypatch) -> None:
+    from heartseg.runtime import cli_infer
+    from onnx_models import make_scan
+
+    titles = []
+
+    def fake_overlay(path, image, mask, label, title):
+        titles.append(title)
+        path.write_bytes(b"png")
+        return path
+
+    monkeypatch.setattr(cli_infer, "save_overlay", fake_overlay)
+    monkeypatch.setattr(cli_infer, "require_pyplot", lambda: None)
+    model = _qc_model(tmp_path / "qc.onnx", 0.999)
+    scan, _ = make_scan(tmp_path / "in" / "s.nii.gz")
+    result = run_cli(cli_infer.app, scan, "-o", tmp_path / "out", "--model", model, "--threads", 1, "--overlay",
+                     "--tta")
+    assert result.exit_code == 3, result.output
+    assert "QC REVIEW" in titles[0] and "est. Dice" in titles[0] and "estimated Dice" in titles[0]
