@@ -24,6 +24,10 @@ def export(
     fp16: bool = typer.Option(False, "--fp16", help="Also write <output stem>.fp16.onnx (float16 weights) with its held-out Dice change."),
     int8: bool = typer.Option(False, "--int8", help="Also write <output stem>.int8.onnx (ONNX Runtime static quantisation, calibrated on training patches) with its held-out Dice change."),
     data: Optional[Path] = typer.Option(None, help="The training dataset (MSD layout); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
+    score_calibration: Optional[Path] = typer.Option(
+        None, "--score-calibration", metavar="JSON",
+        help="Replace the fold's QC score calibration by the one in this file: a run's summary.json (pooled over "
+             "the held-out cases of every fold run) or a calibration's own JSON."),
 ) -> None:
     """Export, then check that ONNX Runtime reproduces PyTorch (probabilities within 1e-4, masks on 99.99 %
     of voxels) on real-size random inputs and on the given scans; the file is only written when it does.
@@ -57,6 +61,13 @@ def export(
             if not path.is_file():
                 raise HeartsegError(f"{path}: no such scan")
         model = load_trained_model(checkpoint)
+        if score_calibration is not None:
+            from dataclasses import replace
+
+            from heartseg.export.qc_calibration import read_score_calibration
+
+            model = replace(model, contract=replace(model.contract,
+                                                    score_calibration=read_score_calibration(score_calibration)))
         output.parent.mkdir(parents=True, exist_ok=True)
         # Only a file that passed the parity check ever appears at the output path.
         with atomic_output(output) as tmp:

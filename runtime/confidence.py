@@ -13,7 +13,7 @@ a floor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -96,3 +96,12 @@ def fit_score_calibration(scores: Sequence[float], dices: Sequence[float], cover
     return ScoreCalibration(slope=float(slope), intercept=intercept, residual_lo=lo, residual_hi=hi, cases=int(s.size),
                             coverage=coverage, review_below=review_below, fail_below=fail_below,
                             score_range=(float(s.min()), float(s.max())))
+
+
+def pooled_score_calibration(per_case: Mapping[str, Mapping]) -> ScoreCalibration | None:
+    """Refit on held-out cases pooled over folds ({case: {"qc_score", "dice"}}); None without any scored case."""
+    pairs = [(m["qc_score"], m["dice"]) for m in per_case.values()
+             if m.get("qc_score") is not None and m.get("dice") is not None]
+    if not pairs:
+        return None
+    return fit_score_calibration([p[0] for p in pairs], [p[1] for p in pairs])

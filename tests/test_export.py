@@ -190,6 +190,35 @@ def test_metadata_round_trip(exported, trained_run, checkpoint):
     assert "held-out" in cv["split"]
 
 
+def test_metadata_carries_the_qc_calibration(exported, trained_run):
+    """The score calibration fitted on the fold's held-out cases travels in the contract."""
+    from heartseg.runtime.confidence import ScoreCalibration
+
+    contract, _ = read_contract(exported)
+    metrics = json.loads((trained_run.run / "fold_0" / "metrics.json").read_text())
+    assert contract.score_calibration is not None
+    assert contract.score_calibration == ScoreCalibration.from_dict(metrics["score_calibration"])
+    assert contract.score_calibration.cases == len(metrics["val_cases"])
+    assert contract.plausibility is not None and contract.plausibility.spacing_mm is not None
+
+
+def test_export_takes_the_pooled_score_calibration(trained_run, tmp_path):
+    from heartseg.runtime.confidence import ScoreCalibration
+
+    summary = json.loads((trained_run.run / "summary.json").read_text())
+    pooled = summary["score_calibration"]
+    assert pooled["cases"] == summary["cases"]
+    out = tmp_path / "pooled.onnx"
+    result = _export(trained_run.model, out, "--score-calibration", str(trained_run.run / "summary.json"))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    contract, _ = read_contract(out)
+    assert contract.score_calibration == ScoreCalibration.from_dict(pooled)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"dice": 1}')
+    _assert_refused(_export(trained_run.model, tmp_path / "x.onnx", "--score-calibration", str(bad)),
+                    ["no QC score calibration"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Refusals
 
