@@ -291,3 +291,34 @@ def test_overlay_title_carries_the_verdict(tmp_path, run_cli, monkeypatch) -> No
                      "--tta")
     assert result.exit_code == 3, result.output
     assert "QC REVIEW" in titles[0] and "est. Dice" in titles[0] and "estimated Dice" in titles[0]
+
+
+def test_eval_compares_estimated_with_true_dice(tmp_path, run_cli) -> None:
+    import json
+
+    from heartseg.runtime import cli_eval, cli_infer
+    from onnx_models import make_scan
+
+    model = _qc_model(tmp_path / "qc.onnx", 0.3)
+    for i, name in enumerate(("a", "b", "c")):
+        make_scan(tmp_path / "in" / f"{name}.nii.gz", seed=i, label_path=tmp_path / "labels" / f"{name}.nii.gz")
+    report = tmp_path / "infer.json"
+    infer = run_cli(cli_infer.app, tmp_path / "in", "-o", tmp_path / "out", "--model", model, "--threads", 1,
+                    "--json", report)
+    assert infer.exit_code == 0, infer.output
+    estimates = {s["name"]: s["estimated_dice"] for s in json.loads(report.read_text())["scans"]}
+    metrics = tmp_path / "eval.json"
+    result = run_cli(cli_eval.app, tmp_path / "out", tmp_path / "labels", "--qc-report", report, "--json", metrics)
+    assert result.exit_code == 0, result.output
+    assert "QC: estimated vs true Dice over 3 cases" in result.stdout and "est. Dice" in result.stdout
+    data = json.loads(metrics.read_text())
+    for case in data["cases"]:
+        assert case["qc"]["estimated_dice"] == pytest.approx(estimates[case["case"]])
+    agreement = data["qc_vs_true"]
+    errors = [abs(c["qc"]["estimated_dice"] - c["dice"]) for c in data["cases"]]
+    assert agreement["cases"] == 3 and agreement["mean_abs_error"] == pytest.approx(np.mean(errors))
+    assert agreement["silent_failures"] == sum(c["dice"] < 0.8 for c in data["cases"])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{}")
+    refused = run_cli(cli_eval.app, tmp_path / "out", tmp_path / "labels", "--qc-report", broken)
+    assert refused.exit_code == 2 and "not a heartseg-infer JSON report" in refused.output
