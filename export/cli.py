@@ -23,7 +23,7 @@ def export(
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads for the parity check."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write <output stem>.fp16.onnx (float16 weights) with its held-out Dice change."),
     int8: bool = typer.Option(False, "--int8", help="Also write <output stem>.int8.onnx (ONNX Runtime static quantisation, calibrated on training patches) with its held-out Dice change."),
-    data: Optional[Path] = typer.Option(None, help="The training dataset (MSD layout); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
+    data: Optional[List[Path]] = typer.Option(None, help="The training dataset(s) (MSD layout; repeat --data for a model trained on several); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
     score_calibration: Optional[Path] = typer.Option(
         None, "--score-calibration", metavar="JSON",
         help="Replace the fold's QC score calibration by the one in this file: a run's summary.json (pooled over "
@@ -52,7 +52,7 @@ def export(
         output = output or checkpoint.with_name("model.onnx")
         if output.exists() and not overwrite:
             raise HeartsegError(f"{output}: exists (use --overwrite to replace it)")
-        if (fp16 or int8) and data is None:
+        if (fp16 or int8) and not data:
             raise HeartsegError("--fp16/--int8 need --data DATASET to measure the variants on the held-out cases")
         for flag, suffix in ((fp16, ".fp16.onnx"), (int8, ".int8.onnx")):
             if flag and output.with_suffix(suffix).exists() and not overwrite:
@@ -88,7 +88,7 @@ def export(
         raise typer.Exit(exc.exit_code)
 
 
-def _variants(console, model, output: Path, data: Path, fp16: bool, int8: bool, threads: int | None) -> None:
+def _variants(console, model, output: Path, data: list[Path], fp16: bool, int8: bool, threads: int | None) -> None:
     """Write the requested variants and report each one's held-out Dice beside the fp32 model's."""
     from heartseg.export.variants import (
         calibration_feeds,
@@ -98,13 +98,13 @@ def _variants(console, model, output: Path, data: Path, fp16: bool, int8: bool, 
         make_int8,
     )
     from heartseg.train.cache import default_cache_root, prepare_case
-    from heartseg.train.dataset import read_dataset
+    from heartseg.train.dataset import read_datasets
 
-    by_id = {c.case_id: c for c in read_dataset(data).cases}
+    by_id = {c.case_id: c for info in read_datasets(data) for c in info.cases}
     val_ids, train_ids = model.metrics.get("val_cases") or [], model.metrics.get("train_cases") or []
     missing = [i for i in val_ids + train_ids if i not in by_id]
     if not val_ids or missing:
-        raise HeartsegError(f"{data}: cannot find the model's held-out cases there "
+        raise HeartsegError(f"{', '.join(map(str, data))}: cannot find the model's held-out cases there "
                             f"({'none recorded' if not val_ids else 'missing ' + ', '.join(missing)})")
     val_cases = [prepare_case(by_id[i], model.contract, default_cache_root()) for i in val_ids]
     dice_fp32 = held_out_dice(output, val_cases, threads)

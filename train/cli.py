@@ -88,6 +88,7 @@ def train(
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Use the folds of this file (the format of a run's splits.json) instead of making them: a fixed split, or a subset of the cases (cases no fold names are not used)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this heartseg model.pt (fine-tuning); its networks must match this run's presets."),
 ) -> None:
     """Train, calibrate the threshold on held-out cases, and write RUN/model.pt.
@@ -121,6 +122,8 @@ def train(
         else:
             if not data or output is None:
                 raise HeartsegError("give a dataset folder and -o RUN_FOLDER (or --resume RUN_FOLDER)")
+            if splits is not None and not splits.is_file():
+                raise HeartsegError(f"--splits {splits}: no such file")
             if init_from is not None and not init_from.is_file():
                 raise HeartsegError(f"--init-from {init_from}: no such file")
             if stage not in STAGE_KINDS:
@@ -143,6 +146,7 @@ def train(
             config = RunConfig(data=[str(d.resolve()) for d in data], output=str(output.resolve()), kind=stage,
                                fold=fold or "0", n_folds=folds, seed=seed, fine_unet=unet, cache=cache, threads=threads,
                                init_from=str(init_from.resolve()) if init_from else None,
+                               splits=str(splits.resolve()) if splits else None,
                                command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
                                plan=PlanOptions(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
                                                 fine_patch=patch_size, crop_margin_mm=margin_mm))

@@ -24,7 +24,7 @@ from .calibrate import Calibration, calibrate_threshold
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_safe, save_atomic
 from .dataset import DatasetInfo, image_hash, read_datasets
 from .plan import PlanOptions, TrainPlan, fingerprint_dict, plan_stages
-from .splits import Fold, make_folds, read_splits, write_splits
+from .splits import Fold, given_folds, make_folds, read_splits, write_splits
 from .trainer import (
     StageOutcome,
     TrainConfig,
@@ -57,6 +57,7 @@ class RunConfig:
     cache: str | None = None
     threads: int | None = None
     init_from: str | None = None
+    splits: str | None = None
     command: str = ""
 
     def save(self, path: Path) -> None:
@@ -125,8 +126,11 @@ class Run:
         plan = TrainPlan(self.config.kind, contract, ",".join(str(info.root) for info in self.datasets),
                          fingerprint_dict(fp), reasons)
         hashes = {c.case_id: image_hash(c.image) for c in self.cases}
-        folds = make_folds([c.case_id for c in self.cases], hashes, self.config.n_folds, self.config.seed,
-                           strata={c.case_id: c.dataset for c in self.cases})
+        if self.config.splits:
+            folds = given_folds(Path(self.config.splits), hashes)
+        else:
+            folds = make_folds([c.case_id for c in self.cases], hashes, self.config.n_folds, self.config.seed,
+                               strata={c.case_id: c.dataset for c in self.cases})
         plan.save(plan_path)
         write_splits(splits_path, folds, self.config.seed)
         return plan, folds
@@ -241,11 +245,7 @@ class Run:
         }
         write_text_atomic(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
         contract = replace(contract, info={
-            "dataset": " + ".join(info.name for info in self.datasets),
-            "datasets": ",".join(info.cases[0].dataset for info in self.datasets),
-            "dataset_description": " | ".join(info.description for info in self.datasets),
-            "licence": " | ".join(f"{info.name}: {info.licence}" for info in self.datasets),
-            "reference": " | ".join(f"{info.name}: {info.reference}" for info in self.datasets),
+            **_dataset_info(self.datasets),
             "fold": str(fold.index), "train_cases": ",".join(fold.train), "val_cases": ",".join(fold.val),
             "init_from": self.config.init_from or "",
         })
@@ -296,6 +296,17 @@ class Run:
             summary["score_calibration"] = pooled.to_dict()
         write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+
+def _dataset_info(datasets: list[DatasetInfo]) -> dict[str, str]:
+    """What the model's metadata says of its training data (each dataset named when there are several)."""
+    def joined(attr: str) -> str:
+        if len(datasets) == 1:
+            return str(getattr(datasets[0], attr))
+        return " | ".join(f"{d.name}: {getattr(d, attr)}" for d in datasets)
+
+    return {"dataset": " + ".join(d.name for d in datasets), "datasets": ",".join(d.cases[0].dataset for d in datasets),
+            "dataset_description": joined("description"), "licence": joined("licence"), "reference": joined("reference")}
 
 
 def _with_threshold(contract: ModelContract, stage_name: str, threshold: float) -> ModelContract:

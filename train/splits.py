@@ -71,3 +71,26 @@ def read_splits(path: Path) -> list[Fold]:
     """Read splits.json."""
     data = json.loads(path.read_text())
     return [Fold(f["fold"], f["train"], f["val"]) for f in data["folds"]]
+
+
+def given_folds(path: Path, hashes: dict[str, str]) -> list[Fold]:
+    """Folds from a splits file (the format of splits.json), checked against the dataset's cases.
+
+    Cases that no fold names are not used; no fold may validate on an image it trains on.
+    """
+    try:
+        folds = read_splits(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"--splits {path}: not a splits file ({type(exc).__name__}: {exc})") from None
+    if not folds:
+        raise InputError(f"--splits {path}: no folds")
+    for fold in folds:
+        unknown = sorted(set(fold.train + fold.val) - set(hashes))
+        if unknown:
+            raise InputError(f"--splits {path}: fold {fold.index} names cases that are not in the data: {unknown[:5]}")
+        if not fold.train or not fold.val:
+            raise InputError(f"--splits {path}: fold {fold.index} needs training and validation cases")
+        shared = {hashes[c] for c in fold.train} & {hashes[c] for c in fold.val}
+        if shared:
+            raise InputError(f"--splits {path}: fold {fold.index} validates on an image it trains on")
+    return [Fold(i, sorted(f.train), sorted(f.val)) for i, f in enumerate(folds)]

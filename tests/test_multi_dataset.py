@@ -1,0 +1,183 @@
+"""heartseg-train on several datasets: stratified folds, balanced sampling, per-dataset reports,
+plausibility learned from the training labels, fixed splits and --init-from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
+import torch
+from conftest import TINY_TRAIN_ARGS
+from heartseg.runtime.image import load_volume
+from heartseg.runtime.plausibility import learn_plausibility, mask_measures
+from heartseg.train.augment import AugmentConfig
+from heartseg.train.cache import PreparedCase
+from heartseg.train.cli import app
+from heartseg.train.sampler import PatchSampler, SamplerConfig
+from heartseg.runtime.contract import StageContract
+from synthetic_dataset import make_msd_dataset
+from typer.testing import CliRunner
+
+
+def _text(output: str) -> str:
+    return " ".join(output.split())
+
+
+@pytest.fixture(scope="module")
+def two_sequences(tmp_path_factory) -> tuple[Path, Path]:
+    """Two 'sequences': bright small atria on a dark background, and dim large atria on a brighter one."""
+    root = tmp_path_factory.mktemp("two")
+    seq_a = make_msd_dataset(root / "seqA", n_cases=6, prefix="a", duplicate=False)
+    seq_b = make_msd_dataset(root / "seqB", n_cases=6, prefix="b", duplicate=False, seed=100, radius=(0.22, 0.28),
+                             atrium=55.0, background=120.0)
+    return seq_a, seq_b
+
+
+@pytest.fixture(scope="module")
+def two_run(tmp_path_factory, two_sequences):
+    run = tmp_path_factory.mktemp("two_run") / "run"
+    result = CliRunner().invoke(app, [*map(str, two_sequences), "-o", str(run), *TINY_TRAIN_ARGS])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return run, result.output
+
+
+def test_folds_are_stratified_by_dataset(two_run):
+    run, _ = two_run
+    splits = json.loads((run / "splits.json").read_text())["folds"]
+    for fold in splits:
+        assert {c[0] for c in fold["val"]} == {"a", "b"}, fold
+        assert sum(c.startswith("a") for c in fold["val"]) == 2 and sum(c.startswith("b") for c in fold["val"]) == 2
+
+
+def test_reports_are_broken_down_per_dataset(two_run):
+    run, output = two_run
+    metrics = json.loads((run / "fold_0" / "metrics.json").read_text())
+    assert set(metrics["per_dataset"]) == {"seqA", "seqB"}
+    for name, prefix in (("seqA", "a"), ("seqB", "b")):
+        cases = {k: v for k, v in metrics["per_case"].items() if k.startswith(prefix)}
+        assert all(v["dataset"] == name for v in cases.values())
+        assert metrics["per_dataset"][name]["cases"] == len(cases) == 2
+        assert metrics["per_dataset"][name]["dice"] == pytest.approx(np.mean([v["dice"] for v in cases.values()]))
+        assert metrics["per_dataset"][name]["dice"] > 0.7, metrics["per_dataset"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["per_dataset"]) == {"seqA", "seqB"}
+    text = _text(output)
+    assert "validation Dice" in text and "seqA" in text and "seqB" in text
+    plan = json.loads((run / "plan.json").read_text())
+    assert set(plan["fingerprint"]) == {"seqA", "seqB"} and "fine_spacing" in plan["why"]
+
+
+def test_plausibility_is_learned_from_the_training_labels_in_physical_units(two_run, two_sequences):
+    run, _ = two_run
+    model = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    stored = model["contract"]["plausibility"]
+    train_ids = set(model["metrics"]["train_cases"])
+    labels = []
+    for root in two_sequences:
+        for path in sorted((root / "labelsTr").glob("*.nii.gz")):
+            if path.name.removesuffix(".nii.gz") in train_ids:
+                volume = load_volume(path)
+                labels.append((volume.data > 0.5, volume.spacing))
+    expected = learn_plausibility(labels)
+    assert stored["volume_ml"] == pytest.approx(list(expected.volume_ml))
+    assert np.allclose(stored["extent_mm"], expected.extent_mm)
+    volumes = [mask_measures(m, s)[0] for m, s in labels]
+    # Sequence B's atria are several times larger: the range spans both, with the margin around it.
+    assert max(volumes) / min(volumes) > 3
+    assert stored["volume_ml"][0] == pytest.approx(min(volumes) / 1.5)
+    assert stored["volume_ml"][1] == pytest.approx(max(volumes) * 1.5)
+
+
+def _case(name: str, dataset: str, seed: int) -> PreparedCase:
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((12, 12, 12)).astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    label[4:8, 4:8, 4:8] = 1
+    return PreparedCase(name, image, label, (1.0, 1.0, 1.0), {"fine": (image, label)}, dataset)
+
+
+def test_sampling_is_balanced_per_dataset_not_per_case():
+    cases = [_case("a0", "A", 0)] + [_case(f"b{i}", "B", i + 1) for i in range(9)]
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 8, 8))
+    sampler = PatchSampler(cases, stage, SamplerConfig(batch_size=1), AugmentConfig.identity(), seed=3)
+    picks = [cases[sampler._case_index()].dataset for _ in range(4000)]
+    share_a = picks.count("A") / len(picks)
+    # Uniform over cases would give A 10 %.
+    assert 0.46 < share_a < 0.54, share_a
+
+
+def test_permuted_patches_keep_the_patch_shape_and_image_label_alignment():
+    case = _case("a0", "A", 0)
+    case.stages["fine"] = (case.label.astype(np.float32) * 5, case.label)
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 6, 4))
+    config = AugmentConfig(flip_axes=(0, 1, 2), p_permute=1.0, p_spatial=0.0, intensity_scale=(1.0, 1.0),
+                           intensity_shift=0.0, p_gamma=0.0, p_noise=0.0, p_bias=0.0)
+    sampler = PatchSampler([case], stage, SamplerConfig(batch_size=4, foreground_fraction=1.0), config, seed=0)
+    for _ in range(5):
+        images, labels = sampler.sample()
+        assert tuple(images.shape[2:]) == (8, 6, 4) and tuple(labels.shape[2:]) == (8, 6, 4)
+        assert torch.equal(images, labels * 5)
+
+
+def _tiny_args(steps: str) -> list[str]:
+    args = list(TINY_TRAIN_ARGS)
+    args[args.index("--steps") + 1] = steps
+    args[args.index("--coarse-steps") + 1] = steps
+    return args
+
+
+def _first_conv(state: dict) -> torch.Tensor:
+    return next(v for k, v in state.items() if k.endswith(".weight") and v.dim() == 5)
+
+
+def test_init_from_starts_from_the_given_weights(two_run, two_sequences, tmp_path):
+    run, _ = two_run
+    start = run / "model.pt"
+    # --lr applies to the full-resolution network: at 1e-12 its weights stay where they started.
+    tuned, scratch = tmp_path / "tuned", tmp_path / "scratch"
+    for folder, extra in ((tuned, ["--init-from", str(start)]), (scratch, [])):
+        result = CliRunner().invoke(app, [str(two_sequences[1]), "-o", str(folder), *extra, *_tiny_args("2"),
+                                          "--lr", "1e-12"])
+        assert result.exit_code in (0, 1), f"{result.output}\n{result.exception!r}"
+    before = torch.load(start, map_location="cpu", weights_only=True)["networks"]["fine"]["state_dict"]
+    after = torch.load(tuned / "fold_0" / "fine" / "best.pt",
+                       map_location="cpu", weights_only=True)["model"]
+    fresh = torch.load(scratch / "fold_0" / "fine" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    for key, value in before.items():
+        if key.endswith(".weight") and value.dim() == 5:  # convolutions; BatchNorm statistics move with the data
+            assert torch.allclose(after[key], value, atol=1e-6), key
+    assert not torch.allclose(_first_conv(fresh), _first_conv(before), atol=1e-3)
+
+
+def test_init_from_a_different_network_is_refused_before_training(two_run, two_sequences, tmp_path):
+    run, _ = two_run
+    args = [str(two_sequences[0]), "-o", str(tmp_path / "x"), "--init-from", str(run / "model.pt"), *TINY_TRAIN_ARGS]
+    args[args.index("--width") + 1] = "8"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "is not the one this run trains" in _text(result.output)
+    assert not (tmp_path / "x" / "fold_0").exists()
+
+
+def test_given_splits_fix_the_held_out_cases(two_sequences, tmp_path):
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"seed": 0, "folds": [{"fold": 0, "train": ["b_000", "b_001", "b_002"],
+                                                         "val": ["a_004", "b_005"]}]}))
+    run = tmp_path / "fixed"
+    args = [*map(str, two_sequences), "-o", str(run), "--splits", str(splits), *TINY_TRAIN_ARGS]
+    args[args.index("--steps") + 1] = "4"
+    args[args.index("--coarse-steps") + 1] = "4"
+    result = CliRunner().invoke(app, args)
+    # Four steps may not give a plausible mask: training then stops at calibration, after the split was used.
+    assert result.exit_code in (0, 1), result.output
+    stored = json.loads((run / "splits.json").read_text())["folds"]
+    assert stored == [{"fold": 0, "train": ["b_000", "b_001", "b_002"], "val": ["a_004", "b_005"]}]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"seed": 0, "folds": [{"fold": 0, "train": ["a_000"], "val": ["nope"]}]}))
+    result = CliRunner().invoke(app, [*map(str, two_sequences), "-o", str(tmp_path / "y"), "--splits", str(bad),
+                                      *TINY_TRAIN_ARGS])
+    assert result.exit_code == 2 and "nope" in _text(result.output)
