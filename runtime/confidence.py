@@ -32,12 +32,17 @@ FAIL_BELOW = 0.5
 
 
 def soft_dice_score(prob: np.ndarray, mask: np.ndarray) -> float:
-    """Soft Dice between a probability map and a binary mask of the same grid (1.0 when both are empty)."""
+    """Soft Dice between a probability map and a binary mask of the same grid; 0.0 for an empty mask.
+
+    Finding no atrium is never a confident result, even where the probabilities agree that there is none.
+    """
     prob = np.asarray(prob, dtype=np.float32)
     fg = np.asarray(mask).astype(bool, copy=False)
+    count = int(np.count_nonzero(fg))
+    if count == 0:
+        return 0.0
     overlap = float(prob[fg].sum(dtype=np.float64))
-    total = float(prob.sum(dtype=np.float64)) + float(np.count_nonzero(fg))
-    return 1.0 if total <= 0 else 2.0 * overlap / total
+    return 2.0 * overlap / (float(prob.sum(dtype=np.float64)) + count)
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ def test_format_1_contract_uses_the_degenerate_rules_only() -> None:
 def test_soft_dice_score() -> None:
     mask = ellipsoid()
     assert soft_dice_score(mask.astype(np.float32), mask) == pytest.approx(1.0)
-    assert soft_dice_score(np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.uint8)) == 1.0
+    assert soft_dice_score(np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.uint8)) == 0.0  # nothing found
     assert soft_dice_score(np.zeros(SHAPE, np.float32), mask) == 0.0
     half = mask.astype(np.float32) * 0.5
     assert soft_dice_score(half, mask) == pytest.approx(2 * 0.5 / 1.5)
