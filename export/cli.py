@@ -8,10 +8,10 @@ from typing import List, Optional
 
 import typer
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
+from heartseg.runtime.cli_common import new_app, version_option
 from heartseg.runtime.errors import HeartsegError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="Export model.pt to ONNX with the calibrated threshold and the whole contract baked in.")
+app = new_app(help="Export model.pt to ONNX with the calibrated threshold and the whole contract baked in.")
 
 
 @app.command()
@@ -28,6 +28,7 @@ def export(
         None, "--score-calibration", metavar="JSON",
         help="Replace the fold's QC score calibration by the one in this file: a run's summary.json (pooled over "
              "the held-out cases of every fold run) or a calibration's own JSON."),
+    version: bool = version_option(),
 ) -> None:
     """Export, then check that ONNX Runtime reproduces PyTorch (probabilities within 1e-4, masks on 99.99 %
     of voxels) on real-size random inputs and on the given scans; the file is only written when it does.
@@ -37,7 +38,7 @@ def export(
     """
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, highlight=False)
     try:
         import onnx  # noqa: F401
         import torch  # noqa: F401
@@ -126,7 +127,7 @@ def _variants(console, model, output: Path, data: list[Path], fp16: bool, int8: 
 
 def main() -> None:
     """Console entry point."""
-    app()
+    app(prog_name="heartseg-export")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .image import load_volume, save_volume, strip_nifti_suffix
+from .formats import ScanSource, discover_sources
+from .pipeline import OutputOptions, plan_jobs, process
 from .segmenter import Segmenter
 
 FLOPS_KEY = "heartseg.flops_per_voxel"
@@ -84,21 +85,16 @@ class ScanTiming:
         return record
 
 
-def time_scan(segmenter: Segmenter, scan: str | os.PathLike, outdir: str | os.PathLike) -> ScanTiming:
-    """Read, segment and write one scan (mask to outdir/NAME_mask.nii.gz), timing every stage."""
-    scan = Path(scan)
-    start = time.perf_counter()
-    volume = load_volume(scan)
-    read = time.perf_counter() - start
-    prediction = segmenter.segment(volume)
-    begin = time.perf_counter()
-    save_volume(prediction.mask.astype(np.uint8), volume.affine,
-                Path(outdir) / f"{strip_nifti_suffix(scan.name)}_mask.nii.gz")
-    end = time.perf_counter()
-    timings = prediction.timings
-    return ScanTiming(str(scan), volume.shape, read, float(timings.get("preprocess", 0.0)),
-                      float(timings.get("network", 0.0)), float(timings.get("postprocess", 0.0)), end - begin,
-                      end - start, dict(prediction.network_voxels), prediction.device)
+def time_scan(segmenter: Segmenter, scan: str | os.PathLike | ScanSource, outdir: str | os.PathLike) -> ScanTiming:
+    """Read, segment and write one scan (its mask into outdir) through heartseg-infer's pipeline, timing every stage."""
+    source = scan if isinstance(scan, ScanSource) else discover_sources([Path(scan)])[0]
+    options = OutputOptions(overwrite=True)
+    job = plan_jobs([source], Path(outdir), options)[0]
+    result = process(segmenter, job, options)
+    timings, prediction = result.timings, result.prediction
+    assert prediction is not None and result.scan is not None
+    return ScanTiming(str(source), result.scan.volume.shape, *(float(timings.get(name, 0.0)) for name in STAGES),
+                      float(result.seconds or 0.0), dict(prediction.network_voxels), prediction.device)
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, float | int | None]:

@@ -31,18 +31,21 @@ from .bench import (
     usable_cores,
 )
 from .cli_common import (
+    DEVICE_HELP,
     Device,
     check_report_path,
-    discover_scans,
     fmt,
     guarded,
     new_app,
     out_console,
+    stdout_for_reports,
     say,
+    version_option,
     write_json,
 )
 from .errors import HeartsegError, InputError
-from .segmenter import Segmenter, default_model_path
+from .formats import ScanSource, discover_sources
+from .segmenter import Segmenter, resolve_model
 from .session import _ort, choose_providers, read_contract
 
 app = new_app()
@@ -71,7 +74,7 @@ def parse_threads(text: str | None) -> list[int]:
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process: warm-up, then repeat x every scan, then sgemm speed."""
     model, threads, device = spec["model"], int(spec["threads"]), spec["device"]
-    scans = [Path(s) for s in spec["scans"]]
+    scans = [ScanSource(Path(s["path"]), s["format"], s["name"], s["series"]) for s in spec["scans"]]
     start = time.perf_counter()
     segmenter = Segmenter(model, device=device, threads=threads)
     model_load = time.perf_counter() - start
@@ -141,12 +144,14 @@ def summarize_config(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_config(model: Path, scans: list[Path], threads: int, device: str, repeat: int,
+def run_config(model: Path, scans: list[ScanSource], threads: int, device: str, repeat: int,
                sgemm_size: int = 2048) -> dict[str, Any]:
     """Measure one configuration in a fresh subprocess (so its peak memory is its own); returns the raw result."""
     with tempfile.TemporaryDirectory(prefix="heartseg-bench-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec = {"model": str(model), "scans": [str(s) for s in scans], "threads": threads, "device": device,
+        spec = {"model": str(model), "scans": [{"path": str(s.path), "format": s.format, "name": s.name,
+                                                "series": s.series} for s in scans],
+                "threads": threads, "device": device,
                 "repeat": repeat, "sgemm_size": sgemm_size, "result": str(result_path)}
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         # The worker's BLAS (the sgemm reference) gets the same thread count as ONNX Runtime.
@@ -204,10 +209,11 @@ def _table(summaries: list[dict[str, Any]], model: Path, scans: int, repeat: int
     return table
 
 
-HELP = """Benchmark heartseg end to end on NIfTI scans: latency, throughput, peak memory and compute efficiency.
+HELP = """Benchmark heartseg end to end on scans: latency, throughput, peak memory and compute efficiency.
 
 For each thread count a fresh worker process loads the model, segments the first scan once
-(untimed warm-up), then segments every scan --repeat times, timing per scan: read (load the NIfTI),
+(untimed warm-up), then segments every scan --repeat times through heartseg-infer's own pipeline,
+timing per scan: read (load the scan, any format heartseg-infer reads),
 preprocess, network, postprocess and write (the mask, to a temporary folder). Reported per thread
 count: median and 95th-percentile seconds per scan, scans per minute (over the whole timed loop),
 the worker's peak resident memory (ru_maxrss), stage medians, the network FLOPs per scan (the
@@ -215,7 +221,8 @@ model's FLOPs per voxel, from its metadata, times the voxels the network actuall
 GFLOP/s achieved in the network stage, and this machine's measured float32 matmul speed (numpy
 2048x2048 sgemm, best of 3, with the same thread count) with the achieved fraction of it.
 
-SCANS are NIfTI files or folders of them. Exit codes: 0 done; 1 a worker crashed; 2 usage, model or
+SCANS are what heartseg-infer takes: scan files, DICOM folders or zips, folders of scan files;
+--model a file or a shipped variant (fp32, fp16, int8). Exit codes: 0 done; 1 a worker crashed; 2 usage, model or
 input error (missing or unreadable model, no scans, an unusable scan, --device cuda without CUDA).
 """
 
@@ -224,63 +231,71 @@ input error (missing or unreadable model, no scans, an unusable scan, --device c
 @guarded
 def bench(
     scans: Optional[list[Path]] = typer.Argument(
-        None, metavar="SCANS", help="NIfTI scans (.nii/.nii.gz) or folders of them.", show_default=False),
-    model: Optional[Path] = typer.Option(
-        None, "--model", "-m", metavar="M.onnx",
-        help="heartseg ONNX model. [default: the model shipped with the package]", show_default=False),
+        None, metavar="SCANS", help="Scan files, DICOM folders or zips, or folders of scan files.",
+        show_default=False),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", metavar="M.onnx|fp32|fp16|int8",
+        help="heartseg ONNX model file, or a shipped variant's name. [default: fp32, the model shipped with the "
+             "package]", show_default=False),
     repeat: int = typer.Option(3, "--repeat", min=1, metavar="N", help="Timed runs of every scan."),
     threads: Optional[str] = typer.Option(
         None, "--threads", metavar="LIST",
         help="Comma-separated CPU thread counts to compare, e.g. 1,2. [default: 1 and all usable cores]",
         show_default=False),
-    device: Device = typer.Option(
-        Device.auto, "--device", help="auto: CUDA when ONNX Runtime offers it, else CPU; cuda: fail without it."),
-    json_path: Optional[Path] = typer.Option(
-        None, "--json", metavar="FILE", help="Also write every measurement as JSON. [default: none]",
+    device: Device = typer.Option(Device.auto, "--device", help=DEVICE_HELP),
+    series: Optional[str] = typer.Option(
+        None, "--series", metavar="NUMBER|UID|all",
+        help="The DICOM series to use when a folder or zip holds several, or 'all'. [default: the only one]",
         show_default=False),
+    json_path: Optional[Path] = typer.Option(
+        None, "--json", metavar="FILE", help="Also write every measurement as JSON; '-' is stdout. "
+        "[default: none]", show_default=False),
     sgemm_size: int = typer.Option(2048, "--sgemm-size", min=0, hidden=True,
                                    help="Matrix size of the sgemm reference (0: skip it)."),
     worker: Optional[Path] = typer.Option(None, "--worker", hidden=True, help="Internal: run one configuration."),
+    version: bool = version_option(),
 ) -> None:
     """Benchmark heartseg end to end on scans (see HELP)."""
     if worker is not None:
         raise typer.Exit(_worker_main(worker))
     if not scans:
         raise InputError("no scans given: heartseg-bench SCANS... [--model M.onnx]")
-    model_path = model if model is not None else default_model_path()
+    model_path = resolve_model(model)
     check_report_path(json_path, "--json")
     counts = parse_threads(threads)
-    found = discover_scans(scans)
+    found = discover_sources(scans, series)
     contract, meta = read_contract(model_path)
-    choose_providers(device.value, list(_ort().get_available_providers()))
-    machine = machine_info()
-    say(f"machine: {machine['cpu_model']}, {machine['usable_cores']} usable cores; onnxruntime "
-        f"{machine['onnxruntime']} ({', '.join(machine['onnxruntime_providers'])})")
-    summaries, raw = [], []
-    for count in counts:
-        say(f"threads {count}: {len(found)} scan(s) x {repeat} repeat(s) after 1 warm-up run, in a fresh process ...")
-        result = run_config(model_path, found, count, device.value, repeat, sgemm_size)
-        raw.append(result)
-        summaries.append(summarize_config(result))
-    out_console().print(_table(summaries, model_path, len(found), repeat))
-    if any(s["network_gflop_per_scan"] is None for s in summaries):
-        say(f"note: the model's metadata has no {FLOPS_KEY!r} entry for every stage, so FLOPs and GFLOP/s "
-            "are not reported")
-    if json_path is not None:
-        shapes = {r["scan"]: r["shape"] for r in raw[0]["runs"]}
-        write_json(json_path, {
-            "tool": "heartseg-bench",
-            "heartseg": __version__,
-            "model": {"path": str(model_path), "sha256": _sha256(Path(model_path)),
-                      "stages": [s.name for s in contract.stages],
-                      "flops_per_voxel": flops_per_voxel(meta)},
-            "scans": [{"path": str(p), "shape": shapes.get(str(p))} for p in found],
-            "repeat": repeat,
-            "device_requested": device.value,
-            "machine": machine,
-            "configs": [{**s, "raw": r} for s, r in zip(summaries, raw)],
-        })
-        say(f"wrote {json_path}")
+    choose_providers(device.provider, list(_ort().get_available_providers()))
+    with stdout_for_reports(json_path):
+        machine = machine_info()
+        say(f"machine: {machine['cpu_model']}, {machine['usable_cores']} usable cores; onnxruntime "
+            f"{machine['onnxruntime']} ({', '.join(machine['onnxruntime_providers'])})")
+        summaries, raw = [], []
+        for count in counts:
+            say(f"threads {count}: {len(found)} scan(s) x {repeat} repeat(s) after 1 warm-up run, in a fresh process ...")
+            result = run_config(model_path, found, count, device.provider, repeat, sgemm_size)
+            raw.append(result)
+            summaries.append(summarize_config(result))
+        out_console().print(_table(summaries, model_path, len(found), repeat))
+        if any(s["network_gflop_per_scan"] is None for s in summaries):
+            say(f"note: the model's metadata has no {FLOPS_KEY!r} entry for every stage, so FLOPs and GFLOP/s "
+                "are not reported")
+        if json_path is not None:
+            shapes = {r["scan"]: r["shape"] for r in raw[0]["runs"]}
+            write_json(json_path, {
+                "tool": "heartseg-bench",
+                "heartseg": __version__,
+                "model": {"path": str(model_path), "sha256": _sha256(Path(model_path)),
+                          "stages": [s.name for s in contract.stages],
+                          "flops_per_voxel": flops_per_voxel(meta)},
+                "scans": [{"path": str(p.path), "series": p.series, "shape": shapes.get(str(p))} for p in found],
+                "repeat": repeat,
+                "device_requested": device.value,
+                "machine": machine,
+                "configs": [{**s, "raw": r} for s, r in zip(summaries, raw)],
+            })
+            if str(json_path) != "-":
+                say(f"wrote {json_path}")
 
 
 def main() -> None:

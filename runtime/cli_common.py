@@ -5,8 +5,8 @@ Exit codes of both tools (the command-line contract):
 * 0: everything ran and every mask passed QC.
 * 1: a scan failed for an unexpected reason (the other scans were still processed).
 * 2: usage, model or input error: a missing or unreadable model, a model without heartseg
-  metadata, an input that is not a usable 3D NIfTI, grids that do not match, an output folder
-  that cannot be written, no scans found.
+  metadata, an input that is not a usable 3D image or DICOM series, grids that do not match, an
+  output folder that cannot be written, no scans found.
 * 3: everything ran, but QC gave at least one mask the verdict "review" or "fail" (heartseg-infer),
   or flagged a prediction as degenerate (heartseg-eval); such masks are still written.
 
@@ -50,7 +50,8 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 all done and every mask passed QC; "
     "1 a scan failed for an unexpected reason (the other scans are still processed); "
     "2 usage, model or input error (missing or unreadable model, model without heartseg metadata, "
-    "a file that is not a usable 3D NIfTI, mismatched grids, output folder not writable, no scans found); "
+    "a scan that is not a usable 3D image or DICOM series, mismatched grids, output folder not writable, "
+    "no scans found); "
     "3 at least one mask got the QC verdict review or fail (it is still written). "
     "If several apply, the first of 2, 1, 3 wins."
 )
@@ -60,18 +61,55 @@ EXIT_CODES_HELP = (
 OUTPUT_SUFFIXES = ("_mask", "_prob")
 
 
-def new_app() -> typer.Typer:
-    """A typer app with the settings every heartseg runtime tool shares (no tracebacks, -h and --help)."""
-    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+def new_app(help: str | None = None) -> typer.Typer:
+    """A typer app with the settings every heartseg tool shares (no tracebacks, -h and --help, no markup)."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, help=help,
                        context_settings={"help_option_names": ["-h", "--help"]})
 
 
 class Device(str, Enum):
-    """Where ONNX Runtime runs the network."""
+    """Where ONNX Runtime runs the network (gpu is another name for cuda)."""
 
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+    gpu = "gpu"
+
+    @property
+    def provider(self) -> str:
+        """The device name the session understands: auto, cpu or cuda."""
+        return "cuda" if self is Device.gpu else self.value
+
+
+DEVICE_HELP = "auto: CUDA when ONNX Runtime offers it, else CPU; cuda (or gpu): fail without it."
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"heartseg {__version__}")
+        raise typer.Exit(0)
+
+
+def version_option() -> Any:
+    """A --version option that prints 'heartseg X.Y.Z' and exits 0 (every command has one)."""
+    return typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                        help="Print heartseg's version and exit.")
+
+
+def report_target(path: Path | None) -> bool:
+    """True when a report option (--json, --csv) names stdout ('-')."""
+    return path is not None and str(path) == "-"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a report atomically, or to stdout when path is '-'."""
+    if report_target(path):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text_atomic(path, text)
 
 
 def _console(stderr: bool = False) -> Console:
@@ -86,8 +124,24 @@ def _console(stderr: bool = False) -> Console:
 
 
 def out_console() -> Console:
-    """The console for tables and results (stdout)."""
-    return _live_console or _console(stderr=False)
+    """The console for tables and results (stdout, or stderr while stdout carries a report)."""
+    return _live_console or _console(stderr=_stdout_reserved)
+
+
+# True while a report goes to stdout ('--json -'): tables and messages then go to stderr.
+_stdout_reserved = False
+
+
+@contextlib.contextmanager
+def stdout_for_reports(*paths: Path | None) -> Iterator[None]:
+    """While a report option is '-', keep stdout for it: tables and messages go to stderr."""
+    global _stdout_reserved
+    before = _stdout_reserved
+    _stdout_reserved = any(report_target(p) for p in paths)
+    try:
+        yield
+    finally:
+        _stdout_reserved = before
 
 
 # While a progress bar is drawn on a terminal, every message goes through its console, which
@@ -99,7 +153,7 @@ _live_console: Console | None = None
 def progress_bar(total: int, enabled: bool = True) -> Iterator[tuple[Progress, Any]]:
     """A transient progress bar over total items, shown only on a terminal and when enabled."""
     global _live_console
-    console = _console(stderr=False)
+    console = _console(stderr=_stdout_reserved)
     shown = enabled and console.is_terminal
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True, disable=not shown)
@@ -224,8 +278,8 @@ def ensure_output_folder(folder: Path) -> Path:
 
 
 def check_report_path(path: Path | None, option: str) -> None:
-    """Fail early when a report file (--json, --csv) cannot be written where asked."""
-    if path is None:
+    """Fail early when a report file (--json, --csv) cannot be written where asked ('-': stdout)."""
+    if path is None or report_target(path):
         return
     path = Path(path)
     if path.is_dir():
@@ -249,8 +303,9 @@ def json_ready(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """Write strict JSON (NaN as null) atomically."""
-    return write_text_atomic(path, json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
+    """Write strict JSON (NaN as null) atomically, or to stdout when path is '-'."""
+    write_report(path, json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
+    return path
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

@@ -27,12 +27,14 @@ from .cli_common import (
     out_console,
     say,
     scan_name,
+    version_option,
     warn,
     write_json,
 )
 from .errors import InputError
 from .image import load_mask, same_grid
 from .metrics import SegmentationMetrics, compute_metrics, degenerate_reason, summarize
+from .naming import find_label
 
 app = new_app()
 
@@ -55,7 +57,8 @@ class Case:
 def pair_cases(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], list[Path], list[Path]]:
     """(name, prediction, label) pairs, predictions without a label, labels without a prediction.
 
-    Two files: one pair. Two folders: files paired by name, X_mask.nii.gz (or X.nii.gz) with X.nii.gz;
+    Two files: one pair. Two folders: files paired by name, X_mask.nii.gz (or X.nii.gz) with X.nii.gz,
+    and nnU-Net's X_0000_mask.nii.gz (or X_0000.nii.gz) with X.nii.gz;
     probability maps (*_prob) in the prediction folder are ignored.
     """
     for path, what in ((pred, "PRED"), (gt, "GT")):
@@ -68,9 +71,11 @@ def pair_cases(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], list
     preds = [p for p in nifti_files(pred) if not scan_name(p).endswith("_prob")]
     pred_index = index_by_key(preds, PRED_SUFFIXES, what="prediction")
     gt_index = index_by_key(nifti_files(gt), what="label")
-    pairs = [(key, pred_index[key], gt_index[key]) for key in sorted(pred_index) if key in gt_index]
-    unmatched_pred = [pred_index[key] for key in sorted(pred_index) if key not in gt_index]
-    unmatched_gt = [gt_index[key] for key in sorted(gt_index) if key not in pred_index]
+    matches = {key: find_label(gt_index, key) for key in sorted(pred_index)}
+    pairs = [(case_key(found), pred_index[key], found) for key, found in matches.items() if found is not None]
+    unmatched_pred = [pred_index[key] for key, found in matches.items() if found is None]
+    paired = {found for found in matches.values() if found is not None}
+    unmatched_gt = [gt_index[key] for key in sorted(gt_index) if gt_index[key] not in paired]
     if not pairs:
         raise InputError(f"no prediction in {pred} has a label of the same name in {gt} "
                          f"({len(preds)} predictions, {len(gt_index)} labels)")
@@ -145,7 +150,7 @@ def _table(cases: list[Case], mean: dict[str, float]) -> Table:
             estimate = record.get("estimated_dice")
             extra = [f"{estimate:.2f} [{interval[0]:.2f}-{interval[1]:.2f}]" if estimate is not None and interval
                      else "n/a", record.get("verdict") or "n/a"]
-        table.add_row(case.name, *cells(case.metrics.__dict__), qc, *extra)
+        table.add_row(Text(case.name), *cells(case.metrics.__dict__), qc, *extra)
     flagged = sum(c.flag is not None for c in cases)
     table.add_section()
     table.add_row(Text("mean", style="bold"), *cells(mean),
@@ -214,6 +219,7 @@ def evaluate(
         None, "--qc-report", metavar="FILE",
         help="heartseg-infer's --json report of these predictions: compare its estimated Dice with the true one. "
              "[default: none]", show_default=False),
+    version: bool = version_option(),
 ) -> None:
     check_report_path(json_path, "--json")
     check_report_path(csv_path, "--csv")

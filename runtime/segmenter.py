@@ -1,4 +1,15 @@
-"""The Python API: Segmenter(model).predict(nib_image) -> nib_image."""
+"""The Python API: Segmenter(model).predict(scan) -> SegmentationResult.
+
+predict takes a path (any format heartseg-infer reads, DICOM folders included), a nibabel image,
+a SimpleITK image, or a numpy array with its voxel spacing (and optionally its affine), and
+answers in the caller's type: a nibabel image for a path or a nibabel image, a SimpleITK image
+for a SimpleITK image, an array of the input's shape for an array.
+
+The axis-order trap: nibabel arrays are indexed (x, y, z), but SimpleITK's GetArrayFromImage
+returns (z, y, x) while image.GetSpacing() is (x, y, z). A numpy array's spacing (and affine)
+must follow the array's own axes: pass GetArrayFromImage(image) with GetSpacing()[::-1], or
+better the SimpleITK image itself, which carries its orientation too.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -20,14 +32,26 @@ from .session import OnnxSession
 from .tta import infer_canonical_tta
 
 DEFAULT_MODEL_NAME = "heartseg-la.onnx"
+# The shipped model's variants, by the name --model and Segmenter(model=...) accept.
+VARIANTS = {"fp32": DEFAULT_MODEL_NAME, "fp16": "heartseg-la.fp16.onnx", "int8": "heartseg-la.int8.onnx"}
 
 
-def default_model_path() -> Path:
-    """The model shipped in heartseg.models."""
-    path = Path(str(resources.files("heartseg.models").joinpath(DEFAULT_MODEL_NAME)))
+def default_model_path(name: str = DEFAULT_MODEL_NAME) -> Path:
+    """A model file shipped in heartseg.models (by default the fp32 model)."""
+    path = Path(str(resources.files("heartseg.models").joinpath(name)))
     if not path.is_file():
         raise ModelError(f"no shipped model at {path}: pass --model M.onnx (export one with heartseg-export)")
     return path
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """A model path from a path, a shipped variant's name (fp32, fp16, int8), or None (the shipped fp32 model)."""
+    if model is None:
+        return default_model_path()
+    text = str(model)
+    if text in VARIANTS and not Path(text).exists():
+        return default_model_path(VARIANTS[text])
+    return Path(model)
 
 
 @dataclass
@@ -56,7 +80,7 @@ class Segmenter:
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
                  memory_limit_mb: float | None = None, tta: bool = False) -> None:
-        self.session = OnnxSession(model if model is not None else default_model_path(), device, threads)
+        self.session = OnnxSession(resolve_model(model), "cuda" if device == "gpu" else device, threads)
         self.contract = self.session.contract
         self.tta = tta
         self.max_voxels = None
@@ -107,10 +131,114 @@ class Segmenter:
         timings["qc"] = report.seconds
         return Prediction(mask, volume.affine, prob, report.flag, self.device, timings, voxels, calls[0], report)
 
-    def predict(self, image: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
-        """Segment an in-memory NIfTI image; returns a uint8 mask image with the input's affine."""
-        prediction = self.segment(volume_from_array(image.dataobj, image.affine))
-        out = nib.Nifti1Image(prediction.mask, image.affine)
-        out.set_qform(image.affine, code=1)
-        out.set_sform(image.affine, code=1)
-        return out
+    def predict(self, image: Any, spacing: tuple[float, float, float] | None = None,
+                affine: np.ndarray | None = None, series: str | None = None) -> "SegmentationResult":
+        """Segment a path, nibabel image, SimpleITK image, or numpy array (with spacing or affine)."""
+        start = time.perf_counter()
+        read_seconds = 0.0
+        wrap: Any
+        if isinstance(image, (str, os.PathLike)):
+            from .formats import discover_sources, read_scan
+
+            sources = discover_sources([Path(image)], series)
+            if len(sources) != 1:
+                raise InputError(f"{image}: holds {len(sources)} scans; predict one at a time")
+            volume = read_scan(sources[0]).volume
+            read_seconds = time.perf_counter() - start
+            wrap = lambda data: _nifti(data, volume.affine)  # noqa: E731
+        elif isinstance(image, nib.spatialimages.SpatialImage):
+            volume = volume_from_array(image.dataobj, image.affine)
+            wrap = lambda data: _nifti(data, image.affine)  # noqa: E731
+        elif type(image).__module__.startswith("SimpleITK"):
+            from .formats.metaimage import sitk_from_array, volume_from_sitk
+
+            volume = volume_from_sitk(image)
+
+            def wrap(data: np.ndarray) -> Any:
+                out = sitk_from_array(data, volume.affine)
+                out.CopyInformation(image)
+                return out
+        elif isinstance(image, np.ndarray):
+            volume = volume_from_array(image, array_affine(image.shape, spacing, affine))
+            shape = image.shape
+            wrap = lambda data: np.asarray(data).reshape(shape)  # noqa: E731
+        else:
+            raise InputError(f"cannot segment a {type(image).__name__}: give a path, a nibabel image, a SimpleITK "
+                             "image or a numpy array with spacing")
+        prediction = self.segment(volume, keep_prob=True)
+        timings = {"read": read_seconds, **prediction.timings}
+        return SegmentationResult(wrap(prediction.mask.astype(np.uint8)), wrap(prediction.prob.astype(np.float32)),
+                                  prediction.mask, volume.affine, prediction.volume_ml, prediction.qc, timings,
+                                  prediction.device, prediction.report)
+
+    def run(self, scans: list[str | os.PathLike], output: str | os.PathLike | None = None,
+            options: Any = None, series: str | None = None) -> list[Any]:
+        """Segment files and folders and write their outputs as heartseg-infer does; one ScanResult per scan."""
+        from .formats import discover_sources
+        from .pipeline import OutputOptions, check_options, output_folders, plan_jobs, run_jobs
+
+        options = options if options is not None else OutputOptions()
+        check_options(options)
+        jobs = plan_jobs(discover_sources([Path(s) for s in scans], series),
+                         Path(output) if output is not None else None, options)
+        for folder in output_folders(jobs):
+            folder.mkdir(parents=True, exist_ok=True)
+        return run_jobs(self, jobs, options)
+
+
+def array_affine(shape: tuple[int, ...], spacing: tuple[float, ...] | None,
+                 affine: np.ndarray | None) -> np.ndarray:
+    """The affine of a bare array: the one given, or the spacing (in the array's own axis order) on RAS axes."""
+    if affine is not None:
+        affine = np.asarray(affine, float)
+        if affine.shape != (4, 4):
+            raise InputError(f"the affine must be a 4 x 4 matrix, got shape {affine.shape}")
+        if spacing is not None and not np.allclose(voxel_sizes(affine), spacing, rtol=1e-4):
+            raise InputError(f"spacing {tuple(spacing)} disagrees with the affine's voxel sizes "
+                             f"{tuple(round(v, 4) for v in voxel_sizes(affine))}")
+        return affine
+    if spacing is None:
+        raise InputError("a numpy array needs its voxel spacing in mm (spacing=(sx, sy, sz), in the array's axis "
+                         "order) or an affine")
+    values = tuple(float(v) for v in spacing)
+    if len(values) != 3 or any(not np.isfinite(v) or v <= 0 for v in values):
+        raise InputError(f"spacing must be three positive numbers in mm, got {tuple(spacing)}")
+    return np.diag([*values, 1.0])
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    out = nib.Nifti1Image(data, affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    return out
+
+
+@dataclass
+class SegmentationResult:
+    """What Segmenter.predict returns: the mask and probabilities in the caller's type, and what was measured.
+
+    mask_array is the uint8 mask as an (x, y, z) array on the grid of affine (RAS mm); qc is None
+    when the mask passed QC, else its verdict and reasons ("review: ..." or "fail: ..."), with the whole
+    QCReport (estimated Dice, measures) in report; statistics are computed on first use
+    (they need scikit-image, heartseg[mesh]).
+    """
+
+    mask: Any
+    probabilities: Any
+    mask_array: np.ndarray
+    affine: np.ndarray
+    volume_ml: float
+    qc: str | None
+    timings: dict[str, float]
+    device: str
+    report: QCReport | None = None
+    _statistics: Any = field(default=None, repr=False)
+
+    @property
+    def statistics(self) -> Any:
+        """The atrium's AtriumStatistics (volume, surface area, sphericity, RAS-axis diameters)."""
+        if self._statistics is None:
+            from .statistics import atrium_statistics
+
+            self._statistics = atrium_statistics(self.mask_array, self.affine)
+        return self._statistics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
@@ -53,8 +54,25 @@ def test_identity_config_leaves_inputs_unchanged() -> None:
     assert torch.equal(image, image_copy) and torch.equal(label, label_copy)
 
 
-def test_default_config_has_flips_off() -> None:
-    assert AugmentConfig().flip_axes == ()
+def test_default_config_flips_and_permutes_every_axis() -> None:
+    # Datasets disagree on which array axis is left, anterior or superior.
+    config = AugmentConfig()
+    assert config.flip_axes == (0, 1, 2) and config.p_flip > 0 and config.p_permute > 0
+
+
+def test_bias_field_is_smooth_bounded_and_keeps_the_background() -> None:
+    from heartseg.train.augment import _bias_field
+
+    image = torch.full((1, 16, 16, 16), 2.0)
+    image[0, 0, 0, 0] = 0.0  # the background level the field multiplies away from
+    out = _bias_field(image, 0.4, _rng(3))
+    gain = out[0] / 2.0
+    gain[0, 0, 0] = gain[0, 0, 1]  # the background voxel itself stays 0
+    assert float(out[0, 0, 0, 0]) == 0.0
+    assert float(gain.max()) <= np.exp(0.4) + 1e-5 and float(gain.min()) >= np.exp(-0.4) - 1e-5
+    assert float((gain.max() - gain.min())) > 0.01  # it does change the intensities
+    # Smooth: neighbouring voxels differ by a small fraction of the whole range.
+    assert float((gain[1:] - gain[:-1]).abs().max()) < 0.1
 
 
 def test_deterministic_with_same_seed() -> None:

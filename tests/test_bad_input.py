@@ -122,7 +122,7 @@ def patched_pixdim(value: float, gz: bool) -> Callable[[Path], Path]:
 BAD_SCANS = {
     "not_nifti": (not_nifti, "not a readable NIfTI"),
     "plain_text": (plain_text, "not a readable NIfTI"),
-    "wrong_extension": (wrong_extension, "not a NIfTI file"),
+    "wrong_extension": (wrong_extension, "not a scan heartseg reads"),
     "truncated_gzip": (truncated_gzip, "truncated or corrupt"),
     "2d": (two_d, "expected a 3D image"),
     "one_slice": (flat_3d, "expected a 3D image"),
@@ -278,10 +278,13 @@ def test_scan_path_does_not_exist(tmp_path: Path, single_model: Path, run_cli) -
     assert_nothing_written(out)
 
 
-def test_missing_output_option(tmp_path: Path, single_model: Path, run_cli) -> None:
-    scan, _ = make_scan(tmp_path / "in" / "s.nii.gz")
-    result = run_cli(infer_app, scan, "--model", single_model)
-    assert_one_line_error(result, "-o OUTDIR")
+def test_single_output_file_with_several_scans(tmp_path: Path, single_model: Path, run_cli) -> None:
+    for name in ("a", "b"):
+        make_scan(tmp_path / "in" / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    result = run_cli(infer_app, tmp_path / "in", "-o", out / "mask.nii.gz", "--model", single_model)
+    assert_one_line_error(result, "names one file", "2 scans")
+    assert_nothing_written(out)
 
 
 # --- heartseg-eval ------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def test_help_documents_exit_codes_and_defaults(run_cli) -> None:
     assert_clean_exit(result, 0)
     text = " ".join(result.stdout.split())
     for fragment in ("Exit codes: 0", "1 a scan failed", "2 usage, model or input error", "3 at least one mask",
-                     "[default: auto]", "[default: the model shipped", "--memory-limit-mb", "--benchmark",
+                     "[default: auto]", "[default: fp32", "--output-format", "--series", "--statistics", "--mesh", "--memory-limit-mb", "--benchmark",
                      "--labels", "--save-prob", "--overwrite", "--info", "--json"):
         assert fragment in text, fragment
 

@@ -6,7 +6,13 @@ import subprocess
 import sys
 
 MODULES = [
+    "heartseg",
     "heartseg.runtime.cli_infer",
+    "heartseg.runtime.cli_bench",
+    "heartseg.runtime.pipeline",
+    "heartseg.runtime.formats",
+    "heartseg.runtime.statistics",
+    "heartseg.runtime.mesh",
     "heartseg.runtime.cli_eval",
     "heartseg.runtime.cli_common",
     "heartseg.runtime.segmenter",
@@ -20,6 +26,7 @@ def test_runtime_imports_without_torch() -> None:
     code = (
         "import sys; "
         + "; ".join(f"import {m}" for m in MODULES)
+        + "; from heartseg import Segmenter"
         + "; bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
         "assert not bad, bad"
     )

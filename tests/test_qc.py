@@ -283,8 +283,10 @@ def test_overlay_title_carries_the_verdict(tmp_path, run_cli, monkeypatch) -> No
         path.write_bytes(b"png")
         return path
 
-    monkeypatch.setattr(cli_infer, "save_overlay", fake_overlay)
-    monkeypatch.setattr(cli_infer, "require_pyplot", lambda: None)
+    from heartseg.runtime import overlay
+
+    monkeypatch.setattr(overlay, "save_overlay", fake_overlay)
+    monkeypatch.setattr(overlay, "require_pyplot", lambda: None)
     model = _qc_model(tmp_path / "qc.onnx", 0.999)
     scan, _ = make_scan(tmp_path / "in" / "s.nii.gz")
     result = run_cli(cli_infer.app, scan, "-o", tmp_path / "out", "--model", model, "--threads", 1, "--overlay",

@@ -167,7 +167,7 @@ def test_memory_limit_gives_the_same_mask(any_model: Path) -> None:
 def test_segmenter_predict_keeps_the_affine(any_model: Path) -> None:
     image, label = ellipsoid_image((40, 48, 36), seed=6)
     affine = rotation_affine(angles_deg=(25.0, -15.0, 30.0))
-    result = Segmenter(any_model, device="cpu", threads=1).predict(nib.Nifti1Image(image, affine))
+    result = Segmenter(any_model, device="cpu", threads=1).predict(nib.Nifti1Image(image, affine)).mask
     assert isinstance(result, nib.Nifti1Image)
     assert result.shape == image.shape
     np.testing.assert_allclose(result.affine, affine, atol=1e-6)
@@ -179,7 +179,7 @@ def test_segmenter_predict_keeps_the_affine(any_model: Path) -> None:
 def test_segmenter_predict_accepts_4d_singleton(single_model: Path) -> None:
     image, _ = ellipsoid_image((20, 24, 18))
     result = Segmenter(single_model, device="cpu", threads=1).predict(nib.Nifti1Image(image[..., None], np.eye(4)))
-    assert result.shape == (20, 24, 18)
+    assert result.mask.shape == (20, 24, 18)
 
 
 # --- the threshold is the file's, and soft probabilities are resampled ------------------------

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from heartseg.runtime.cli_common import new_app, version_option
 from heartseg.runtime.errors import HeartsegError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="Train a left-atrium 3D U-Net with cross-validation and a calibrated threshold.")
+app = new_app(help="Train a left-atrium 3D U-Net with cross-validation and a calibrated threshold.")
 
 
 def _triple(text: str | None, kind=float):
@@ -90,6 +90,7 @@ def train(
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
     splits: Optional[Path] = typer.Option(None, "--splits", help="Use the folds of this file (the format of a run's splits.json) instead of making them: a fixed split, or a subset of the cases (cases no fold names are not used)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this heartseg model.pt (fine-tuning); its networks must match this run's presets."),
+    version: bool = version_option(),
 ) -> None:
     """Train, calibrate the threshold on held-out cases, and write RUN/model.pt.
 
@@ -97,7 +98,7 @@ def train(
     """
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, highlight=False)
     try:
         import torch
     except ImportError:
@@ -193,7 +194,7 @@ def _init_distributed(torch) -> bool:
 
 def main() -> None:
     """Console entry point."""
-    app()
+    app(prog_name="heartseg-train")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,11 @@ class DatasetInfo:
 def _resolve_inside(root: Path, relative: str, what: str) -> Path:
     if Path(relative).is_absolute():
         raise InputError(f"dataset.json: {what} path {relative!r} is absolute; paths must be relative to {root}")
-    path = (root / relative).resolve()
-    if root.resolve() not in path.parents:
+    # Checked on the path as written, not its symlink target: a dataset of symlinks to files kept
+    # elsewhere is fine, while '..' that climbs out of the folder is not.
+    folder = Path(os.path.abspath(root))
+    path = Path(os.path.normpath(folder / relative))
+    if folder not in path.parents:
         raise InputError(f"dataset.json: {what} path {relative!r} leaves the dataset folder {root}")
     if not path.is_file():
         raise InputError(f"dataset.json: {what} file {relative!r} does not exist in {root}")

@@ -1,0 +1,31 @@
+"""heartseg: left-atrium segmentation in 3D cardiac MRI.
+
+    from heartseg import Segmenter
+    result = Segmenter().predict("scan.nii.gz")      # or a DICOM folder, a nibabel / SimpleITK image, an array
+
+The subpackages are heartseg.runtime (inference, no PyTorch), heartseg.train, heartseg.export and
+heartseg.models; importing heartseg itself loads none of them until Segmenter is asked for.
+"""
+
+from __future__ import annotations
+
+from pkgutil import extend_path
+from typing import Any
+
+# The subpackages live in their own top-level folders (runtime/, train/, ...) and are mapped into
+# heartseg by the installer; a source checkout on sys.path contributes them through extend_path.
+__path__ = extend_path(__path__, __name__)
+
+__all__ = ["Segmenter", "SegmentationResult", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from heartseg.runtime import __version__
+
+        return __version__
+    if name in ("Segmenter", "SegmentationResult"):
+        from heartseg.runtime import segmenter
+
+        return getattr(segmenter, name)
+    raise AttributeError(f"module 'heartseg' has no attribute {name!r}")
