@@ -172,13 +172,13 @@ def cohort_csv(results: list[ScanResult]) -> str:
     """One row per scan: where it came from, its mask, QC (verdict, reasons, estimated Dice), and its statistics."""
     buffer = io.StringIO()
     out = csv.writer(buffer, lineterminator="\n")
-    out.writerow(["name", "scan", "series", "status", "mask", "qc", *QC_COLUMNS, *STATISTICS_COLUMNS])
+    out.writerow(["name", "scan", "series", "status", "mask", "qc", *STATISTICS_COLUMNS, *QC_COLUMNS])
     for result in results:
         record = result.to_dict()
         stats = result.statistics or {}
         out.writerow([record["name"], record["scan"], record["series"] or "", record["status"], record["mask"] or "",
-                      record["qc"] or "", *_qc_cells(result),
-                      *("" if stats.get(k) is None else repr(stats[k]) for k in STATISTICS_COLUMNS)])
+                      record["qc"] or "", *("" if stats.get(k) is None else repr(stats[k]) for k in STATISTICS_COLUMNS),
+                      *_qc_cells(result)])
     return buffer.getvalue()
 
 
