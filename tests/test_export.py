@@ -90,12 +90,23 @@ def test_parity_report_within_tolerances(exported):
         assert r["mask_agreement"] >= 0.9999, r
 
 
-def test_graph_is_folded_and_thresholded(exported, trained_run):
-    from heartseg.export.model_file import load_trained_model
+def test_batchnorm_is_folded_into_the_convolutions(trained_run, tmp_path):
+    from dataclasses import replace
 
-    # The trained networks do have BatchNorm layers; the graph must not.
-    networks = load_trained_model(trained_run.model).networks
+    from heartseg.export.model_file import load_trained_model
+    from heartseg.export.onnx_export import export_onnx
+    from heartseg.train.unet import build_unet
+
+    model = load_trained_model(trained_run.model)
+    unets = {name: replace(cfg, norm="batch") for name, cfg in model.unets.items()}
+    networks = {name: build_unet(cfg).eval() for name, cfg in unets.items()}
     assert any(isinstance(m, torch.nn.BatchNorm3d) for net in networks.values() for m in net.modules())
+    path = export_onnx(replace(model, networks=networks, unets=unets), tmp_path / "bn.onnx")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+
+
+def test_graph_is_thresholded(exported):
     model = onnx.load(str(exported))
     ops = {node.op_type for node in model.graph.node}
     assert "BatchNormalization" not in ops

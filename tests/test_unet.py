@@ -59,11 +59,11 @@ def test_wrong_channel_count_raises() -> None:
 
 
 def test_presets() -> None:
-    expected = {"failed-project": 32, "fine": 16, "coarse": 8}
+    expected = {"failed-project": (32, "batch"), "fine": (16, "instance"), "coarse": (8, "batch")}
     assert set(expected) <= set(PRESETS)
-    for name, base in expected.items():
+    for name, (base, norm) in expected.items():
         cfg = PRESETS[name]
-        assert (cfg.base_channels, cfg.norm, cfg.depth) == (base, "batch", 3)
+        assert (cfg.base_channels, cfg.norm, cfg.depth) == (base, norm, 3)
         assert (cfg.in_channels, cfg.out_channels) == (1, 1)
 
 

@@ -52,10 +52,12 @@ class UNetConfig:
 PRESETS: dict[str, UNetConfig] = {
     # Architecture of the original failed project, kept for comparison.
     "failed-project": UNetConfig(base_channels=32, depth=3, norm="batch"),
-    # Instance norm: with batches of two patches, possibly from different datasets (sequences),
-    # BatchNorm's running statistics fit neither dataset at inference.
+    # Instance norm in the fine stage: with batches of two patches, possibly from different
+    # datasets (sequences), BatchNorm's running statistics fit neither dataset at inference.
     "fine": UNetConfig(base_channels=16, depth=3, norm="instance"),
-    "coarse": UNetConfig(base_channels=8, depth=3, norm="instance"),
+    # The localiser keeps BatchNorm: it sees whole scans at inference but mostly-padded patches of
+    # small scans in training, and instance statistics differ too much between the two.
+    "coarse": UNetConfig(base_channels=8, depth=3, norm="batch"),
 }
 
 
