@@ -10,6 +10,7 @@ import typer
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
 from heartseg.runtime.cli_common import new_app, version_option
 from heartseg.runtime.errors import HeartsegError
+from heartseg.runtime.outputs import check_outputs
 
 app = new_app(help="Export model.pt to ONNX with the calibrated threshold and the whole contract baked in.")
 
@@ -51,24 +52,26 @@ def export(
 
     try:
         output = output or checkpoint.with_name("model.onnx")
-        if output.exists() and not overwrite:
-            raise HeartsegError(f"{output}: exists (use --overwrite to replace it)")
         if (fp16 or int8) and not data:
             raise HeartsegError("--fp16/--int8 need --data DATASET to measure the variants on the held-out cases")
-        for flag, suffix in ((fp16, ".fp16.onnx"), (int8, ".int8.onnx")):
-            if flag and output.with_suffix(suffix).exists() and not overwrite:
-                raise HeartsegError(f"{output.with_suffix(suffix)}: exists (use --overwrite to replace it)")
+        planned = planned_outputs(output, fp16, int8)
+        check_outputs([checkpoint, score_calibration, *(scan or [])], planned)
+        for what, path in planned:
+            if path.exists() and not overwrite:
+                raise HeartsegError(f"{what} {path}: exists (use --overwrite to replace it)")
         for path in scan or []:
             if not path.is_file():
                 raise HeartsegError(f"{path}: no such scan")
-        model = load_trained_model(checkpoint)
+        calibration = None
         if score_calibration is not None:
-            from dataclasses import replace
-
             from heartseg.export.qc_calibration import read_score_calibration
 
-            model = replace(model, contract=replace(model.contract,
-                                                    score_calibration=read_score_calibration(score_calibration)))
+            calibration = read_score_calibration(score_calibration)
+        model = load_trained_model(checkpoint)
+        if calibration is not None:
+            from dataclasses import replace
+
+            model = replace(model, contract=replace(model.contract, score_calibration=calibration))
         output.parent.mkdir(parents=True, exist_ok=True)
         # Only a file that passed the parity check ever appears at the output path.
         with atomic_output(output) as tmp:
@@ -77,7 +80,7 @@ def export(
         for r in results:
             console.print(f"parity {r.what} {r.shape}: max |diff| {r.max_abs_diff:.2e}, "
                           f"masks agree on {100 * r.mask_agreement:.4f} % of voxels")
-        report = output.with_name(output.name.removesuffix(".onnx") + ".parity.json")
+        report = dict(planned)["parity report"]
         write_text_atomic(report, json.dumps([r.to_dict() for r in results], indent=1))
         size = output.stat().st_size / 1e6
         console.print(f"wrote {output} ({size:.1f} MB); threshold {model.contract.final_stage.threshold} "
@@ -85,8 +88,21 @@ def export(
         if fp16 or int8:
             _variants(console, model, output, data, fp16, int8, threads)
     except HeartsegError as exc:
-        console.print(f"error: {exc}", markup=False, highlight=False)
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
+
+
+def planned_outputs(output: Path, fp16: bool, int8: bool) -> list[tuple[str, Path]]:
+    """Every file an export writes, named for messages: the model, its parity report and the variants."""
+    stem = output.name.removesuffix(".onnx")
+    planned = [("-o", output), ("parity report", output.with_name(stem + ".parity.json"))]
+    if fp16:
+        planned.append(("fp16 model", output.with_suffix(".fp16.onnx")))
+    if int8:
+        planned.append(("int8 model", output.with_suffix(".int8.onnx")))
+    if fp16 or int8:
+        planned.append(("variants report", output.with_name(stem + ".variants.json")))
+    return planned
 
 
 def _variants(console, model, output: Path, data: list[Path], fp16: bool, int8: bool, threads: int | None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
-from heartseg.train.checkpoint import CHECKPOINT_FORMAT, load_safe
+from heartseg.train.checkpoint import read_model_checkpoint
 from heartseg.train.unet import UNetConfig, build_unet
 from torch import nn
 
@@ -27,35 +27,20 @@ class TrainedModel:
 
 
 def load_trained_model(path: str | Path) -> TrainedModel:
-    """Load model.pt safely and check that it holds everything the runtime needs; names what is missing."""
-    path = Path(path)
-    data = load_safe(path)
-    missing = [k for k in ("format", "contract", "networks") if k not in data]
-    if missing:
-        raise HeartsegError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    if data["format"] != CHECKPOINT_FORMAT:
-        raise HeartsegError(f"{path}: not a heartseg model (format {data['format']!r})")
-    try:
-        contract = ModelContract.from_dict(data["contract"])
-    except Exception as exc:
-        raise HeartsegError(f"{path}: incomplete checkpoint, unreadable contract ({exc})") from None
+    """Load model.pt safely, validate all of it (train.checkpoint) and rebuild one network per stage."""
+    checkpoint = read_model_checkpoint(path)
     networks, unets = {}, {}
-    for stage in contract.stages:
-        if stage.threshold is None:
-            raise HeartsegError(f"{path}: incomplete checkpoint, stage {stage.name!r} has no calibrated threshold")
-        entry = data["networks"].get(stage.name)
-        if not entry or "unet" not in entry or "state_dict" not in entry:
-            raise HeartsegError(f"{path}: incomplete checkpoint, missing the weights of stage {stage.name!r}")
-        unet = UNetConfig.from_dict(entry["unet"])
-        net = build_unet(unet)
+    for name, weights in checkpoint.networks.items():
+        net = build_unet(weights.unet)
         try:
-            net.load_state_dict(entry["state_dict"])
+            net.load_state_dict(weights.state_dict)
         except RuntimeError as exc:
-            raise HeartsegError(f"{path}: weights of stage {stage.name!r} do not fit its network ({str(exc)[:200]})") from None
-        networks[stage.name] = net.eval()
-        unets[stage.name] = unet
-    return TrainedModel(path, contract, networks, unets, data.get("metrics", {}), data.get("versions", {}),
-                        str(data.get("command", "")))
+            raise HeartsegError(f"{checkpoint.path}: weights of stage {name!r} do not fit its network "
+                                f"({str(exc)[:200]})") from None
+        networks[name] = net.eval()
+        unets[name] = weights.unet
+    return TrainedModel(checkpoint.path, checkpoint.contract, networks, unets, checkpoint.metrics,
+                        checkpoint.versions, checkpoint.command)
 
 
 class StageHead(nn.Module):

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from heartseg.runtime.confidence import ScoreCalibration
+from heartseg.runtime.contract import ContractError, check_score_calibration
 from heartseg.runtime.errors import HeartsegError
 
 
@@ -19,7 +20,11 @@ def read_score_calibration(path: str | Path) -> ScoreCalibration:
         raise HeartsegError(f"{path}: not a readable JSON file ({exc})") from None
     if isinstance(data, Mapping) and isinstance(data.get("score_calibration"), Mapping):
         data = data["score_calibration"]
+    # The same schema as the contract's own block, so a file that exports is one the runtime accepts.
     try:
-        return ScoreCalibration.from_dict(dict(data))
-    except (TypeError, ValueError) as exc:
+        calibration = check_score_calibration(dict(data) if isinstance(data, Mapping) else data)
+    except ContractError as exc:
         raise HeartsegError(f"{path}: no QC score calibration in it ({exc})") from None
+    if calibration is None:
+        raise HeartsegError(f"{path}: no QC score calibration in it (null)")
+    return calibration

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +17,56 @@ def _full_suffix(name: str) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in path's folder; it replaces path when the block succeeds and is removed otherwise."""
+# A temporary file without a writer's process id (older heartseg) is stale after this long.
+UNOWNED_STALE_SECONDS = 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files of path left by writers that were killed (their process is gone); returns them."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    prefix, suffix = f".{path.name}.", ".tmp" + _full_suffix(path.name)
+    removed = []
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _full_suffix(path.name), dir=folder)
+        candidates = [p for p in folder.iterdir() if p.name.startswith(prefix) and p.name.endswith(suffix)]
+    except OSError:
+        return removed
+    for candidate in candidates:
+        owner = candidate.name[len(prefix):-len(suffix)].split(".")[0]
+        try:
+            stale = (not _pid_alive(int(owner))) if owner.isdigit() else (
+                time.time() - candidate.stat().st_mtime > UNOWNED_STALE_SECONDS)
+            if stale:
+                candidate.unlink()
+                removed.append(candidate)
+        except OSError:
+            continue
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in path's folder; it replaces path when the block succeeds and is removed otherwise.
+
+    The temporary file's name carries the writer's process id, so that a later write to the same path
+    removes what a killed writer (SIGKILL, power loss) left behind.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    remove_stale_temporaries(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + _full_suffix(path.name),
+                                   dir=folder)
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     os.close(fd)

@@ -45,6 +45,7 @@ from .cli_common import (
 )
 from .errors import HeartsegError, InputError
 from .formats import ScanSource, discover_sources
+from .outputs import check_outputs
 from .segmenter import Segmenter, resolve_model
 from .session import _ort, choose_providers, read_contract
 
@@ -264,6 +265,7 @@ def bench(
     check_report_path(json_path, "--json")
     counts = parse_threads(threads)
     found = discover_sources(scans, series)
+    check_outputs([*(s.path for s in found), model_path], [("--json", json_path)])
     contract, meta = read_contract(model_path)
     choose_providers(device.provider, list(_ort().get_available_providers()))
     with stdout_for_reports(json_path):

@@ -32,7 +32,9 @@ from .cli_common import (
     write_json,
 )
 from .errors import InputError
-from .image import load_mask, same_grid
+from .image import load_label, same_grid, voxel_volume_mm3
+from .memory import check_eval_budget
+from .outputs import check_outputs
 from .metrics import SegmentationMetrics, compute_metrics, degenerate_reason, summarize
 from .naming import find_label
 
@@ -82,15 +84,16 @@ def pair_cases(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], list
     return pairs, unmatched_pred, unmatched_gt
 
 
-def evaluate_pair(name: str, pred_path: Path, gt_path: Path, max_fraction: float) -> Case:
+def evaluate_pair(name: str, pred_path: Path, gt_path: Path, max_fraction: float | None,
+                  label_value: float | None = None) -> Case:
     """Load one prediction and its label, check they share a grid, and compute the metrics."""
-    pred = load_mask(pred_path)
-    gt = load_mask(gt_path)
+    pred = load_label(pred_path, what="prediction", check=lambda g: check_eval_budget(g, pred_path))
+    gt = load_label(gt_path, label_value, check=lambda g: check_eval_budget(g, gt_path))
     if not same_grid(pred, gt):
         what = "shapes" if pred.shape != gt.shape else "affines"
         raise InputError(f"prediction {pred_path} (shape {pred.shape}) and label {gt_path} (shape {gt.shape}) "
                          f"are not on the same grid: their {what} differ")
-    metrics = compute_metrics(pred.data, gt.data, gt.spacing)
+    metrics = compute_metrics(pred.data, gt.data, gt.spacing, voxel_volume_mm3(gt.affine))
     return Case(name, pred_path, gt_path, metrics, degenerate_reason(pred.data, max_fraction))
 
 
@@ -177,9 +180,12 @@ and both volumes (mL).
 
 PRED and GT are two NIfTI files, or two folders. Folders are paired by file name: a prediction
 X.nii.gz or X_mask.nii.gz (as heartseg-infer writes it) pairs with the label X.nii.gz; *_prob files
-are ignored; predictions without a label are reported and left out, and so are labels without a
-prediction. Any nonzero voxel is foreground. Each prediction must lie on its label's grid (same
-shape and affine), otherwise the tool stops with exit code 2 naming both files.
+are ignored; predictions without a label are reported and left out. Labels without a prediction stop
+the tool with exit code 2, listing them, unless --allow-missing (then they are listed in the JSON
+under "missing_predictions"). Masks must hold only 0 and 1; a label with other values (a
+multi-class label map) is refused unless --label-value V says which value is the foreground. Each
+prediction must lie on its label's grid (same shape and affine), otherwise the tool stops with exit
+code 2 naming both files. Volumes use the voxel volume of the label's affine (|det|).
 
 Distances are in mm from the label's voxel size. HD95 is the larger of the two directed 95th
 percentile surface distances; ASSD is the mean over both directed distance sets. Empty masks: both
@@ -196,7 +202,9 @@ compares them with the true Dice: mean absolute error, share of true Dice inside
 Spearman correlation, and silent failures (true Dice below 0.80 with the verdict ok).
 
 Exit codes: 0 all cases evaluated and none flagged; 2 usage or input error (missing or unreadable
-file, grids that differ, nothing to pair); 3 at least one prediction flagged as degenerate.
+file, grids that differ, nothing to pair, labels without a prediction, a non-binary mask, a report
+path that is one of the inputs, a --qc-report that is not heartseg-infer's JSON); 3 at least one
+prediction flagged as degenerate.
 """
 
 
@@ -219,19 +227,32 @@ def evaluate(
         None, "--qc-report", metavar="FILE",
         help="heartseg-infer's --json report of these predictions: compare its estimated Dice with the true one. "
              "[default: none]", show_default=False),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="Evaluate the labels that have a prediction and list the others, instead of "
+        "stopping with exit code 2 when some labels have none."),
+    label_value: Optional[float] = typer.Option(
+        None, "--label-value", metavar="V", help="Score the label voxels equal to V (for multi-class label maps). "
+        "[default: labels must hold only 0 and 1]", show_default=False),
     version: bool = version_option(),
 ) -> None:
     check_report_path(json_path, "--json")
     check_report_path(csv_path, "--csv")
     pairs, unmatched_pred, unmatched_gt = pair_cases(pred, gt)
+    check_outputs([*(p for _, p, _ in pairs), *(g for _, _, g in pairs), *unmatched_pred, *unmatched_gt, qc_report],
+                  [("--json", json_path), ("--csv", csv_path)])
+    if unmatched_gt and not allow_missing:
+        names = ", ".join(scan_name(p) for p in unmatched_gt[:10]) + (", ..." if len(unmatched_gt) > 10 else "")
+        raise InputError(f"{len(unmatched_gt)} label(s) in {gt} have no prediction in {pred}: {names} "
+                         "(--allow-missing evaluates the others)")
+    records = read_qc_report(qc_report) if qc_report is not None else None
     for path in unmatched_pred:
         warn(f"{path}: no label of the same name in {gt}; not evaluated")
     if unmatched_gt:
-        say(f"{len(unmatched_gt)} label(s) in {gt} have no prediction and were not evaluated")
-    cases = [evaluate_pair(name, p, g, max_fraction) for name, p, g in pairs]
+        warn(f"{len(unmatched_gt)} label(s) in {gt} have no prediction and were not evaluated: "
+             + ", ".join(scan_name(p) for p in unmatched_gt))
+    cases = [evaluate_pair(name, p, g, max_fraction, label_value) for name, p, g in pairs]
     agreement = None
-    if qc_report is not None:
-        records = read_qc_report(qc_report)
+    if records is not None:
         for case in cases:
             case.qc = records.get(case_key(case.pred, PRED_SUFFIXES)) or records.get(case.name)
         agreement = qc_agreement(cases)
@@ -254,6 +275,8 @@ def evaluate(
             "mean": mean,
             "flagged": [case.name for case in flagged],
             "unmatched_predictions": [str(p) for p in unmatched_pred],
+            "missing_predictions": [str(p) for p in unmatched_gt],
+            "label_value": label_value,
             "qc_vs_true": agreement,
             "cases": [{"case": c.name, "pred": str(c.pred), "gt": str(c.gt), **c.metrics.to_dict(), "flag": c.flag,
                        **({"qc": c.qc} if c.qc is not None else {})}

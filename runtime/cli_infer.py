@@ -37,6 +37,7 @@ from .cli_common import (
 from .contract import CONTRACT_KEY
 from .errors import InputError
 from .formats import discover_sources
+from .outputs import check_outputs
 from .pipeline import OutputOptions, ScanResult, check_options, output_folders, plan_jobs, run_jobs
 from .segmenter import Segmenter, resolve_model
 from .session import read_contract
@@ -242,8 +243,10 @@ def infer(
         help="CPU threads for ONNX Runtime. [default: ONNX Runtime's choice, all cores]", show_default=False),
     memory_limit_mb: Optional[float] = typer.Option(
         None, "--memory-limit-mb", metavar="MB",
-        help="Switch to sliding-window inference when the whole volume would need more than MB megabytes "
-             "(estimated from the model's bytes per voxel). [default: no limit, whole volume]",
+        help="Memory budget of the whole process in megabytes: each scan's needs (read, resampling, network, "
+             "postprocessing) are estimated from its header before any voxel is read; the network runs on sliding "
+             "windows when the whole volume does not fit, and a scan that does not fit at all is refused (exit 2). "
+             "[default: 80 % of physical memory]",
         show_default=False),
     output_format: OutputFormat = typer.Option(
         OutputFormat.nifti, "--output-format", help="The mask's format: NIfTI, or DICOM SEG (DICOM input only)."),
@@ -269,7 +272,8 @@ def infer(
         None, "--csv", metavar="FILE", help="Write a cohort CSV, one row per scan with its QC verdict, estimated "
         "Dice and statistics (implies --statistics); '-' is stdout. [default: none]", show_default=False),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the probabilities of the scan "
-                             "and its three mirrored copies (4 inferences per scan). [default: off]"),
+                             "and its three mirrored copies (4 inferences per scan; the copies count in the memory "
+                             "budget). [default: off]"),
     mesh: Optional[MeshFormat] = typer.Option(
         None, "--mesh", help="Also write the atrium's surface, X_mesh.stl or X_mesh.vtk (marching cubes, in "
         "scanner coordinates). Needs scikit-image (heartseg[mesh]). [default: none]", show_default=False),
@@ -301,6 +305,8 @@ def infer(
     check_options(options)
     sources = discover_sources(scans, series)
     jobs = plan_jobs(sources, output, options, label, labels)
+    check_outputs([model_path, *(p for job in jobs for p in (job.source.path, job.label))],
+                  [("--json", json_path), ("--csv", csv_path), *(("output", p) for job in jobs for p in job.outputs())])
     segmenter = Segmenter(model_path, device=device.provider, threads=threads, memory_limit_mb=memory_limit_mb,
                           tta=tta)
     for folder in output_folders(jobs):

@@ -8,6 +8,10 @@ class HeartsegError(Exception):
 
     exit_code = 2
 
+    def __str__(self) -> str:
+        # Messages often quote other libraries' errors, which may span lines; a report is one line.
+        return " ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
+
 
 class InputError(HeartsegError):
     """A scan, label or folder that cannot be used as given."""

@@ -6,6 +6,7 @@ import gzip
 import os
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +52,39 @@ class Volume:
         return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class ScanGeometry:
+    """What the header says about a scan: its 3D shape, voxel storage and affine (no voxel read)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    itemsize: int = 4
+    scaled: bool = False
+
+    @property
+    def voxels(self) -> int:
+        """Number of voxels."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along each array axis."""
+        return tuple(float(s) for s in np.sqrt((np.asarray(self.affine)[:3, :3] ** 2).sum(axis=0)))  # type: ignore
+
+    def read_bytes(self) -> int:
+        """Peak bytes of reading the voxels as float32: the stored array, scaling in float64, the copy, a finite check."""
+        return self.voxels * (self.itemsize + (8 if self.scaled else 0) + 4 + 1)
+
+
 def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm of each axis, from the affine's column norms (correct for oblique affines)."""
     sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     return tuple(float(s) for s in sizes)  # type: ignore[return-value]
+
+
+def voxel_volume_mm3(affine: np.ndarray) -> float:
+    """Volume of one voxel in mm^3: |det| of the affine's 3x3 part (exact for sheared and oblique grids)."""
+    return float(abs(np.linalg.det(np.asarray(affine, float)[:3, :3])))
 
 
 def _read_nifti(path: Path) -> nib.Nifti1Image:
@@ -121,6 +151,20 @@ def _check_geometry(path: Path, image: nib.Nifti1Image) -> None:
         raise InputError(f"{path}: the header's affine is singular or not finite")
 
 
+def _check_file_size(path: Path, image: nib.Nifti1Image) -> None:
+    """An uncompressed file shorter than its header's voxel data is truncated: say so before reading it."""
+    if path.name.endswith(".gz"):
+        return
+    header = image.header
+    # A single-file NIfTI's voxels start after its header even when vox_offset says less.
+    offset = max(int(header.get_data_offset()), int(getattr(header, "single_vox_offset", 0)))
+    expected = offset + int(np.prod(image.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    actual = path.stat().st_size
+    if actual < expected:
+        raise InputError(f"{path}: truncated, the header describes {expected} bytes of voxel data and offset but the "
+                         f"file has {actual}")
+
+
 def _squeeze_to_3d(path: Path | str, data: np.ndarray) -> np.ndarray:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -133,12 +177,36 @@ def _squeeze_to_3d(path: Path | str, data: np.ndarray) -> np.ndarray:
     return data
 
 
-def load_volume(path: str | os.PathLike, dtype: type = np.float32) -> Volume:
-    """Load and validate a 3D NIfTI scan (or a 4D one with a single volume)."""
+def _geometry(image: nib.Nifti1Image) -> ScanGeometry:
+    header = image.header
+    slope, inter = header.get_slope_inter()
+    scaled = slope is not None and (slope != 1 or (inter or 0) != 0)
+    return ScanGeometry(tuple(int(n) for n in image.shape[:3]), np.asarray(image.affine, float),  # type: ignore
+                        int(header.get_data_dtype().itemsize), bool(scaled))
+
+
+def read_geometry(path: str | os.PathLike) -> ScanGeometry:
+    """A scan's shape, voxel storage and affine from its validated header, without reading any voxel."""
     path = Path(path)
     image = _read_nifti(path)
     _check_header_shape(path, tuple(int(n) for n in image.shape))
     _check_geometry(path, image)
+    return _geometry(image)
+
+
+def load_volume(path: str | os.PathLike, dtype: type = np.float32,
+                check: Callable[[ScanGeometry], None] | None = None) -> Volume:
+    """Load and validate a 3D NIfTI scan (or a 4D one with a single volume).
+
+    check, when given, sees the header's geometry before any voxel is read (and may refuse it).
+    """
+    path = Path(path)
+    image = _read_nifti(path)
+    _check_header_shape(path, tuple(int(n) for n in image.shape))
+    _check_geometry(path, image)
+    if check is not None:
+        check(_geometry(image))
+    _check_file_size(path, image)
     try:
         data = np.asanyarray(image.dataobj)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
@@ -163,6 +231,23 @@ def load_mask(path: str | os.PathLike) -> Volume:
     """Load a binary label mask (any nonzero voxel is foreground) as uint8."""
     volume = load_volume(path, dtype=np.float32)
     volume.data = (volume.data != 0).astype(np.uint8)
+    return volume
+
+
+def load_label(path: str | os.PathLike, value: float | None = None, what: str = "label",
+               check: Callable[[ScanGeometry], None] | None = None) -> Volume:
+    """Load a mask as uint8 0/1: voxels equal to value when given, else a file that must hold only 0 and 1."""
+    volume = load_volume(path, dtype=np.float32, check=check)
+    data = volume.data
+    if value is not None:
+        volume.data = (data == value).astype(np.uint8)
+        return volume
+    if np.any((data != 0) & (data != 1)):
+        values = np.unique(data)
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        hint = "; pass --label-value V to score the voxels equal to V" if what == "label" else ""
+        raise InputError(f"{what} {path}: not binary (values {shown}){hint}")
+    volume.data = data.astype(np.uint8)
     return volume
 
 

@@ -71,9 +71,11 @@ def predict_stage(canonical: CanonicalVolume, stage: StageContract, contract: Mo
 def locate(canonical: CanonicalVolume, contract: ModelContract, predict: StagePredictFn,
            max_voxels: int | None = None) -> Box | None:
     """The localiser's box around the target on the native canonical grid, or None when it finds nothing."""
-    coarse = contract.stages[0]
-    prob = predict_stage(canonical, coarse, contract, predict, max_voxels=max_voxels)
-    mask = localiser_mask(prob, float(coarse.threshold))
+    localiser = contract.localiser
+    if localiser is None:
+        raise ValueError("the contract has no localiser stage")
+    prob = predict_stage(canonical, localiser, contract, predict, max_voxels=max_voxels)
+    mask = localiser_mask(prob, float(localiser.threshold))
     found = mask_box(mask)
     if found is None:
         return None

@@ -74,6 +74,15 @@ def _as_binary(mask: np.ndarray, name: str) -> np.ndarray:
     return binary
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the nonzero voxels' bounding box (from per-axis projections, no coordinate list)."""
+    box = []
+    for axis in range(mask.ndim):
+        line = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(line[0]), int(line[-1]) + 1))
+    return tuple(box)
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Return the foreground voxels that have a background 6-neighbour."""
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
@@ -92,7 +101,8 @@ def _directed_distances(
 
 
 def compute_metrics(
-    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float],
+    voxel_volume_mm3: float | None = None,
 ) -> SegmentationMetrics:
     """Compare a binary prediction with a binary reference of the same shape.
 
@@ -103,6 +113,9 @@ def compute_metrics(
     instead take one percentile over both directed distance sets pooled,
     which can be smaller, never meaningfully larger. ASSD is the mean over
     both directed distance sets pooled (the MedPy convention).
+
+    Volumes use ``voxel_volume_mm3`` when given (|det| of the affine's 3x3
+    part, exact for sheared grids), else the product of ``spacing``.
     """
     pred_b = _as_binary(pred, "pred")
     ref_b = _as_binary(ref, "ref")
@@ -121,7 +134,9 @@ def compute_metrics(
     n_pred = int(np.count_nonzero(pred_b))
     n_ref = int(np.count_nonzero(ref_b))
     n_both = int(np.count_nonzero(pred_b & ref_b))
-    voxel_ml = math.prod(spacing_t) / 1000.0
+    if voxel_volume_mm3 is not None and not (math.isfinite(voxel_volume_mm3) and voxel_volume_mm3 > 0):
+        raise ValueError(f"voxel volume must be positive and finite, got {voxel_volume_mm3}")
+    voxel_ml = (math.prod(spacing_t) if voxel_volume_mm3 is None else float(voxel_volume_mm3)) / 1000.0
     volume_pred_ml = n_pred * voxel_ml
     volume_ref_ml = n_ref * voxel_ml
 
@@ -140,10 +155,7 @@ def compute_metrics(
         # cheaper and stay exact, since every surface voxel is inside it. The
         # crop edge adds no false surface: a foreground voxel on the box edge
         # already has a background (or outside-volume) neighbour beyond it.
-        coords = np.argwhere(pred_b | ref_b)
-        crop = tuple(
-            slice(int(a), int(b) + 1) for a, b in zip(coords.min(axis=0), coords.max(axis=0))
-        )
+        crop = _bounding_box(pred_b | ref_b)
         pred_surface = _surface(pred_b[crop])
         ref_surface = _surface(ref_b[crop])
         pred_to_ref = _directed_distances(pred_surface, ref_surface, spacing_t)

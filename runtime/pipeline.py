@@ -18,7 +18,16 @@ import numpy as np
 from .errors import HeartsegError, InputError
 from .formats import ScanImage, ScanSource, read_scan, writer
 from .formats.base import optional_import
-from .image import Volume, is_nifti_path, load_mask, same_grid, save_volume, strip_nifti_suffix
+from .image import (
+    Volume,
+    is_nifti_path,
+    load_mask,
+    read_geometry,
+    same_grid,
+    save_volume,
+    strip_nifti_suffix,
+    voxel_volume_mm3,
+)
 from .mesh import MESH_FORMATS, surface_mesh, write_mesh
 from .metrics import compute_metrics
 from .naming import find_label, label_key
@@ -288,6 +297,8 @@ def process(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmar
             write: bool = True) -> ScanResult:
     """Read, check, segment (benchmark: N more timed times), write, measure and score one scan."""
     start = time.perf_counter()
+    if is_nifti_path(job.source.path):  # its header tells the memory needed before any voxel is read
+        segmenter.check_header(read_geometry(job.source.path), job.source.path)
     scan = read_scan(job.source)
     read_seconds = time.perf_counter() - start
     reference: Volume | None = None
@@ -315,7 +326,8 @@ def process(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmar
         timings["statistics"] = time.perf_counter() - begin
     metrics = None
     if reference is not None:
-        metrics = compute_metrics(prediction.mask, reference.data, scan.volume.spacing).to_dict()
+        metrics = compute_metrics(prediction.mask, reference.data, scan.volume.spacing,
+                                  voxel_volume_mm3(scan.volume.affine)).to_dict()
     return ScanResult(job, "ok" if prediction.qc is None else "flagged", time.perf_counter() - start,
                       prediction.device, prediction.volume_ml, prediction.qc, metrics, statistics, timings, runs,
                       prediction=prediction, scan=scan, report=prediction.report)

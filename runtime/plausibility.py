@@ -60,10 +60,13 @@ class Plausibility:
         return cls(**data)
 
 
-def mask_measures(mask: np.ndarray, spacing: Iterable[float]) -> tuple[float, tuple[float, float, float]]:
-    """A mask's volume in mL and its bounding-box extents in mm, sorted smallest first."""
+def mask_measures(mask: np.ndarray, spacing: Iterable[float],
+                  voxel_volume_mm3: float | None = None) -> tuple[float, tuple[float, float, float]]:
+    """A mask's volume in mL (voxel_volume_mm3, else the product of spacing) and its bounding-box extents in mm,
+    sorted smallest first."""
     spacing = np.asarray(tuple(spacing), float)
-    volume = float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+    voxel = float(np.prod(spacing)) if voxel_volume_mm3 is None else float(voxel_volume_mm3)
+    volume = float(np.count_nonzero(mask)) * voxel / 1000.0
     box = mask_box(mask)
     if box is None:
         return volume, (0.0, 0.0, 0.0)
@@ -122,9 +125,10 @@ def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: 
     return reasons
 
 
-def implausible_reasons(mask: np.ndarray, spacing: Iterable[float], plausibility: Plausibility) -> list[str]:
+def implausible_reasons(mask: np.ndarray, spacing: Iterable[float], plausibility: Plausibility,
+                        voxel_volume_mm3: float | None = None) -> list[str]:
     """Why a non-empty mask is outside the plausible ranges (empty list: plausible)."""
-    volume, extents = mask_measures(mask, spacing)
+    volume, extents = mask_measures(mask, spacing, voxel_volume_mm3)
     reasons = []
     lo, hi = plausibility.volume_ml
     if not lo <= volume <= hi:
@@ -136,10 +140,10 @@ def implausible_reasons(mask: np.ndarray, spacing: Iterable[float], plausibility
 
 
 def mask_flag(mask: np.ndarray, spacing: Iterable[float], plausibility: Plausibility | None,
-              max_fraction: float | None = None) -> str | None:
+              max_fraction: float | None = None, voxel_volume_mm3: float | None = None) -> str | None:
     """Why a mask must not be reported as a result (empty, all foreground, implausible), or None."""
     reason = degenerate_reason(mask, max_fraction)
     if reason is not None or plausibility is None:
         return reason
-    reasons = implausible_reasons(mask, spacing, plausibility)
+    reasons = implausible_reasons(mask, spacing, plausibility, voxel_volume_mm3)
     return "implausible: " + "; ".join(reasons) if reasons else None

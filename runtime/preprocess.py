@@ -140,7 +140,12 @@ def paste(target: np.ndarray, patch: np.ndarray, lo: np.ndarray) -> None:
 
 def mask_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Half-open bounding box [lo, hi) of the nonzero voxels, or None when empty."""
-    idx = np.argwhere(mask)
-    if idx.size == 0:
-        return None
-    return idx.min(axis=0), idx.max(axis=0) + 1
+    # Per-axis projections: no coordinate list, whose size would be 24 bytes per foreground voxel.
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        line = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if line.size == 0:
+            return None
+        lo.append(int(line[0]))
+        hi.append(int(line[-1]) + 1)
+    return np.array(lo), np.array(hi)

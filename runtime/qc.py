@@ -139,10 +139,11 @@ def face_shares(mask: np.ndarray, box: Box | None = None) -> tuple[float, float]
 
 
 def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, float], contract: ModelContract,
-           box: Box | None = None, config: QCConfig = QCConfig()) -> QCReport:
+           box: Box | None = None, config: QCConfig = QCConfig(), voxel_volume_mm3: float | None = None) -> QCReport:
     """QC of a final mask and the probabilities it came from, on one grid (voxel size spacing).
 
-    box is where the final stage looked, on the same grid (None: the whole scan).
+    box is where the final stage looked, on the same grid (None: the whole scan); volumes use
+    voxel_volume_mm3 when given (|det| of the affine, exact for sheared grids), else the product of spacing.
     """
     start = time.perf_counter()
     fails: list[str] = []
@@ -157,12 +158,12 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
     if plausibility is not None and degenerate is None:
         crop = bounding_slices(prob > float(contract.final_stage.threshold))
         region = mask[crop] if crop is not None else mask
-        volume, extents = mask_measures(region, spacing)
+        volume, extents = mask_measures(region, spacing, voxel_volume_mm3)
         sizes = component_sizes(prob[crop] > float(contract.final_stage.threshold)) if crop is not None else []
-        voxel_ml = float(np.prod(spacing)) / 1000.0
+        voxel_ml = float(np.prod(spacing) if voxel_volume_mm3 is None else voxel_volume_mm3) / 1000.0
         measures.update(volume_ml=volume, extents_mm=list(extents), components=len(sizes),
                         component_ml=[float(n) * voxel_ml for n in sizes[:3]])
-        implausible = implausible_reasons(region, spacing, plausibility)
+        implausible = implausible_reasons(region, spacing, plausibility, voxel_volume_mm3)
         lo, hi = plausibility.volume_ml
         if not lo / config.volume_fail_factor <= volume <= hi * config.volume_fail_factor:
             fails.append(f"volume {volume:.1f} mL far outside the plausible {lo:.1f}-{hi:.1f} mL")

@@ -13,6 +13,7 @@ better the SimpleITK image itself, which carries its orientation too.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputError, ModelError
-from .image import Volume, volume_from_array, voxel_sizes
+from .image import ScanGeometry, Volume, volume_from_array, voxel_sizes, voxel_volume_mm3
 from .inference import infer_canonical, mask_from_prob, stage_shape
+from .memory import MB, MemoryPlan, check_plausible, current_rss, default_budget, plan_memory
 from .preprocess import from_canonical, to_canonical
 from .qc import QCReport, assess, stage_box_on_native
 from .session import OnnxSession
@@ -72,22 +74,38 @@ class Prediction:
     @property
     def volume_ml(self) -> float:
         """Segmented volume in millilitres."""
-        return float(self.mask.sum()) * float(np.prod(voxel_sizes(self.affine))) / 1000.0
+        return float(np.count_nonzero(self.mask)) * voxel_volume_mm3(self.affine) / 1000.0
 
 
 class Segmenter:
     """Segments the left atrium in scans with a heartseg ONNX model."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
-                 memory_limit_mb: float | None = None, tta: bool = False) -> None:
+                 memory_limit_mb: float | None = None, max_network_voxels: int | None = None,
+                 tta: bool = False) -> None:
+        """memory_limit_mb bounds the whole process (default: a share of physical memory); max_network_voxels
+        forces sliding windows above that many voxels per network call; tta averages mirrored copies."""
+        if memory_limit_mb is not None and not (math.isfinite(memory_limit_mb) and memory_limit_mb > 0):
+            raise InputError(f"--memory-limit-mb {memory_limit_mb}: must be a positive number of megabytes")
         self.session = OnnxSession(resolve_model(model), "cuda" if device == "gpu" else device, threads)
         self.contract = self.session.contract
         self.tta = tta
-        self.max_voxels = None
-        if memory_limit_mb is not None:
-            if memory_limit_mb <= 0:
-                raise InputError("the memory limit must be positive")
-            self.max_voxels = int(memory_limit_mb * 1e6 / self.contract.bytes_per_voxel)
+        self.budget = int(memory_limit_mb * MB) if memory_limit_mb is not None else default_budget()
+        self.max_network_voxels = max_network_voxels
+        if self.budget is not None and current_rss() >= self.budget:
+            raise InputError(f"--memory-limit-mb {self.budget / MB:g}: the process already uses "
+                             f"{current_rss() / MB:.0f} MB with the model loaded")
+
+    def plan(self, geometry: ScanGeometry, source: str | os.PathLike = "scan", *, loaded: bool = False,
+             keep_prob: bool = False) -> MemoryPlan:
+        """Check a scan's header against the model's plausible spacing and field of view and the memory budget."""
+        check_plausible(geometry, self.contract, source)
+        return plan_memory(geometry, self.contract, self.budget, baseline=current_rss(), include_read=not loaded,
+                           keep_prob=keep_prob, tta=self.tta, source=source)
+
+    def check_header(self, geometry: ScanGeometry, source: str | os.PathLike = "scan") -> None:
+        """A load_volume check: refuse a scan the model cannot plausibly or affordably segment, before reading it."""
+        self.plan(geometry, source)
 
     @property
     def device(self) -> str:
@@ -109,11 +127,16 @@ class Segmenter:
             finally:
                 network[0] += time.perf_counter() - begin
 
+        source = volume.path or "scan"
+        plan = self.plan(ScanGeometry(volume.shape, volume.affine), source, loaded=True, keep_prob=keep_prob)
+        max_voxels = plan.max_network_voxels
+        if self.max_network_voxels is not None:
+            max_voxels = min(max_voxels or self.max_network_voxels, self.max_network_voxels)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         canonical = to_canonical(volume, self.contract.orientation)
         infer = infer_canonical_tta if self.tta else infer_canonical
-        result = infer(canonical, self.contract, timed_predict, self.max_voxels)
+        result = infer(canonical, self.contract, timed_predict, max_voxels)
         # Resampling, normalisation and cropping happen between the network calls: all of it is preprocessing.
         timings["preprocess"] = time.perf_counter() - start - network[0]
         timings["network"] = network[0]
@@ -125,7 +148,9 @@ class Segmenter:
         if result.box is not None:
             box = stage_box_on_native(result.box, canonical.data.shape,
                                       stage_shape(canonical, self.contract.final_stage))
-        report = assess(canonical_mask, result.prob, canonical.spacing, self.contract, box)
+        # Reorienting only permutes and mirrors axes: the scan's voxel volume (|det| of its affine) holds for QC.
+        report = assess(canonical_mask, result.prob, canonical.spacing, self.contract, box,
+                        voxel_volume_mm3=voxel_volume_mm3(volume.affine))
         # "postprocess" includes QC, so that the stages add up to the total; "qc" is its share.
         timings["postprocess"] = time.perf_counter() - start
         timings["qc"] = report.seconds

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import CONTRACT_KEY, ModelContract
+from .contract import CONTRACT_KEY, ContractError, ModelContract
 from .errors import HeartsegError, ModelError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,13 +59,34 @@ def _contract_of(path: Path, session) -> tuple[ModelContract, dict[str, str]]:
         raise ModelError(f"{path}: an ONNX file without heartseg metadata ({CONTRACT_KEY!r} is missing); "
                          "export models with heartseg-export")
     try:
-        contract = ModelContract.from_json(meta[CONTRACT_KEY])
-    except Exception as exc:
-        raise ModelError(f"{path}: heartseg metadata is unreadable ({exc})") from None
-    for stage in contract.stages:
-        if stage.threshold is None:
-            raise ModelError(f"{path}: stage {stage.name!r} has no calibrated threshold")
+        contract = ModelContract.from_json(meta[CONTRACT_KEY]).require_thresholds()
+        check_graph(contract, session.get_inputs(), session.get_outputs())
+    except ContractError as exc:
+        raise ModelError(f"{path}: {exc}") from None
     return contract, meta
+
+
+def check_graph(contract: ModelContract, inputs, outputs) -> None:
+    """The contract's input and output names against the graph's (ONNX Runtime NodeArg lists)."""
+    graph_inputs = {i.name: i for i in inputs}
+    graph_outputs = {o.name for o in outputs}
+    for index, stage in enumerate(contract.stages):
+        where = f"stages[{index}]"
+        if stage.input_name not in graph_inputs:
+            raise ContractError(f"{where}.input_name", f"{stage.input_name!r} is not an input of the graph "
+                                f"(inputs: {', '.join(sorted(graph_inputs))})")
+        shape = graph_inputs[stage.input_name].shape
+        if shape is not None and len(shape) != 5:
+            raise ContractError(f"{where}.input_name", f"input {stage.input_name!r} has rank {len(shape)}, "
+                                "expected (N, 1, X, Y, Z)")
+        for key in ("prob_name", "mask_name"):
+            name = getattr(stage, key)
+            if name not in graph_outputs:
+                raise ContractError(f"{where}.{key}", f"{name!r} is not an output of the graph "
+                                    f"(outputs: {', '.join(sorted(graph_outputs))})")
+    extra = set(graph_inputs) - {s.input_name for s in contract.stages}
+    if extra:
+        raise ContractError("stages", f"graph inputs {sorted(extra)} belong to no stage")
 
 
 class OnnxSession:

@@ -7,6 +7,7 @@ is seen in, so whole-volume and sliding-window inference must agree up to roundi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -56,21 +57,24 @@ def _value(name: str, elem_type: int, prefix: str):
 
 def build_test_model(path: str | Path, *, cascade: bool = False, threshold: float = 0.5, scale: float = 1.0,
                      bias: float = 0.0, with_contract: bool = True, spacing=(1.25, 1.25, 1.37),
-                     coarse_spacing=(5.0, 5.0, 5.0), contract_fields: dict | None = None) -> Path:
+                     coarse_spacing=(5.0, 5.0, 5.0), contract_fields: dict | None = None,
+                     edit_contract=None) -> Path:
     """Write a pointwise heartseg test model (single stage or two-stage cascade) and return its path.
 
-    contract_fields: further ModelContract fields (plausibility, score_calibration, ...).
+    contract_fields: further ModelContract fields (plausibility, score_calibration, ...). edit_contract, when
+    given, receives the contract's dict form and may change it in place before it is written (to make models
+    with bad metadata).
     """
     onnx = _onnx()
     helper, TensorProto = onnx.helper, onnx.TensorProto
     path = Path(path)
     if cascade:
-        names = [("coarse", "coarse_image", "coarse_prob", "coarse_mask", coarse_spacing, 0.0),
-                 ("fine", "fine_image", "fine_prob", "fine_mask", spacing, 15.0)]
+        names = [("coarse", "coarse_image", "coarse_prob", "coarse_mask", coarse_spacing, 0.0, "localiser"),
+                 ("fine", "fine_image", "fine_prob", "fine_mask", spacing, 15.0, "segmenter")]
     else:
-        names = [("single", "image", "prob", "mask", spacing, 0.0)]
+        names = [("single", "image", "prob", "mask", spacing, 0.0, "segmenter")]
     nodes, inits, inputs, outputs, stages = [], [], [], [], []
-    for stage, input_name, prob_name, mask_name, stage_spacing, margin in names:
+    for stage, input_name, prob_name, mask_name, stage_spacing, margin, role in names:
         prefix = stage if cascade else ""
         stage_nodes, stage_inits = _stage_nodes(prefix, input_name, prob_name, mask_name, scale, bias, threshold)
         nodes += stage_nodes
@@ -79,15 +83,18 @@ def build_test_model(path: str | Path, *, cascade: bool = False, threshold: floa
         outputs += [_value(prob_name, TensorProto.FLOAT, prefix), _value(mask_name, TensorProto.UINT8, prefix)]
         stages.append(StageContract(name=stage, spacing=tuple(stage_spacing), patch_size=PATCH, divisor=DIVISOR,
                                     threshold=float(threshold), crop_margin_mm=margin, input_name=input_name,
-                                    prob_name=prob_name, mask_name=mask_name))
+                                    prob_name=prob_name, mask_name=mask_name, role=role))
     graph = helper.make_graph(nodes, "heartseg_pointwise_test", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="heartseg-tests")
     model.ir_version = 8  # readable by every ONNX Runtime >= 1.17
     if with_contract:
         contract = ModelContract(stages=stages, info={"source": "tests/onnx_models.py", "kind": "pointwise"},
                                  **(contract_fields or {}))
+        contract_dict = contract.to_dict()
+        if edit_contract is not None:
+            edit_contract(contract_dict)
         meta = {
-            CONTRACT_KEY: contract.to_json(),
+            CONTRACT_KEY: json.dumps(contract_dict),
             "heartseg.threshold": f"{threshold:g}",
             "heartseg.stages": ",".join(s.name for s in stages),
             "heartseg.spacing_mm": " x ".join(f"{s:g}" for s in spacing),

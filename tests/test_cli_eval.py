@@ -41,10 +41,12 @@ def test_folders_paired_by_name(tmp_path: Path, run_cli) -> None:
         write(ref, gt / f"{name}.nii.gz")
     write(masks["a"][1], gt / "unpredicted.nii.gz")
     report, table = tmp_path / "r.json", tmp_path / "r.csv"
-    result = run_cli(app, pred, gt, "--json", report, "--csv", table)
+    refused = run_cli(app, pred, gt, "--json", report, "--csv", table)
+    assert refused.exit_code == 2 and "unpredicted" in refused.stderr and not report.exists()
+    result = run_cli(app, pred, gt, "--json", report, "--csv", table, "--allow-missing")
     assert result.exit_code == 0, result.output
     assert "orphan_mask.nii.gz" in result.stderr and "warning:" in result.stderr
-    assert "1 label(s)" in result.stdout
+    assert "1 label(s)" in result.stderr
     assert "mean" in result.stdout
     data = json.loads(report.read_text())
     assert data["n_cases"] == 2 and [c["case"] for c in data["cases"]] == ["a", "b"]

@@ -188,7 +188,7 @@ def test_metadata_round_trip(exported, trained_run, checkpoint):
     assert float(meta["heartseg.threshold"]) == fine.threshold
     calibration = meta["heartseg.threshold_calibration"]
     assert "held-out" in calibration and f"over {len(metrics['val_cases'])} held-out cases" in calibration
-    assert meta["heartseg.licence"].startswith("CC0")
+    assert "CC0" in meta["heartseg.licence"]
     assert meta["heartseg.stages"] == "coarse,fine"
     assert json.loads(meta["heartseg.spacing_mm"]) == {s.name: list(s.spacing) for s in contract.stages}
     assert json.loads(meta["heartseg.patch_size"]) == {s.name: list(s.patch_size) for s in contract.stages}
@@ -228,6 +228,29 @@ def test_export_takes_the_pooled_score_calibration(trained_run, tmp_path):
     bad.write_text('{"dice": 1}')
     _assert_refused(_export(trained_run.model, tmp_path / "x.onnx", "--score-calibration", str(bad)),
                     ["no QC score calibration"])
+    # The file is held to the contract's schema: a field out of range is named, and nothing is written.
+    bad.write_text(json.dumps({"score_calibration": {**pooled, "slope": -1.0}}))
+    _assert_refused(_export(trained_run.model, tmp_path / "x.onnx", "--score-calibration", str(bad)),
+                    ["no QC score calibration", "score_calibration.slope"])
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_format_2_checkpoint_without_roles_exports(trained_run, checkpoint, tmp_path):
+    """A model.pt written before stages had roles (format 2) exports, with roles from position and its QC blocks."""
+    old = json.loads(json.dumps(checkpoint["contract"]))
+    old["format_version"] = 2
+    for stage in old["stages"]:
+        del stage["role"]
+    old_pt = tmp_path / "model.pt"
+    torch.save({**checkpoint, "contract": old}, old_pt)
+    out = tmp_path / "old.onnx"
+    result = _export(old_pt, out)
+    assert result.exit_code == 0, result.output
+    contract, _ = read_contract(out)
+    assert [s.role for s in contract.stages] == ["localiser", "segmenter"]
+    expected = ModelContract.from_dict(checkpoint["contract"])
+    assert expected.score_calibration is not None and contract.score_calibration == expected.score_calibration
+    assert contract.plausibility == expected.plausibility and contract.plausibility.spacing_mm is not None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def test_sampling_is_balanced_per_dataset_not_per_case():
 def test_permuted_patches_keep_the_patch_shape_and_image_label_alignment():
     case = _case("a0", "A", 0)
     case.stages["fine"] = (case.label.astype(np.float32) * 5, case.label)
-    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 6, 4))
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 6, 4), divisor=2)
     config = AugmentConfig(flip_axes=(0, 1, 2), p_permute=1.0, p_spatial=0.0, intensity_scale=(1.0, 1.0),
                            intensity_shift=0.0, p_gamma=0.0, p_noise=0.0, p_bias=0.0)
     sampler = PatchSampler([case], stage, SamplerConfig(batch_size=4, foreground_fraction=1.0), config, seed=0)

@@ -156,7 +156,7 @@ def test_memory_limit_gives_the_same_mask(any_model: Path) -> None:
     image, _ = ellipsoid_image((40, 48, 36), seed=4)
     volume = Volume(image, default_affine())
     whole = Segmenter(any_model, device="cpu", threads=1).segment(volume, keep_prob=True)
-    tiled = Segmenter(any_model, device="cpu", threads=1, memory_limit_mb=0.05).segment(volume, keep_prob=True)
+    tiled = Segmenter(any_model, device="cpu", threads=1, max_network_voxels=83).segment(volume, keep_prob=True)
     np.testing.assert_allclose(tiled.prob, whole.prob, atol=1e-5)
     np.testing.assert_array_equal(tiled.mask, whole.mask)
 

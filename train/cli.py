@@ -13,6 +13,13 @@ import typer
 from heartseg.runtime.cli_common import new_app, version_option
 from heartseg.runtime.errors import HeartsegError
 
+from .options import COARSE_TRAIN, FOLDS, SEED, STAGE_KIND, ConfigError, TrainConfig
+from .plan import PlanOptions
+
+# Every default below is the config dataclasses' own (this module imports no PyTorch, so that it can say
+# that PyTorch is missing).
+_FINE, _COARSE, _PLAN = TrainConfig(), TrainConfig(**COARSE_TRAIN), PlanOptions()
+
 app = new_app(help="Train a left-atrium 3D U-Net with cross-validation and a calibrated threshold.")
 
 
@@ -67,25 +74,25 @@ def train(
     data: Optional[List[Path]] = typer.Argument(None, help="Dataset folder(s) in MSD layout (dataset.json, imagesTr/, labelsTr/). Several folders train one model: sampling is balanced per dataset, folds are stratified by dataset, and every report is broken down per dataset."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run folder to create (plan, splits, checkpoints, model.pt, logs, PNGs)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoints (other options are ignored)."),
-    stage: str = typer.Option("cascade", help="cascade (localiser at low resolution, then full resolution around it), single, coarse or fine."),
+    stage: str = typer.Option(STAGE_KIND, help="cascade (localiser at low resolution, then full resolution around it), single, coarse or fine."),
     fold: Optional[str] = typer.Option(None, help="Fold(s) to train: a number (default 0), a list like 1,2 or 'all'. With --resume, widens the run to these folds (finished folds are kept)."),
-    folds: int = typer.Option(5, help="Number of cross-validation folds (cases with identical images share a fold)."),
-    seed: int = typer.Option(0, help="Seed of the split, the initialisation and the sampling."),
-    steps: int = typer.Option(1000, help="Training steps of the full-resolution (fine or single) network."),
-    coarse_steps: int = typer.Option(300, help="Training steps of the localiser."),
-    batch_size: int = typer.Option(2, help="Patches per step."),
-    lr: float = typer.Option(2e-3, help="Peak AdamW learning rate (linear warm-up, then polynomial decay)."),
-    val_every: int = typer.Option(100, help="Validate on the fold's held-out cases every N steps (full volumes, runtime path)."),
-    checkpoint_every: int = typer.Option(20, help="Write last.pt every N steps (the most a kill can lose)."),
+    folds: int = typer.Option(FOLDS, help="Number of cross-validation folds (cases with identical images share a fold)."),
+    seed: int = typer.Option(SEED, help="Seed of the split, the initialisation and the sampling."),
+    steps: int = typer.Option(_FINE.steps, help="Training steps of the full-resolution (fine or single) network."),
+    coarse_steps: int = typer.Option(_COARSE.steps, help="Training steps of the localiser."),
+    batch_size: int = typer.Option(_FINE.batch_size, help="Patches per step."),
+    lr: float = typer.Option(_FINE.lr, help="Peak AdamW learning rate (linear warm-up, then polynomial decay)."),
+    val_every: int = typer.Option(_FINE.val_every, help="Validate on the fold's held-out cases every N steps (full volumes, runtime path)."),
+    checkpoint_every: int = typer.Option(_FINE.checkpoint_every, help="Write last.pt every N steps (the most a kill can lose)."),
     preset: str = typer.Option("fine", help="Network preset of the full-resolution stage: fine (16 ch), coarse (8 ch), failed-project (32 ch)."),
     width: Optional[int] = typer.Option(None, help="Base channels of the full-resolution network (overrides the preset)."),
     norm: Optional[str] = typer.Option(None, help="Normalisation layers: batch, instance or none (overrides the preset)."),
     fine_spacing: Optional[str] = typer.Option(None, help="Full-resolution spacing in mm, 'x,y,z' (default: the dataset's median)."),
     coarse_spacing: Optional[float] = typer.Option(None, help="Localiser spacing in mm (default: about 80 voxels across the median scan)."),
     patch: Optional[str] = typer.Option(None, help="Full-resolution patch in voxels, 'x,y,z' (default: the median atrium box plus margins, at most 64^3 voxels)."),
-    margin_mm: float = typer.Option(15.0, help="Margin around the localiser's box that the full-resolution stage sees."),
-    foreground_fraction: float = typer.Option(0.5, help="Share of patches centred on a foreground voxel."),
-    device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda."),
+    margin_mm: float = typer.Option(_PLAN.crop_margin_mm, help="Margin around the localiser's box that the full-resolution stage sees."),
+    foreground_fraction: float = typer.Option(_FINE.foreground_fraction, help="Share of patches centred on a foreground voxel."),
+    device: str = typer.Option(_FINE.device, help="auto (CUDA when available), cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
     splits: Optional[Path] = typer.Option(None, "--splits", help="Use the folds of this file (the format of a run's splits.json) instead of making them: a fixed split, or a subset of the cases (cases no fold names are not used)."),
@@ -137,25 +144,22 @@ def train(
                 raise HeartsegError(f"--device {device!r}: choose auto, cpu or cuda")
             unet = PRESETS[preset]
             try:
-                unet = replace(unet, base_channels=width or unet.base_channels, norm=norm or unet.norm)
+                unet = replace(unet, base_channels=unet.base_channels if width is None else width,
+                               norm=norm or unet.norm)
             except ValueError as exc:
                 raise HeartsegError(f"network options: {exc}") from None
             patch_size = _triple(patch, int)
             if patch_size and any(p % 2**unet.depth for p in patch_size):
                 raise HeartsegError(f"--patch {patch}: every size must be a multiple of {2**unet.depth} "
                                     f"(the network pools {unet.depth} times)")
-            config = RunConfig(data=[str(d.resolve()) for d in data], output=str(output.resolve()), kind=stage,
-                               fold=fold or "0", n_folds=folds, seed=seed, fine_unet=unet, cache=cache, threads=threads,
-                               init_from=str(init_from.resolve()) if init_from else None,
-                               splits=str(splits.resolve()) if splits else None,
-                               command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
-                               plan=PlanOptions(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
-                                                fine_patch=patch_size, crop_margin_mm=margin_mm))
-            config.fine = replace(config.fine, steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
-                                  checkpoint_every=checkpoint_every, seed=seed, device=device,
-                                  foreground_fraction=foreground_fraction)
-            config.coarse = replace(config.coarse, steps=coarse_steps, batch_size=batch_size, val_every=val_every,
-                                    checkpoint_every=checkpoint_every, seed=seed, device=device)
+            config = _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits,
+                                 dict(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
+                                      fine_patch=patch_size, crop_margin_mm=margin_mm),
+                                 dict(steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
+                                      checkpoint_every=checkpoint_every, seed=seed, device=device,
+                                      foreground_fraction=foreground_fraction),
+                                 dict(steps=coarse_steps, batch_size=batch_size, val_every=val_every,
+                                      checkpoint_every=checkpoint_every, seed=seed, device=device))
         if config.threads:
             torch.set_num_threads(config.threads)
         run = Run(config, log=console.log, progress_factory=_progress_factory(console))
@@ -165,10 +169,16 @@ def train(
         if distributed:
             # Every rank has checked that the run folder is new before rank 0 writes config.json into it.
             torch.distributed.barrier()
+        created = not Path(config.output).exists()
         Path(config.output).mkdir(parents=True, exist_ok=True)
         if resume is None and rank == 0:
             config.save(Path(config.output) / "config.json")
-        summary = run.run()
+        try:
+            summary = run.run()
+        except BaseException:
+            if resume is None and rank == 0:
+                _remove_unstarted_run(Path(config.output), created)
+            raise
         if summary is not None:
             console.print(f"held-out mean Dice {summary['mean']['dice']:.4f} over {summary['cases']} cases "
                           f"(folds {summary['folds']}); model: {Path(config.output) / 'model.pt'}")
@@ -176,8 +186,55 @@ def train(
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     except HeartsegError as exc:
-        console.print(f"error: {exc}", markup=False, highlight=False)
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
+
+
+def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits, plan: dict,
+                fine: dict, coarse: dict):
+    """A new run's configuration; a value no run can use is named by its command-line option."""
+    from heartseg.train.pipeline import RunConfig
+
+    try:
+        plan_options = PlanOptions(**plan)
+    except ConfigError as exc:
+        raise exc.as_option() from None
+    try:
+        fine_config = replace(_FINE, **fine)
+    except ConfigError as exc:
+        raise exc.as_option() from None
+    try:
+        coarse_config = replace(_COARSE, **coarse)
+    except ConfigError as exc:
+        raise exc.as_option("coarse-" if exc.field == "steps" else "") from None
+    try:
+        return RunConfig(data=[str(d.resolve()) for d in data], output=str(output.resolve()), kind=stage,
+                         fold=fold or "0", n_folds=folds, seed=seed, fine_unet=unet, cache=cache, threads=threads,
+                         init_from=str(init_from.resolve()) if init_from else None,
+                         splits=str(splits.resolve()) if splits else None,
+                         command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
+                         plan=plan_options, fine=fine_config, coarse=coarse_config)
+    except ConfigError as exc:
+        raise exc.as_option() from None
+
+
+# What a run leaves that is worth keeping: a checkpoint to resume from, or a model.
+_KEEP = ("last.pt", "best.pt", "model.pt")
+
+
+def _remove_unstarted_run(folder: Path, created: bool) -> None:
+    """Remove what a run that failed before its first checkpoint wrote, so that it can simply be run again."""
+    import shutil
+
+    if any(any(folder.rglob(name)) for name in _KEEP):
+        return
+    if created:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for name in ("config.json", "plan.json", "splits.json"):
+        (folder / name).unlink(missing_ok=True)
+    for sub in folder.glob("fold_*"):
+        shutil.rmtree(sub, ignore_errors=True)
 
 
 def _init_distributed(torch) -> bool:

@@ -64,8 +64,9 @@ def read_dataset(root: str | Path) -> DatasetInfo:
         raise InputError(f"{manifest}: no 'training' list of cases")
     cases = []
     for entry in entries:
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise InputError(f"{manifest}: each training entry needs 'image' and 'label', got {entry!r}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) \
+                or not isinstance(entry.get("label"), str):
+            raise InputError(f"{manifest}: each training entry needs 'image' and 'label' paths, got {entry!r}")
         image = _resolve_inside(root, entry["image"], "image")
         label = _resolve_inside(root, entry["label"], "label")
         cases.append(Case(strip_nifti_suffix(image.name), image, label, root.resolve().name))

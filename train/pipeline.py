@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
 from heartseg.runtime.confidence import fit_score_calibration, pooled_score_calibration, soft_dice_score
-from heartseg.runtime.contract import ModelContract
+from heartseg.runtime.contract import LOCALISER, ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, localiser_mask, mask_from_prob
 from heartseg.runtime.metrics import compute_metrics, degenerate_reason
@@ -21,10 +21,12 @@ from heartseg.runtime.plausibility import learn_plausibility, mask_flag
 from .augment import AugmentConfig
 from .cache import PreparedCase, default_cache_root, fingerprint, prepare_case
 from .calibrate import Calibration, calibrate_threshold
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_safe, save_atomic
+from .checkpoint import model_checkpoint, read_model_checkpoint, save_atomic
 from .dataset import DatasetInfo, image_hash, read_datasets
-from .plan import PlanOptions, TrainPlan, fingerprint_dict, plan_stages
+from .options import FOLDS, SEED, STAGE_KIND, ConfigError, integer_at_least, one_of
+from .plan import STAGE_KINDS, PlanOptions, TrainPlan, fingerprint_dict, plan_stages
 from .splits import Fold, given_folds, make_folds, read_splits, write_splits
+from .options import COARSE_TRAIN
 from .trainer import (
     StageOutcome,
     TrainConfig,
@@ -44,12 +46,12 @@ class RunConfig:
 
     data: list[str]
     output: str
-    kind: str = "cascade"
+    kind: str = STAGE_KIND
     fold: str = "0"
-    n_folds: int = 5
-    seed: int = 0
+    n_folds: int = FOLDS
+    seed: int = SEED
     fine: TrainConfig = field(default_factory=TrainConfig)
-    coarse: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=2, lr=3e-3, val_every=100))
+    coarse: TrainConfig = field(default_factory=lambda: TrainConfig(**COARSE_TRAIN))
     fine_unet: UNetConfig = field(default_factory=lambda: PRESETS["fine"])
     coarse_unet: UNetConfig = field(default_factory=lambda: PRESETS["coarse"])
     plan: PlanOptions = field(default_factory=PlanOptions)
@@ -60,21 +62,41 @@ class RunConfig:
     splits: str | None = None
     command: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, list) or not self.data or not all(isinstance(d, str) for d in self.data):
+            raise ConfigError("data", self.data, "give one or more dataset folders")
+        one_of(self.kind, STAGE_KINDS, "kind")
+        integer_at_least(self.n_folds, 2, "n_folds")
+        integer_at_least(self.seed, 0, "seed")
+        if self.threads is not None:
+            integer_at_least(self.threads, 1, "threads")
+        for name, kind in (("fine", TrainConfig), ("coarse", TrainConfig), ("fine_unet", UNetConfig),
+                           ("coarse_unet", UNetConfig), ("plan", PlanOptions), ("augment", AugmentConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(name, getattr(self, name), f"must be a {kind.__name__}")
+
     def save(self, path: Path) -> None:
         """Write config.json."""
         write_text_atomic(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
-        """Read config.json."""
-        data = json.loads(path.read_text())
-        if isinstance(data["data"], str):
-            data["data"] = [data["data"]]
-        return cls(**{**data, "fine": TrainConfig(**data["fine"]), "coarse": TrainConfig(**data["coarse"]),
-                      "fine_unet": UNetConfig.from_dict(data["fine_unet"]),
-                      "coarse_unet": UNetConfig.from_dict(data["coarse_unet"]),
-                      "plan": PlanOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["plan"].items()}),
-                      "augment": AugmentConfig(**data["augment"])})
+        """Read config.json; HeartsegError naming the file when it is not a usable run configuration."""
+        try:
+            data = json.loads(Path(path).read_text())
+            if isinstance(data["data"], str):
+                data["data"] = [data["data"]]
+            return cls(**{**data, "fine": TrainConfig(**data["fine"]), "coarse": TrainConfig(**data["coarse"]),
+                          "fine_unet": UNetConfig.from_dict(data["fine_unet"]),
+                          "coarse_unet": UNetConfig.from_dict(data["coarse_unet"]),
+                          "plan": PlanOptions(**{k: tuple(v) if isinstance(v, list) else v
+                                                 for k, v in data["plan"].items()}),
+                          "augment": AugmentConfig(**data["augment"])})
+        except HeartsegError as exc:
+            raise HeartsegError(f"{path}: {exc}") from None
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise HeartsegError(f"{path}: not a usable heartseg-train configuration "
+                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def versions() -> dict[str, str]:
@@ -87,8 +109,8 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "scipy": scipy.__version__, "nibabel": nibabel.__version__}
 
 
-def _stage_configs(config: RunConfig, name: str) -> tuple[TrainConfig, UNetConfig]:
-    if name == "coarse":
+def _stage_configs(config: RunConfig, role: str) -> tuple[TrainConfig, UNetConfig]:
+    if role == LOCALISER:
         return config.coarse, config.coarse_unet
     return config.fine, config.fine_unet
 
@@ -189,7 +211,7 @@ class Run:
         writer = _tensorboard(fold_dir / "tb") if rank == 0 else None
         outcomes: dict[str, StageOutcome] = {}
         for stage in contract.stages:
-            train_config, unet_config = _stage_configs(self.config, stage.name)
+            train_config, unet_config = _stage_configs(self.config, stage.role)
             progress = self.progress_factory(f"fold {fold.index} {stage.name}", train_config.steps) if self.progress_factory else None
             outcomes[stage.name] = train_stage(fold_dir / stage.name, stage, contract, unet_config, train_cases,
                                                val_cases, train_config, self.config.augment, progress, writer,
@@ -208,12 +230,12 @@ class Run:
             networks[name] = net.to(device).to(memory_format=torch.channels_last_3d).eval()
         predict = torch_predictor(networks, device, amp=False)
         calibrations: dict[str, Calibration] = {}
-        if contract.is_cascade:
-            coarse = contract.stages[0]
-            pairs = validation_pairs(coarse, contract, val_cases, predict)
-            calibrations["coarse"] = calibrate_threshold(pairs, localiser_mask,
-                                                         lambda i, mask: degenerate_reason(mask, 0.5))
-            contract = _with_threshold(contract, coarse.name, calibrations["coarse"].threshold)
+        if contract.localiser is not None:
+            localiser = contract.localiser
+            pairs = validation_pairs(localiser, contract, val_cases, predict)
+            calibrations[localiser.name] = calibrate_threshold(pairs, localiser_mask,
+                                                               lambda i, mask: degenerate_reason(mask, 0.5))
+            contract = contract.with_threshold(localiser.name, calibrations[localiser.name].threshold)
         final = contract.final_stage
         # The final threshold is calibrated on what the whole pipeline produces on held-out cases.
         probs = [infer_canonical(canonical_of(c), contract, predict).prob for c in val_cases]
@@ -221,7 +243,7 @@ class Run:
         calibrations[final.name] = calibrate_threshold(
             pairs, lambda prob, t: mask_from_prob(prob, contract, t),
             lambda i, mask: mask_flag(mask, val_cases[i].spacing, plausibility))
-        contract = _with_threshold(contract, final.name, calibrations[final.name].threshold)
+        contract = contract.with_threshold(final.name, calibrations[final.name].threshold)
         per_case = {}
         for case, prob in zip(val_cases, probs):
             mask = mask_from_prob(prob, contract)
@@ -249,13 +271,9 @@ class Run:
             "fold": str(fold.index), "train_cases": ",".join(fold.train), "val_cases": ",".join(fold.val),
             "init_from": self.config.init_from or "",
         })
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": plan.kind,
-            "contract": json.loads(contract.to_json()),
-            "networks": {n: {"unet": o.unet, "state_dict": o.state_dict} for n, o in outcomes.items()},
-            "metrics": json.loads(json.dumps(metrics)), "versions": versions(),
-            "command": self.config.command,
-        }
+        checkpoint = model_checkpoint(contract, {n: (o.unet, o.state_dict) for n, o in outcomes.items()},
+                                      kind=plan.kind, metrics=json.loads(json.dumps(metrics)), versions=versions(),
+                                      command=self.config.command)
         save_atomic(checkpoint, fold_dir / "model.pt")
         save_reports(fold_dir, outcomes, calibrations, val_cases, probs, contract)
         if writer:
@@ -269,17 +287,15 @@ class Run:
         """Per-stage weights of the --init-from model (empty without one)."""
         if not self.config.init_from:
             return {}
-        data = load_safe(Path(self.config.init_from))
-        networks = data.get("networks")
-        if data.get("format") != CHECKPOINT_FORMAT or not isinstance(networks, dict):
-            raise HeartsegError(f"{self.config.init_from}: --init-from needs a heartseg model.pt (from heartseg-train)")
+        source = read_model_checkpoint(Path(self.config.init_from))
         weights = {}
-        for name, entry in networks.items():
-            ours = self.config.coarse_unet if name == "coarse" else self.config.fine_unet
-            if not isinstance(entry, dict) or UNetConfig.from_dict(entry.get("unet", {})) != ours:
-                raise HeartsegError(f"{self.config.init_from}: its {name!r} network is not the one this run trains "
-                                    f"({entry.get('unet') if isinstance(entry, dict) else entry} vs {ours.to_dict()})")
-            weights[name] = entry["state_dict"]
+        for stage in source.contract.stages:
+            ours = _stage_configs(self.config, stage.role)[1]
+            theirs = source.networks[stage.name].unet
+            if theirs != ours:
+                raise HeartsegError(f"{self.config.init_from}: its {stage.name!r} network is not the one this run "
+                                    f"trains ({theirs.to_dict()} vs {ours.to_dict()})")
+            weights[stage.name] = source.networks[stage.name].state_dict
         return weights
 
     def summarize(self, results: dict[int, dict]) -> dict:
@@ -307,12 +323,6 @@ def _dataset_info(datasets: list[DatasetInfo]) -> dict[str, str]:
 
     return {"dataset": " + ".join(d.name for d in datasets), "datasets": ",".join(d.cases[0].dataset for d in datasets),
             "dataset_description": joined("description"), "licence": joined("licence"), "reference": joined("reference")}
-
-
-def _with_threshold(contract: ModelContract, stage_name: str, threshold: float) -> ModelContract:
-    """A new contract whose named stage has the given threshold."""
-    stages = [replace(s, threshold=threshold) if s.name == stage_name else s for s in contract.stages]
-    return replace(contract, stages=stages)
 
 
 def _count_by_dataset(cases, ids: list[str]) -> str:

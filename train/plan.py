@@ -8,8 +8,17 @@ from pathlib import Path
 
 import numpy as np
 from heartseg.runtime.atomic import write_text_atomic
-from heartseg.runtime.contract import ModelContract, StageContract
+from heartseg.runtime.contract import (
+    LOCALISER,
+    MARGIN_RANGE_MM,
+    SEGMENTER,
+    SPACING_RANGE_MM,
+    ModelContract,
+    StageContract,
+)
 from heartseg.runtime.preprocess import round_up
+
+from .options import ConfigError, integer_at_least, number_in
 
 STAGE_KINDS = ("cascade", "single", "coarse", "fine")
 
@@ -56,6 +65,27 @@ class PlanOptions:
     context_fraction: float = 0.75
     spacing_step_mm: float = 0.125
 
+    def __post_init__(self) -> None:
+        integer_at_least(self.divisor, 1, "divisor")
+        if self.divisor & (self.divisor - 1):
+            raise ConfigError("divisor", self.divisor, "must be a power of two")
+        number_in(self.crop_margin_mm, 0.0, MARGIN_RANGE_MM[1], "crop_margin_mm")
+        if self.coarse_spacing is not None:
+            number_in(self.coarse_spacing, SPACING_RANGE_MM[0], SPACING_RANGE_MM[1], "coarse_spacing")
+        if self.fine_spacing is not None:
+            if len(self.fine_spacing) != 3:
+                raise ConfigError("fine_spacing", self.fine_spacing, "give three values")
+            for value in self.fine_spacing:
+                number_in(value, SPACING_RANGE_MM[0], SPACING_RANGE_MM[1], "fine_spacing")
+        if self.fine_patch is not None:
+            if len(self.fine_patch) != 3 or any(integer_at_least(p, self.divisor, "fine_patch") % self.divisor
+                                                for p in self.fine_patch):
+                raise ConfigError("fine_patch", self.fine_patch, f"give three multiples of {self.divisor}")
+        integer_at_least(self.coarse_voxels_per_axis, 8, "coarse_voxels_per_axis")
+        integer_at_least(self.max_patch_voxels, self.divisor ** 3, "max_patch_voxels")
+        number_in(self.context_fraction, 0.0, 10.0, "context_fraction", open_lo=True)
+        number_in(self.spacing_step_mm, 0.0, 10.0, "spacing_step_mm", open_lo=True)
+
 
 def plan_stages(kind: str, fp: DataFingerprint, options: PlanOptions,
                 reasons: dict[str, str] | None = None) -> list[StageContract]:
@@ -101,9 +131,9 @@ def plan_stages(kind: str, fp: DataFingerprint, options: PlanOptions,
         why["fine_patch"] = (f"the largest median atrium box of any dataset per axis plus {options.crop_margin_mm:g} mm "
                              f"margins ({_fmt(box_mm)} mm), within {options.max_patch_voxels} voxels")
     coarse = StageContract("coarse", coarse_spacing, coarse_patch, options.divisor, crop_margin_mm=0.0,
-                           input_name="coarse_image", prob_name="coarse_prob", mask_name="coarse_mask")
+                           input_name="coarse_image", prob_name="coarse_prob", mask_name="coarse_mask", role=LOCALISER)
     fine = StageContract("fine", fine_spacing, fine_patch, options.divisor, crop_margin_mm=options.crop_margin_mm,
-                         input_name="fine_image", prob_name="fine_prob", mask_name="fine_mask")
+                         input_name="fine_image", prob_name="fine_prob", mask_name="fine_mask", role=SEGMENTER)
     if kind == "cascade":
         return [coarse, fine]
     if kind == "coarse":
@@ -111,7 +141,7 @@ def plan_stages(kind: str, fp: DataFingerprint, options: PlanOptions,
     if kind == "fine":
         return [fine]
     whole = _fit_patch(np.median(np.asarray(fp.shapes), axis=0), options.divisor, options.max_patch_voxels)
-    return [StageContract("single", fine_spacing, whole, options.divisor)]
+    return [StageContract("single", fine_spacing, whole, options.divisor, role=SEGMENTER)]
 
 
 def _fmt(values) -> str:

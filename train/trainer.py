@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from heartseg.runtime.atomic import write_text_atomic
-from heartseg.runtime.contract import ModelContract, StageContract
+from heartseg.runtime.contract import LOCALISER, ModelContract, StageContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import StagePredictFn, infer_canonical, predict_stage
 from heartseg.runtime.metrics import compute_metrics, dice_score
@@ -22,8 +22,9 @@ from torch import nn
 
 from .augment import AugmentConfig
 from .cache import PreparedCase
-from .checkpoint import load_safe, save_atomic
+from .checkpoint import read_best, read_last, save_atomic
 from .losses import DiceBCELoss
+from .options import COARSE_TRAIN, TrainConfig  # noqa: F401  (TrainConfig is part of this module's API)
 from .sampler import BackgroundBatches, PatchSampler, SamplerConfig
 from .unet import UNetConfig, build_unet
 
@@ -32,25 +33,6 @@ class TrainingFailed(HeartsegError):
     """Training diverged: reported with exit code 1, the last good checkpoint kept."""
 
     exit_code = 1
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one stage."""
-
-    steps: int = 1000
-    batch_size: int = 2
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    warmup_steps: int = 20
-    val_every: int = 100
-    checkpoint_every: int = 20
-    foreground_fraction: float = 0.5
-    dice_weight: float = 1.0
-    bce_weight: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
 
 
 @dataclass
@@ -118,7 +100,7 @@ def validation_pairs(stage: StageContract, contract: ModelContract, cases: list[
     solo = ModelContract(stages=[stage], orientation=contract.orientation, normalization=contract.normalization)
     for case in cases:
         canonical = canonical_of(case)
-        if stage.name == "coarse":
+        if stage.role == LOCALISER:
             pairs.append((predict_stage(canonical, stage, solo, predict), np.asarray(case.stages[stage.name][1])))
         else:
             box = case.box if stage.crop_margin_mm > 0 else None
@@ -172,10 +154,14 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
             raise HeartsegError(f"{stage.name}: --init-from weights do not fit this network "
                                 f"({str(exc).splitlines()[0][:200]})") from None
     if last.exists():
-        ckpt = load_safe(last)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        ckpt = read_last(last)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise HeartsegError(f"{last}: does not fit this run's network or optimiser "
+                                f"({str(exc).splitlines()[0][:200]}); delete it to restart the stage") from None
         state = ckpt["state"]
     net: nn.Module = model
     if world > 1:
@@ -197,7 +183,7 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
         model.train()
         dices = [dice_score(p > 0.5, ref) for p, ref in pairs]
         score = float(np.mean(dices))
-        spacings = [stage.spacing if stage.name == "coarse" else case.spacing for case in val_cases]
+        spacings = [stage.spacing if stage.role == LOCALISER else case.spacing for case in val_cases]
         hd95 = [compute_metrics(p > 0.5, ref, sp).hd95_mm for (p, ref), sp in zip(pairs, spacings)]
         hd95_mean = float(np.nanmean(hd95)) if np.isfinite(hd95).any() else float("nan")
         state["val"].append([state["step"], score])
@@ -254,7 +240,7 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
         save_atomic({"model": model.state_dict(), "step": state["step"], "dice": float("nan")}, stage_dir / "best.pt")
     if world > 1:
         torch.distributed.barrier()
-    best = load_safe(stage_dir / "best.pt")
+    best = read_best(stage_dir / "best.pt")
     seconds = time.perf_counter() - started
     outcome = StageOutcome(stage.name, unet_config.to_dict(), best["model"], int(best["step"]), float(best["dice"]),
                            state["step"], seconds, seconds / max(1, state["step"]),

@@ -1,0 +1,172 @@
+"""Training and export options are validated in one place: a value no run can use is exit 2 with one line
+naming the option, before anything is written; a run that fails before its first checkpoint leaves no
+run folder behind; checkpoints are validated whole before they are used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from heartseg.export.cli import app as export_app  # noqa: E402
+from heartseg.runtime.contract import ModelContract, StageContract  # noqa: E402
+from heartseg.train.checkpoint import model_checkpoint, save_atomic  # noqa: E402
+from heartseg.train.cli import app as train_app  # noqa: E402
+from heartseg.train.options import TrainConfig  # noqa: E402
+from heartseg.train.pipeline import RunConfig  # noqa: E402
+from heartseg.train.plan import PlanOptions  # noqa: E402
+from heartseg.train.unet import UNetConfig, build_unet  # noqa: E402
+from synthetic_dataset import make_msd_dataset  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+TINY = ["--folds", "2", "--width", "4", "--patch", "16,16,16", "--coarse-spacing", "4", "--margin-mm", "6",
+        "--cache", "none", "--threads", "1", "--steps", "2", "--coarse-steps", "2"]
+
+
+def one_line_error(result, *fragments: str, logged: bool = False) -> str:
+    """Exit 2 and one 'error:' line naming fragments (after the run's log lines when logged)."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    if logged:
+        lines = [line for line in lines if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return make_msd_dataset(tmp_path_factory.mktemp("opts") / "data", n_cases=4, shape=(24, 24, 16))
+
+
+BAD_OPTIONS = [
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--lr", "-1"], "--lr -1.0"),
+    (["--val-every", "0"], "--val-every 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every 0"),
+    (["--threads", "-1"], "--threads -1"),
+    (["--steps", "0"], "--steps 0"),
+    (["--coarse-steps", "0"], "--coarse-steps 0"),
+    (["--width", "0"], "base_channels"),
+    (["--margin-mm", "-1"], "--margin-mm -1.0"),
+    (["--foreground-fraction", "2"], "--foreground-fraction 2.0"),
+    (["--folds", "1"], "--folds 1"),
+    (["--device", "tpu"], "--device"),
+]
+
+
+@pytest.mark.parametrize("args,named", BAD_OPTIONS, ids=[a[0][0] for a in BAD_OPTIONS])
+def test_bad_option_is_refused_before_any_run_folder(small_data: Path, tmp_path: Path, args, named: str) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_app, [str(small_data), "-o", str(run), *TINY, *args])
+    one_line_error(result, named)
+    assert not run.exists()
+
+
+def test_cli_defaults_are_the_dataclasses(tmp_path: Path) -> None:
+    import inspect
+
+    from heartseg.train.cli import train
+
+    defaults = {name: p.default.default for name, p in inspect.signature(train).parameters.items()
+                if hasattr(p.default, "default")}
+    config = TrainConfig()
+    assert defaults["steps"] == config.steps and defaults["lr"] == config.lr
+    assert defaults["batch_size"] == config.batch_size and defaults["val_every"] == config.val_every
+    assert defaults["foreground_fraction"] == config.foreground_fraction
+    assert defaults["margin_mm"] == PlanOptions().crop_margin_mm
+    run = RunConfig(data=["d"], output="o")
+    assert defaults["coarse_steps"] == run.coarse.steps and defaults["folds"] == run.n_folds
+
+
+def test_dataset_entry_that_is_not_a_path(tmp_path: Path) -> None:
+    data = make_msd_dataset(tmp_path / "data", n_cases=3, shape=(16, 16, 8))
+    manifest = json.loads((data / "dataset.json").read_text())
+    manifest["training"][0] = {"image": 5, "label": "./labelsTr/syn_000.nii.gz"}
+    (data / "dataset.json").write_text(json.dumps(manifest))
+    one_line_error(CliRunner().invoke(train_app, [str(data), "-o", str(tmp_path / "run"), *TINY]), "dataset.json")
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_run_leaves_no_folder_and_can_be_rerun(tmp_path: Path) -> None:
+    data = make_msd_dataset(tmp_path / "data", n_cases=4, shape=(24, 24, 16))
+    import nibabel as nib
+    import numpy as np
+
+    label = data / "labelsTr" / "syn_002.nii.gz"
+    image = nib.load(str(label))
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * 3, image.affine), str(label))  # not binary
+    run = tmp_path / "run"
+    first = CliRunner().invoke(train_app, [str(data), "-o", str(run), *TINY])
+    one_line_error(first, "not binary", logged=True)
+    assert not run.exists()
+    again = CliRunner().invoke(train_app, [str(data), "-o", str(run), *TINY])
+    text = one_line_error(again, "not binary", logged=True)
+    assert "already exists" not in text
+
+
+def test_resume_with_a_corrupt_config(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"data": ["x"], "output": ')
+    one_line_error(CliRunner().invoke(train_app, ["--resume", str(run)]), "config.json")
+    (run / "config.json").write_text(json.dumps({"data": ["x"], "output": str(run)}))
+    one_line_error(CliRunner().invoke(train_app, ["--resume", str(run)]), "config.json")
+
+
+def test_resume_with_a_last_checkpoint_missing_keys(small_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = RunConfig(data=[str(small_data)], output=str(run), cache="none", threads=1, n_folds=2,
+                       fine_unet=UNetConfig(base_channels=4), coarse_unet=UNetConfig(base_channels=4),
+                       plan=PlanOptions(coarse_spacing=4.0, fine_patch=(16, 16, 16), crop_margin_mm=6.0))
+    run.mkdir()
+    config.save(run / "config.json")
+    last = run / "fold_0" / "coarse" / "last.pt"
+    last.parent.mkdir(parents=True)
+    save_atomic({"model": build_unet(UNetConfig(base_channels=4)).state_dict()}, last)
+    one_line_error(CliRunner().invoke(train_app, ["--resume", str(run)]), "last.pt", "missing optimizer",
+                   logged=True)
+
+
+def _checkpoint(edit=None) -> dict:
+    unet = UNetConfig(base_channels=2, depth=1)
+    contract = ModelContract(stages=(StageContract("single", (1.5, 1.5, 1.5), (16, 16, 16), threshold=0.5),))
+    data = model_checkpoint(contract, {"single": (unet.to_dict(), build_unet(unet).state_dict())}, kind="single",
+                            metrics={}, versions={}, command="")
+    if edit:
+        edit(data)
+    return data
+
+
+BAD_CHECKPOINTS = {
+    "no-stages": (lambda d: d["contract"].update(stages=[]), "contract field 'stages'"),
+    "threshold-missing": (lambda d: d["contract"]["stages"][0].update(threshold=None), "stages[0].threshold"),
+    "networks-list": (lambda d: d.update(networks=[d["networks"]["single"]]), "'networks'"),
+    "unet-unknown-key": (lambda d: d["networks"]["single"]["unet"].update(colour="red"), "U-Net configuration"),
+    "state-dict-string": (lambda d: d["networks"]["single"].update(state_dict="weights"), "state dict"),
+    "orientation": (lambda d: d["contract"].update(orientation="LPS"), "orientation"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_export_refuses_a_bad_checkpoint(tmp_path: Path, case: str) -> None:
+    edit, named = BAD_CHECKPOINTS[case]
+    checkpoint = tmp_path / "model.pt"
+    save_atomic(_checkpoint(edit), checkpoint)
+    result = CliRunner().invoke(export_app, [str(checkpoint), "-o", str(tmp_path / "m.onnx")])
+    one_line_error(result, str(checkpoint), named)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_good_checkpoint_passes_validation(tmp_path: Path) -> None:
+    from heartseg.export.model_file import load_trained_model
+
+    checkpoint = tmp_path / "model.pt"
+    save_atomic(_checkpoint(), checkpoint)
+    model = load_trained_model(checkpoint)
+    assert model.contract.final_stage.threshold == 0.5 and set(model.networks) == {"single"}
