@@ -25,6 +25,10 @@ def export(
     fp16: bool = typer.Option(False, "--fp16", help="Also write <output stem>.fp16.onnx (float16 weights) with its held-out Dice change."),
     int8: bool = typer.Option(False, "--int8", help="Also write <output stem>.int8.onnx (ONNX Runtime static quantisation, calibrated on training patches) with its held-out Dice change."),
     data: Optional[List[Path]] = typer.Option(None, help="The training dataset(s) (MSD layout; repeat --data for a model trained on several); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
+    score_calibration: Optional[Path] = typer.Option(
+        None, "--score-calibration", metavar="JSON",
+        help="Replace the fold's QC score calibration by the one in this file: a run's summary.json (pooled over "
+             "the held-out cases of every fold run) or a calibration's own JSON."),
     version: bool = version_option(),
 ) -> None:
     """Export, then check that ONNX Runtime reproduces PyTorch (probabilities within 1e-4, masks on 99.99 %
@@ -51,14 +55,23 @@ def export(
         if (fp16 or int8) and not data:
             raise HeartsegError("--fp16/--int8 need --data DATASET to measure the variants on the held-out cases")
         planned = planned_outputs(output, fp16, int8)
-        check_outputs([checkpoint, *(scan or [])], planned)
+        check_outputs([checkpoint, score_calibration, *(scan or [])], planned)
         for what, path in planned:
             if path.exists() and not overwrite:
                 raise HeartsegError(f"{what} {path}: exists (use --overwrite to replace it)")
         for path in scan or []:
             if not path.is_file():
                 raise HeartsegError(f"{path}: no such scan")
+        calibration = None
+        if score_calibration is not None:
+            from heartseg.export.qc_calibration import read_score_calibration
+
+            calibration = read_score_calibration(score_calibration)
         model = load_trained_model(checkpoint)
+        if calibration is not None:
+            from dataclasses import replace
+
+            model = replace(model, contract=replace(model.contract, score_calibration=calibration))
         output.parent.mkdir(parents=True, exist_ok=True)
         # Only a file that passed the parity check ever appears at the output path.
         with atomic_output(output) as tmp:

@@ -7,8 +7,8 @@ Exit codes of both tools (the command-line contract):
 * 2: usage, model or input error: a missing or unreadable model, a model without heartseg
   metadata, an input that is not a usable 3D image or DICOM series, grids that do not match, an
   output folder that cannot be written, no scans found.
-* 3: everything ran, but at least one mask was flagged by QC (empty, all foreground, or larger
-  than the model's plausible fraction of the scan); flagged masks are still written.
+* 3: everything ran, but QC gave at least one mask the verdict "review" or "fail" (heartseg-infer),
+  or flagged a prediction as degenerate (heartseg-eval); such masks are still written.
 
 When several of these happen in one run, the exit code is the first of 2, 1, 3 that applies.
 """
@@ -52,7 +52,7 @@ EXIT_CODES_HELP = (
     "2 usage, model or input error (missing or unreadable model, model without heartseg metadata, "
     "a scan that is not a usable 3D image or DICOM series, mismatched grids, output folder not writable, "
     "no scans found); "
-    "3 at least one mask was flagged by QC (it is still written). "
+    "3 at least one mask got the QC verdict review or fail (it is still written). "
     "If several apply, the first of 2, 1, 3 wins."
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,6 +53,7 @@ class Case:
     gt: Path
     metrics: SegmentationMetrics
     flag: str | None
+    qc: dict | None = None  # heartseg-infer's QC record of this prediction, when a report was given
 
 
 def pair_cases(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], list[Path], list[Path]]:
@@ -95,10 +97,47 @@ def evaluate_pair(name: str, pred_path: Path, gt_path: Path, max_fraction: float
     return Case(name, pred_path, gt_path, metrics, degenerate_reason(pred.data, max_fraction))
 
 
+def read_qc_report(path: Path) -> dict[str, dict]:
+    """heartseg-infer's --json report: {scan name: its QC record (verdict, estimated Dice, interval)}."""
+    try:
+        data = json.loads(path.read_text())
+        scans = data["scans"]
+        return {str(s["name"]): s.get("qc_report") or {} for s in scans if s.get("name")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"--qc-report {path}: not a heartseg-infer JSON report ({exc})") from None
+
+
+def qc_agreement(cases: list[Case], bad_below: float = 0.80) -> dict[str, float | int | None]:
+    """Estimated against true Dice over the cases with an estimate: error, interval coverage, Spearman,
+    and silent failures (true Dice below bad_below with the verdict ok)."""
+    rows = [(c.qc["estimated_dice"], c.qc["dice_interval"], c.qc.get("verdict"), c.metrics.dice)
+            for c in cases if c.qc and c.qc.get("estimated_dice") is not None]
+    verdicts = [(c.qc.get("verdict"), c.metrics.dice) for c in cases if c.qc]
+    out: dict[str, float | int | None] = {
+        "cases": len(rows), "mean_abs_error": None, "interval_coverage": None, "spearman": None,
+        "silent_failures": sum(v == "ok" and d < bad_below for v, d in verdicts), "bad_below": bad_below}
+    if rows:
+        import numpy as np
+
+        est = np.array([r[0] for r in rows], float)
+        true = np.array([r[3] for r in rows], float)
+        out["mean_abs_error"] = float(np.mean(np.abs(est - true)))
+        out["interval_coverage"] = float(np.mean([lo <= d <= hi for (_, (lo, hi), _, d) in rows]))
+        if len(rows) >= 3 and np.ptp(est) > 0 and np.ptp(true) > 0:
+            from scipy.stats import spearmanr
+
+            out["spearman"] = float(spearmanr(est, true)[0])
+    return out
+
+
 def _table(cases: list[Case], mean: dict[str, float]) -> Table:
     table = Table(title=f"heartseg-eval  {len(cases)} case{'s' if len(cases) != 1 else ''}", title_justify="left")
+    with_qc = any(c.qc for c in cases)
     for column in ("case", "Dice", "IoU", "precision", "recall", "HD95 mm", "ASSD mm", "pred mL", "ref mL", "QC"):
         table.add_column(column, justify="left" if column in ("case", "QC") else "right")
+    if with_qc:
+        table.add_column("est. Dice [interval]", justify="right")
+        table.add_column("verdict")
 
     def cells(values: dict[str, float]) -> list[str]:
         return [fmt(values["dice"]), fmt(values["iou"]), fmt(values["precision"]), fmt(values["recall"]),
@@ -107,22 +146,32 @@ def _table(cases: list[Case], mean: dict[str, float]) -> Table:
 
     for case in cases:
         qc = Text("ok", style="green") if case.flag is None else Text(f"FLAG: {case.flag}", style="bold red")
-        table.add_row(Text(case.name), *cells(case.metrics.__dict__), qc)
+        extra = []
+        if with_qc:
+            record = case.qc or {}
+            interval = record.get("dice_interval")
+            estimate = record.get("estimated_dice")
+            extra = [f"{estimate:.2f} [{interval[0]:.2f}-{interval[1]:.2f}]" if estimate is not None and interval
+                     else "n/a", record.get("verdict") or "n/a"]
+        table.add_row(Text(case.name), *cells(case.metrics.__dict__), qc, *extra)
     flagged = sum(c.flag is not None for c in cases)
     table.add_section()
     table.add_row(Text("mean", style="bold"), *cells(mean),
-                  Text(f"{flagged} flagged", style="bold red") if flagged else "")
+                  Text(f"{flagged} flagged", style="bold red") if flagged else "", *([""] * 2 if with_qc else []))
     return table
 
 
 def _csv(cases: list[Case]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "pred", "gt", *METRIC_COLUMNS, "flag"])
+    writer.writerow(["case", "pred", "gt", *METRIC_COLUMNS, "flag", "estimated_dice", "verdict"])
     for case in cases:
         values = case.metrics.to_dict()
+        qc = case.qc or {}
+        estimate = qc.get("estimated_dice")
         writer.writerow([case.name, case.pred, case.gt,
-                         *("" if values[k] is None else repr(values[k]) for k in METRIC_COLUMNS), case.flag or ""])
+                         *("" if values[k] is None else repr(values[k]) for k in METRIC_COLUMNS), case.flag or "",
+                         "" if estimate is None else repr(estimate), qc.get("verdict") or ""])
     return buffer.getvalue()
 
 
@@ -147,9 +196,15 @@ n/a values.
 A prediction that is empty, all foreground or covers more than --max-fraction of its scan is
 flagged: a "FLAG" row in the table, a warning line, and exit code 3.
 
+With --qc-report FILE (the --json report heartseg-infer wrote for these predictions), each case also
+shows heartseg's estimated Dice, its interval and the QC verdict, paired by scan name; a summary line
+compares them with the true Dice: mean absolute error, share of true Dice inside the interval,
+Spearman correlation, and silent failures (true Dice below 0.80 with the verdict ok).
+
 Exit codes: 0 all cases evaluated and none flagged; 2 usage or input error (missing or unreadable
 file, grids that differ, nothing to pair, labels without a prediction, a non-binary mask, a report
-path that is one of the inputs); 3 at least one prediction flagged as degenerate.
+path that is one of the inputs, a --qc-report that is not heartseg-infer's JSON); 3 at least one
+prediction flagged as degenerate.
 """
 
 
@@ -168,6 +223,10 @@ def evaluate(
         help="Also flag a prediction covering more than this fraction of its scan (the atrium's share differs "
              "widely between datasets, so by default only empty and all-foreground predictions are flagged). "
              "[default: none]", show_default=False),
+    qc_report: Optional[Path] = typer.Option(
+        None, "--qc-report", metavar="FILE",
+        help="heartseg-infer's --json report of these predictions: compare its estimated Dice with the true one. "
+             "[default: none]", show_default=False),
     allow_missing: bool = typer.Option(
         False, "--allow-missing", help="Evaluate the labels that have a prediction and list the others, instead of "
         "stopping with exit code 2 when some labels have none."),
@@ -179,20 +238,31 @@ def evaluate(
     check_report_path(json_path, "--json")
     check_report_path(csv_path, "--csv")
     pairs, unmatched_pred, unmatched_gt = pair_cases(pred, gt)
-    check_outputs([*(p for _, p, _ in pairs), *(g for _, _, g in pairs), *unmatched_pred, *unmatched_gt],
+    check_outputs([*(p for _, p, _ in pairs), *(g for _, _, g in pairs), *unmatched_pred, *unmatched_gt, qc_report],
                   [("--json", json_path), ("--csv", csv_path)])
     if unmatched_gt and not allow_missing:
         names = ", ".join(scan_name(p) for p in unmatched_gt[:10]) + (", ..." if len(unmatched_gt) > 10 else "")
         raise InputError(f"{len(unmatched_gt)} label(s) in {gt} have no prediction in {pred}: {names} "
                          "(--allow-missing evaluates the others)")
+    records = read_qc_report(qc_report) if qc_report is not None else None
     for path in unmatched_pred:
         warn(f"{path}: no label of the same name in {gt}; not evaluated")
     if unmatched_gt:
         warn(f"{len(unmatched_gt)} label(s) in {gt} have no prediction and were not evaluated: "
              + ", ".join(scan_name(p) for p in unmatched_gt))
     cases = [evaluate_pair(name, p, g, max_fraction, label_value) for name, p, g in pairs]
+    agreement = None
+    if records is not None:
+        for case in cases:
+            case.qc = records.get(case_key(case.pred, PRED_SUFFIXES)) or records.get(case.name)
+        agreement = qc_agreement(cases)
     mean = summarize([case.metrics for case in cases])
     out_console().print(_table(cases, mean))
+    if agreement is not None:
+        say(f"QC: estimated vs true Dice over {agreement['cases']} cases: mean |error| "
+            f"{fmt(agreement['mean_abs_error'])}, inside the interval {fmt(agreement['interval_coverage'], 2)}, "
+            f"Spearman {fmt(agreement['spearman'], 2)}; silent failures (true Dice < 0.80, verdict ok): "
+            f"{agreement['silent_failures']}")
     flagged = [case for case in cases if case.flag is not None]
     for case in flagged:
         warn(f"{case.name}: degenerate prediction {case.pred} ({case.flag})")
@@ -207,7 +277,9 @@ def evaluate(
             "unmatched_predictions": [str(p) for p in unmatched_pred],
             "missing_predictions": [str(p) for p in unmatched_gt],
             "label_value": label_value,
-            "cases": [{"case": c.name, "pred": str(c.pred), "gt": str(c.gt), **c.metrics.to_dict(), "flag": c.flag}
+            "qc_vs_true": agreement,
+            "cases": [{"case": c.name, "pred": str(c.pred), "gt": str(c.gt), **c.metrics.to_dict(), "flag": c.flag,
+                       **({"qc": c.qc} if c.qc is not None else {})}
                       for c in cases],
         })
     if csv_path is not None:

@@ -70,7 +70,7 @@ def _print_info(model: Path) -> None:
             f"crop margin {stage.crop_margin_mm:g} mm, input {stage.input_name!r}, outputs {stage.prob_name!r} "
             f"(probabilities), {stage.mask_name!r} (mask)")
     for key in ("orientation", "normalization", "largest_component", "plausibility", "max_foreground_fraction",
-                "bytes_per_voxel",
+                "bytes_per_voxel", "score_calibration",
                 "format_version"):
         say(f"{key}: {getattr(contract, key)}")
     for key, value in sorted(contract.info.items()):
@@ -122,13 +122,16 @@ def _results_table(results: list[ScanResult], model: Path, device: str, with_met
     table.add_column("device")
     table.add_column("LA volume mL", justify="right")
     table.add_column("QC")
+    with_estimate = any(r.report is not None and r.report.estimated_dice is not None for r in results)
+    if with_estimate:
+        table.add_column("est. Dice [interval]", justify="right")
     if with_metrics:
         table.add_column("Dice", justify="right")
         table.add_column("HD95 mm", justify="right")
     if with_statistics:
         for name in ("area cm2", "sphericity", "AP mm", "SI mm", "ML mm"):
             table.add_column(name, justify="right")
-    extra = (2 if with_metrics else 0) + (5 if with_statistics else 0)
+    extra = (1 if with_estimate else 0) + (2 if with_metrics else 0) + (5 if with_statistics else 0)
     for result in results:
         name = Text(result.job.name)
         if result.status == "skipped":
@@ -136,11 +139,13 @@ def _results_table(results: list[ScanResult], model: Path, device: str, with_met
             row += [Text("skipped: output exists", style="dim")] + ["-"] * extra
             table.add_row(*row)
             continue
-        qc = Text("ok", style="green") if result.status == "ok" else Text(f"FLAG: {result.qc}", style="bold red")
+        qc = _verdict_text(result)
         row = [name, fmt(result.seconds, 2)]
         if benchmark:
             row += [fmt(float(np.median(result.runs)), 3), fmt(float(np.percentile(result.runs, 95)), 3)]
         row += [result.device or "-", fmt(result.volume_ml, 1), qc]
+        if with_estimate:
+            row += [result.report.dice_text() if result.report is not None else "n/a"]
         if with_metrics:
             metrics = result.metrics or {}
             row += [fmt(metrics.get("dice"), 3), fmt(metrics.get("hd95_mm"), 2)]
@@ -153,16 +158,40 @@ def _results_table(results: list[ScanResult], model: Path, device: str, with_met
     return table
 
 
+VERDICT_STYLES = {"ok": "green", "review": "bold yellow", "fail": "bold red"}
+QC_COLUMNS = ("verdict", "estimated_dice", "dice_low", "dice_high", "qc_score", "dice")
+
+
+def _verdict_text(result: ScanResult) -> Text:
+    """The QC cell: the verdict in its colour, with its reasons."""
+    report = result.report
+    if report is None:
+        return Text(f"FLAG: {result.qc}" if result.qc else "ok", style="bold red" if result.qc else "green")
+    return Text(report.summary(), style=VERDICT_STYLES.get(report.verdict, ""))
+
+
+def _qc_cells(result: ScanResult) -> list[str]:
+    """The QC columns of the cohort CSV: verdict, estimated Dice and interval, score, and the true Dice with labels."""
+    report = result.report
+    if report is None:
+        return [""] * len(QC_COLUMNS)
+    low, high = report.dice_interval if report.dice_interval is not None else (None, None)
+    dice = (result.metrics or {}).get("dice")
+    return [report.verdict, *("" if v is None else f"{v:.4f}" for v in (report.estimated_dice, low, high, report.score,
+                                                                         dice))]
+
+
 def cohort_csv(results: list[ScanResult]) -> str:
-    """One row per scan: where it came from, its mask, QC, and its statistics."""
+    """One row per scan: where it came from, its mask, QC (verdict, reasons, estimated Dice), and its statistics."""
     buffer = io.StringIO()
     out = csv.writer(buffer, lineterminator="\n")
-    out.writerow(["name", "scan", "series", "status", "mask", "qc", *STATISTICS_COLUMNS])
+    out.writerow(["name", "scan", "series", "status", "mask", "qc", *STATISTICS_COLUMNS, *QC_COLUMNS])
     for result in results:
         record = result.to_dict()
         stats = result.statistics or {}
         out.writerow([record["name"], record["scan"], record["series"] or "", record["status"], record["mask"] or "",
-                      record["qc"] or "", *("" if stats.get(k) is None else repr(stats[k]) for k in STATISTICS_COLUMNS)])
+                      record["qc"] or "", *("" if stats.get(k) is None else repr(stats[k]) for k in STATISTICS_COLUMNS),
+                      *_qc_cells(result)])
     return buffer.getvalue()
 
 
@@ -188,9 +217,13 @@ are skipped unless --overwrite; an output that would replace an input file is re
 Preprocessing, spacing, patch size, threshold and postprocessing all come from the contract stored
 in the model file; nothing here can change them (see --info).
 
-A table row per scan shows the time, device, left-atrium volume in mL and the QC verdict: "ok", or
-"FLAG: reason" for a mask that is empty, all foreground, or implausibly large. Flagged masks are
-still written. With --label/--labels it also shows Dice and HD95 (mm) against the label; with
+A table row per scan shows the time, device, left-atrium volume in mL and the QC verdict with its
+reasons: "ok"; "review" (look at this mask: volume, extents, fragments, a mask cut by the box or the
+scan edge, a voxel size or field of view the model never trained on, or a low estimated Dice); or
+"fail" (empty, all foreground, far outside the plausible volume, or a very low estimated Dice).
+Models with a score calibration also show the estimated Dice and its interval; the verdict is in
+--json, --csv and the overlay's title too. Masks under review or failed are still written. With
+--label/--labels it also shows Dice and HD95 (mm) against the label; with
 --statistics the atrium's surface area (cm2), sphericity and maximal anteroposterior, superoinferior
 and mediolateral diameters (mm, along the axes of the scan's affine). --json FILE and --csv FILE
 (a cohort table of the statistics) write reports; FILE '-' is stdout.
@@ -261,8 +294,11 @@ def infer(
         False, "--statistics", help="Also measure the atrium: surface area, sphericity, maximal AP/SI/ML diameters "
         "(table, JSON, --csv). Needs scikit-image (heartseg[mesh])."),
     csv_path: Optional[Path] = typer.Option(
-        None, "--csv", metavar="FILE", help="Write a cohort CSV, one row per scan with its statistics "
-        "(implies --statistics); '-' is stdout. [default: none]", show_default=False),
+        None, "--csv", metavar="FILE", help="Write a cohort CSV, one row per scan with its QC verdict, estimated "
+        "Dice and statistics (implies --statistics); '-' is stdout. [default: none]", show_default=False),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the probabilities of the scan "
+                             "and its three mirrored copies (4 inferences per scan; the copies count in the memory "
+                             "budget). [default: off]"),
     mesh: Optional[MeshFormat] = typer.Option(
         None, "--mesh", help="Also write the atrium's surface, X_mesh.stl or X_mesh.vtk (marching cubes, in "
         "scanner coordinates). Needs scikit-image (heartseg[mesh]). [default: none]", show_default=False),
@@ -338,6 +374,8 @@ def infer(
         say(f"shard {the_shard}: none of the {len(sources)} scans falls into this shard")
         raise typer.Exit(0)
     if ray_address is not None:
+        if tta:
+            raise InputError("--tta is not available with --ray: run the cohort without test-time flips")
         from .distributed import RayConfig, run_jobs_on_ray
 
         read_contract(model_path)  # a bad model fails here, once, not on every worker
@@ -349,7 +387,8 @@ def infer(
 
         where, device_name = model_path, f"ray ({ray_address})"
     else:
-        segmenter = Segmenter(model_path, device=device.provider, threads=threads, memory_limit_mb=memory_limit_mb)
+        segmenter = Segmenter(model_path, device=device.provider, threads=threads, memory_limit_mb=memory_limit_mb,
+                              tta=tta)
 
         def runner(on_start: Callable[[ScanJob], None], on_done: Callable[[ScanResult], None]) -> list[ScanResult]:
             return run_jobs(segmenter, jobs, options, benchmark, on_start=on_start, on_done=on_done)
@@ -398,7 +437,7 @@ def _report(results: list[ScanResult], model: Path, device: str, options: Output
     if len(results) > 1 and failed:
         error(f"{len(failed)} of {len(results)} scans failed")
     for result in flagged:
-        warn(f"{result.job.name}: mask flagged by QC ({result.qc}); it was written, check it")
+        warn(f"{result.job.name}: flagged by QC ({result.qc}); the mask was written, check it")
     code = final_exit_code([r.exit_code for r in failed] + ([code] if code else []), bool(flagged))
     if csv_path is not None:
         write_report(csv_path, cohort_csv(results))

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .confidence import SCORE_NAME, ScoreCalibration
 from .errors import ModelError
-from .plausibility import Plausibility
+from .plausibility import DEFAULT_INPUT_MARGIN, Plausibility
 
 # 1: a fixed largest foreground fraction; 2: plausibility learned from the training labels;
-# 3: an explicit role per stage.
+# 3: an explicit role per stage. The QC blocks (score_calibration, the training scans' voxel sizes and
+# fields of view in plausibility) are optional in every format from 2: a file without them loads as before.
 FORMAT_VERSION = 3
 CONTRACT_KEY = "heartseg.contract"
 
@@ -35,6 +37,11 @@ MARGIN_RANGE_MM = (0.0, 500.0)
 MAX_PATCH = 1024
 MAX_DIVISOR = 256
 BYTES_PER_VOXEL_RANGE = (1, 1_000_000)
+# The confidence scores a runtime can compute, and the fields a score calibration cannot do without.
+SCORES = (SCORE_NAME,)
+CALIBRATION_REQUIRED = ("slope", "intercept", "residual_lo", "residual_hi", "cases")
+# Bound on a calibration's slope, intercept and residuals: a fit on Dice values in [0, 1] stays far inside it.
+CALIBRATION_LIMIT = 1000.0
 
 
 class ContractError(ModelError):
@@ -88,14 +95,35 @@ def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _range(value: Any, name: str) -> tuple[float, float]:
+def _range(value: Any, name: str, lo: float = 0.0, hi: float = math.inf, *,
+           closed: bool = False) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
         raise ContractError(name, f"must be a (low, high) pair, got {value!r}")
-    lo = _number(value[0], f"{name}[0]", 0.0, math.inf, open_lo=True, open_hi=True)
-    hi = _number(value[1], f"{name}[1]", 0.0, math.inf, open_lo=True, open_hi=True)
-    if lo > hi:
-        raise ContractError(name, f"low {lo:g} is above high {hi:g}")
-    return lo, hi
+    bounds = dict(open_lo=not closed, open_hi=not closed)
+    low = _number(value[0], f"{name}[0]", lo, hi, **bounds)
+    high = _number(value[1], f"{name}[1]", lo, hi, **bounds)
+    if low > high:
+        raise ContractError(name, f"low {low:g} is above high {high:g}")
+    return low, high
+
+
+def _ranges3(value: Any, name: str) -> tuple[tuple[float, float], ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
+        raise ContractError(name, f"must be three (low, high) pairs, got {value!r}")
+    return tuple(_range(pair, f"{name}[{i}]") for i, pair in enumerate(value))
+
+
+def _object(value: Any, name: str, cls: type, required: tuple[str, ...]) -> dict:
+    """value as a dict holding only cls's fields and every required one."""
+    if not isinstance(value, dict):
+        raise ContractError(name, f"must be an object, got {value!r}")
+    unknown = set(value) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ContractError(f"{name}.{sorted(unknown)[0]}", "unknown field")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise ContractError(f"{name}.{missing[0]}", "missing")
+    return value
 
 
 def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility | None:
@@ -104,21 +132,45 @@ def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility |
         return None
     if isinstance(value, Plausibility):
         value = value.to_dict()
-    if not isinstance(value, dict):
-        raise ContractError(name, f"must be an object, got {value!r}")
-    unknown = set(value) - {f.name for f in fields(Plausibility)}
-    if unknown:
-        raise ContractError(f"{name}.{sorted(unknown)[0]}", "unknown field")
-    if "volume_ml" not in value or "extent_mm" not in value:
-        raise ContractError(name, "needs volume_ml and extent_mm")
-    extents = value["extent_mm"]
-    if isinstance(extents, (str, bytes)) or not hasattr(extents, "__len__") or len(extents) != 3:
-        raise ContractError(f"{name}.extent_mm", f"must be three (low, high) pairs, got {extents!r}")
+    value = _object(value, name, Plausibility, ("volume_ml", "extent_mm"))
+    # The training scans' geometry is absent from models trained before QC learned it.
+    optional = {key: None if value.get(key) is None else _ranges3(value[key], f"{name}.{key}")
+                for key in ("spacing_mm", "fov_mm")}
     return Plausibility(
         volume_ml=_range(value["volume_ml"], f"{name}.volume_ml"),
-        extent_mm=tuple(_range(e, f"{name}.extent_mm[{i}]") for i, e in enumerate(extents)),  # type: ignore[arg-type]
+        extent_mm=_ranges3(value["extent_mm"], f"{name}.extent_mm"),  # type: ignore[arg-type]
         cases=_integer(value.get("cases", 0), f"{name}.cases", 0, 10**9),
         margin=_number(value.get("margin", 1.0), f"{name}.margin", 1.0, 1000.0),
+        input_margin=_number(value.get("input_margin", DEFAULT_INPUT_MARGIN), f"{name}.input_margin", 1.0, 1000.0),
+        **optional,
+    )
+
+
+def check_score_calibration(value: Any, name: str = "score_calibration") -> ScoreCalibration | None:
+    """A validated ScoreCalibration (from itself or its dict form), or None."""
+    if value is None:
+        return None
+    if isinstance(value, ScoreCalibration):
+        value = value.to_dict()
+    value = _object(value, name, ScoreCalibration, CALIBRATION_REQUIRED)
+    defaults = {f.name: f.default for f in fields(ScoreCalibration) if f.default is not MISSING}
+    get = lambda key: value.get(key, defaults[key])  # noqa: E731
+    at = lambda key: f"{name}.{key}"  # noqa: E731
+    review_below = _number(get("review_below"), at("review_below"), 0.0, 1.0)
+    fail_below = _number(get("fail_below"), at("fail_below"), 0.0, 1.0)
+    if fail_below > review_below:
+        raise ContractError(at("fail_below"), f"{fail_below:g} is above review_below {review_below:g}")
+    return ScoreCalibration(
+        slope=_number(value["slope"], at("slope"), 0.0, CALIBRATION_LIMIT),
+        intercept=_number(value["intercept"], at("intercept"), -CALIBRATION_LIMIT, CALIBRATION_LIMIT),
+        residual_lo=_number(value["residual_lo"], at("residual_lo"), -CALIBRATION_LIMIT, 0.0),
+        residual_hi=_number(value["residual_hi"], at("residual_hi"), 0.0, CALIBRATION_LIMIT),
+        cases=_integer(value["cases"], at("cases"), 1, 10**9),
+        coverage=_number(get("coverage"), at("coverage"), 0.0, 1.0, open_lo=True, open_hi=True),
+        score=_choice(get("score"), at("score"), SCORES),
+        review_below=review_below,
+        fail_below=fail_below,
+        score_range=_range(get("score_range"), at("score_range"), 0.0, 1.0, closed=True),
     )
 
 
@@ -172,6 +224,9 @@ class ModelContract:
     bytes_per_voxel: int = 600
     format_version: int = FORMAT_VERSION
     info: dict[str, str] = field(default_factory=dict)
+    # --- QC: the confidence score's calibration into an estimated Dice, fitted on held-out cases.
+    # None in models calibrated before it existed (their QC verdict comes from the mask rules only).
+    score_calibration: ScoreCalibration | None = None
 
     def __post_init__(self) -> None:
         put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731
@@ -209,6 +264,7 @@ class ModelContract:
                                                        for k, v in self.info.items()):
             raise ContractError("info", "must map strings to strings")
         put("info", dict(self.info))
+        put("score_calibration", check_score_calibration(self.score_calibration))
 
     @property
     def localiser(self) -> StageContract | None:

@@ -32,6 +32,8 @@ NETWORK_STAGE_BYTES = 8
 TILED_BYTES = 8
 # Bytes per scan voxel held while a stage runs: the scan and its canonical copy.
 HELD_BYTES = 8
+# With test-time augmentation, also the mirrored copy of the scan and the running sum of probabilities.
+TTA_HELD_BYTES = 8
 # A scan's voxels may span at most this many times the finest and coarsest stage spacings...
 SPACING_FACTOR = 8.0
 # ...and its field of view at most this many times the largest patch extent of any stage (at least MIN_FOV_MM).
@@ -106,10 +108,11 @@ class MemoryPlan:
 
 
 def plan_memory(geometry: ScanGeometry, contract: ModelContract, budget: int | None, *, baseline: int = 0,
-                include_read: bool = True, keep_prob: bool = False, source: str | Path = "scan") -> MemoryPlan:
+                include_read: bool = True, keep_prob: bool = False, tta: bool = False,
+                source: str | Path = "scan") -> MemoryPlan:
     """The pipeline's peak for this scan within budget (bytes for the whole process, of which baseline is in use;
     None: unbounded): how many voxels one network call may take; InputError when even the smallest sliding
-    window does not fit."""
+    window does not fit. tta: with test-time augmentation."""
     shape, spacing = canonical_geometry(geometry, contract.orientation)
     voxels = geometry.voxels
     # A loaded scan's float32 voxels are already part of the process's resident memory.
@@ -119,8 +122,9 @@ def plan_memory(geometry: ScanGeometry, contract: ModelContract, budget: int | N
     padded = max(int(np.prod(padded_shape(target_shape(shape, spacing, s.spacing), s.patch_size, s.divisor),
                              dtype=np.int64)) for s in contract.stages)
     postprocess = voxels * (NATIVE_BYTES + (4 if keep_prob else 0) - loaded)
-    making_grids = voxels * (HELD_BYTES - loaded) + max(grids) * STAGE_BYTES
-    beside_network = voxels * (HELD_BYTES - loaded) + max(grids) * (NETWORK_STAGE_BYTES + TILED_BYTES)
+    held = HELD_BYTES + (TTA_HELD_BYTES if tta else 0) - loaded
+    making_grids = voxels * held + max(grids) * STAGE_BYTES
+    beside_network = voxels * held + max(grids) * (NETWORK_STAGE_BYTES + TILED_BYTES)
     fixed = max(read, postprocess, making_grids)
     bpv = contract.bytes_per_voxel
     if budget is None:

@@ -42,6 +42,7 @@ from .image import (
 from .mesh import MESH_FORMATS, surface_mesh, write_mesh
 from .metrics import compute_metrics
 from .naming import find_label, label_key
+from .qc import QCReport
 from .segmenter import Prediction, Segmenter
 from .statistics import atrium_statistics
 
@@ -107,6 +108,7 @@ class ScanResult:
     prediction: Prediction | None = None
     scan: ScanImage | None = None
     resumed: bool = False  # reported from the record of an earlier run, not segmented again
+    report: QCReport | None = None  # QC's verdict, reasons and estimated Dice (kept when prediction is dropped)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record of this scan."""
@@ -126,7 +128,11 @@ class ScanResult:
             "seconds": self.seconds,
             "device": self.device,
             "volume_ml": self.volume_ml,
-            "qc": "ok" if self.status == "ok" else (f"FLAG: {self.qc}" if self.qc else None),
+            "qc": self.report.summary() if self.report is not None else None,
+            "verdict": self.report.verdict if self.report is not None else None,
+            "estimated_dice": self.report.estimated_dice if self.report is not None else None,
+            "dice_interval": list(self.report.dice_interval) if self.report and self.report.dice_interval else None,
+            "qc_report": self.report.to_dict() if self.report is not None else None,
             "metrics": self.metrics,
             "statistics": self.statistics,
             "timings": self.timings or None,
@@ -267,6 +273,19 @@ def _save_overlay(path: Path, volume: Volume, mask: np.ndarray, reference: Volum
     return save_overlay(path, canonical.data, flip(mask), label, title)
 
 
+def overlay_title(name: str, report: QCReport | None) -> str:
+    """The overlay's title: the scan's name, its QC verdict and estimated Dice, and the reasons."""
+    if report is None:
+        return name
+    title = f"{name}   QC {report.verdict.upper()}"
+    if report.estimated_dice is not None:
+        title += f", est. Dice {report.dice_text()}"
+    reasons = "; ".join(report.reasons)
+    if reasons:
+        title += f": {reasons[:117]}..." if len(reasons) > 120 else f": {reasons}"
+    return title
+
+
 def write_outputs(job: ScanJob, scan: ScanImage, prediction: Prediction, options: OutputOptions,
                   reference: Volume | None = None) -> float:
     """Write the job's files (the mask last, each atomically); on any failure remove those already written."""
@@ -277,7 +296,8 @@ def write_outputs(job: ScanJob, scan: ScanImage, prediction: Prediction, options
             written.append(save_volume(prediction.prob.astype(np.float32), scan.volume.affine, job.prob_path,
                                        overwrite=options.overwrite))
         if job.overlay_path is not None:
-            written.append(_save_overlay(job.overlay_path, scan.volume, prediction.mask, reference, job.name))
+            written.append(_save_overlay(job.overlay_path, scan.volume, prediction.mask, reference,
+                                         overlay_title(job.name, prediction.report)))
         if job.mesh_path is not None and options.mesh is not None:
             written.append(write_mesh(surface_mesh(prediction.mask, scan.volume.affine), job.mesh_path, options.mesh,
                                       options.mesh_space, overwrite=options.overwrite))
@@ -328,7 +348,7 @@ def process(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmar
                                   voxel_volume_mm3(scan.volume.affine)).to_dict()
     return ScanResult(job, "ok" if prediction.qc is None else "flagged", time.perf_counter() - start,
                       prediction.device, prediction.volume_ml, prediction.qc, metrics, statistics, timings, runs,
-                      prediction=prediction, scan=scan)
+                      prediction=prediction, scan=scan, report=prediction.report)
 
 
 def record_path(job: ScanJob) -> Path:

@@ -3,6 +3,9 @@
 The ranges are the training labels' own (volume in mL; the mask's extents in mm, sorted so that
 they do not depend on which array axis is which) widened by a margin. Calibration refuses a
 threshold whose masks leave them, and QC flags such masks.
+
+The scans' own voxel sizes and fields of view (sorted, in mm) are learned too, widened by the input
+margin: QC asks for a review of a scan whose geometry the model never saw.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from .preprocess import mask_box
 
 # Margin around the training labels' range: a factor on the extremes (low / factor, high * factor).
 DEFAULT_MARGIN = 1.5
+# Margin around the training scans' voxel sizes and fields of view, the same way.
+DEFAULT_INPUT_MARGIN = 1.5
+
+Ranges3 = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
+
+
+def _ranges(values) -> Ranges3 | None:
+    return None if values is None else tuple(tuple(float(v) for v in pair) for pair in values)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -27,10 +38,17 @@ class Plausibility:
     extent_mm: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
     cases: int = 0
     margin: float = DEFAULT_MARGIN
+    # Sorted voxel sizes and fields of view (mm) of the training scans, widened by input_margin;
+    # None in models trained before they were learned.
+    spacing_mm: Ranges3 | None = None
+    fov_mm: Ranges3 | None = None
+    input_margin: float = DEFAULT_INPUT_MARGIN
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volume_ml", tuple(float(v) for v in self.volume_ml))
-        object.__setattr__(self, "extent_mm", tuple(tuple(float(v) for v in pair) for pair in self.extent_mm))
+        object.__setattr__(self, "extent_mm", _ranges(self.extent_mm))
+        object.__setattr__(self, "spacing_mm", _ranges(self.spacing_mm))
+        object.__setattr__(self, "fov_mm", _ranges(self.fov_mm))
 
     def to_dict(self) -> dict:
         """JSON-able form."""
@@ -56,10 +74,26 @@ def mask_measures(mask: np.ndarray, spacing: Iterable[float],
     return volume, tuple(float(e) for e in extents)  # type: ignore[return-value]
 
 
-def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]],
-                       margin: float = DEFAULT_MARGIN) -> Plausibility:
-    """Ranges from (label, spacing) pairs of training cases, widened by margin."""
-    measures = [mask_measures(label, spacing) for label, spacing in labels]
+def scan_geometry(shape: Iterable[int], spacing: Iterable[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A scan's voxel sizes and field of view in mm, each sorted smallest first."""
+    spacing = np.asarray(tuple(spacing), float)
+    fov = np.asarray(tuple(shape), float) * spacing
+    return tuple(float(v) for v in np.sort(spacing)), tuple(float(v) for v in np.sort(fov))
+
+
+def _widened(rows: np.ndarray, margin: float) -> Ranges3:
+    return tuple((float(rows[:, a].min() / margin), float(rows[:, a].max() * margin))  # type: ignore[return-value]
+                 for a in range(rows.shape[1]))
+
+
+def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], margin: float = DEFAULT_MARGIN,
+                       input_margin: float = DEFAULT_INPUT_MARGIN) -> Plausibility:
+    """Ranges from (label, spacing) pairs of training cases, widened by margin (input_margin for the scans)."""
+    measures, geometry = [], []
+    for label, spacing in labels:
+        spacing = tuple(spacing)
+        geometry.append(scan_geometry(np.shape(label), spacing))
+        measures.append(mask_measures(label, spacing))
     measures = [m for m in measures if m[0] > 0]
     if not measures:
         raise ValueError("no labelled foreground to learn a plausible atrium from")
@@ -67,10 +101,28 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]],
     extents = np.array([m[1] for m in measures])
     return Plausibility(
         volume_ml=(float(volumes.min() / margin), float(volumes.max() * margin)),
-        extent_mm=tuple((float(extents[:, a].min() / margin), float(extents[:, a].max() * margin))  # type: ignore[arg-type]
-                        for a in range(3)),
+        extent_mm=_widened(extents, margin),
         cases=len(measures), margin=margin,
+        spacing_mm=_widened(np.array([g[0] for g in geometry]), input_margin),
+        fov_mm=_widened(np.array([g[1] for g in geometry]), input_margin),
+        input_margin=input_margin,
     )
+
+
+def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: Plausibility) -> list[str]:
+    """Why a scan's voxel size or field of view is outside what the model trained on (empty: inside)."""
+    spacing_sorted, fov_sorted = scan_geometry(shape, spacing)
+    reasons = []
+    for what, values, ranges in (("voxel size", spacing_sorted, plausibility.spacing_mm),
+                                 ("field of view", fov_sorted, plausibility.fov_mm)):
+        if ranges is None:
+            continue
+        for name, value, (lo, hi) in zip(("smallest", "middle", "largest"), values, ranges):
+            if not lo <= value <= hi:
+                digits = 2 if what == "voxel size" else 0
+                reasons.append(f"{name} {what} {value:.{digits}f} mm outside the trained {lo:.{digits}f}-"
+                               f"{hi:.{digits}f} mm")
+    return reasons
 
 
 def implausible_reasons(mask: np.ndarray, spacing: Iterable[float], plausibility: Plausibility,

@@ -26,11 +26,12 @@ import numpy as np
 
 from .errors import InputError, ModelError
 from .image import ScanGeometry, Volume, volume_from_array, voxel_sizes, voxel_volume_mm3
-from .inference import infer_canonical, mask_from_prob
+from .inference import infer_canonical, mask_from_prob, stage_shape
 from .memory import MB, MemoryPlan, check_plausible, current_rss, default_budget, plan_memory
-from .plausibility import mask_flag
 from .preprocess import from_canonical, to_canonical
+from .qc import QCReport, assess, stage_box_on_native
 from .session import OnnxSession
+from .tta import infer_canonical_tta
 
 DEFAULT_MODEL_NAME = "heartseg-la.onnx"
 # The shipped model's variants, by the name --model and Segmenter(model=...) accept.
@@ -68,6 +69,7 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     network_voxels: dict[str, int] = field(default_factory=dict)
     network_calls: int = 0
+    report: QCReport | None = None
 
     @property
     def volume_ml(self) -> float:
@@ -79,13 +81,15 @@ class Segmenter:
     """Segments the left atrium in scans with a heartseg ONNX model."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
-                 memory_limit_mb: float | None = None, max_network_voxels: int | None = None) -> None:
+                 memory_limit_mb: float | None = None, max_network_voxels: int | None = None,
+                 tta: bool = False) -> None:
         """memory_limit_mb bounds the whole process (default: a share of physical memory); max_network_voxels
-        forces sliding windows above that many voxels per network call."""
+        forces sliding windows above that many voxels per network call; tta averages mirrored copies."""
         if memory_limit_mb is not None and not (math.isfinite(memory_limit_mb) and memory_limit_mb > 0):
             raise InputError(f"--memory-limit-mb {memory_limit_mb}: must be a positive number of megabytes")
         self.session = OnnxSession(resolve_model(model), "cuda" if device == "gpu" else device, threads)
         self.contract = self.session.contract
+        self.tta = tta
         self.budget = int(memory_limit_mb * MB) if memory_limit_mb is not None else default_budget()
         self.max_network_voxels = max_network_voxels
         if self.budget is not None and current_rss() >= self.budget:
@@ -97,7 +101,7 @@ class Segmenter:
         """Check a scan's header against the model's plausible spacing and field of view and the memory budget."""
         check_plausible(geometry, self.contract, source)
         return plan_memory(geometry, self.contract, self.budget, baseline=current_rss(), include_read=not loaded,
-                           keep_prob=keep_prob, source=source)
+                           keep_prob=keep_prob, tta=self.tta, source=source)
 
     def check_header(self, geometry: ScanGeometry, source: str | os.PathLike = "scan") -> None:
         """A load_volume check: refuse a scan the model cannot plausibly or affordably segment, before reading it."""
@@ -131,17 +135,26 @@ class Segmenter:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         canonical = to_canonical(volume, self.contract.orientation)
-        result = infer_canonical(canonical, self.contract, timed_predict, max_voxels)
+        infer = infer_canonical_tta if self.tta else infer_canonical
+        result = infer(canonical, self.contract, timed_predict, max_voxels)
         # Resampling, normalisation and cropping happen between the network calls: all of it is preprocessing.
         timings["preprocess"] = time.perf_counter() - start - network[0]
         timings["network"] = network[0]
         start = time.perf_counter()
-        mask = from_canonical(mask_from_prob(result.prob, self.contract), canonical)
+        canonical_mask = mask_from_prob(result.prob, self.contract)
+        mask = from_canonical(canonical_mask, canonical)
         prob = from_canonical(result.prob, canonical) if keep_prob else None
-        qc = mask_flag(mask, volume.spacing, self.contract.plausibility, self.contract.max_foreground_fraction,
-                       voxel_volume_mm3(volume.affine))
+        box = None
+        if result.box is not None:
+            box = stage_box_on_native(result.box, canonical.data.shape,
+                                      stage_shape(canonical, self.contract.final_stage))
+        # Reorienting only permutes and mirrors axes: the scan's voxel volume (|det| of its affine) holds for QC.
+        report = assess(canonical_mask, result.prob, canonical.spacing, self.contract, box,
+                        voxel_volume_mm3=voxel_volume_mm3(volume.affine))
+        # "postprocess" includes QC, so that the stages add up to the total; "qc" is its share.
         timings["postprocess"] = time.perf_counter() - start
-        return Prediction(mask, volume.affine, prob, qc, self.device, timings, voxels, calls[0])
+        timings["qc"] = report.seconds
+        return Prediction(mask, volume.affine, prob, report.flag, self.device, timings, voxels, calls[0], report)
 
     def predict(self, image: Any, spacing: tuple[float, float, float] | None = None,
                 affine: np.ndarray | None = None, series: str | None = None) -> "SegmentationResult":
@@ -181,7 +194,7 @@ class Segmenter:
         timings = {"read": read_seconds, **prediction.timings}
         return SegmentationResult(wrap(prediction.mask.astype(np.uint8)), wrap(prediction.prob.astype(np.float32)),
                                   prediction.mask, volume.affine, prediction.volume_ml, prediction.qc, timings,
-                                  prediction.device)
+                                  prediction.device, prediction.report)
 
     def run(self, scans: list[str | os.PathLike], output: str | os.PathLike | None = None,
             options: Any = None, series: str | None = None) -> list[Any]:
@@ -230,7 +243,8 @@ class SegmentationResult:
     """What Segmenter.predict returns: the mask and probabilities in the caller's type, and what was measured.
 
     mask_array is the uint8 mask as an (x, y, z) array on the grid of affine (RAS mm); qc is None
-    when the mask passed QC, else the reason it was flagged; statistics are computed on first use
+    when the mask passed QC, else its verdict and reasons ("review: ..." or "fail: ..."), with the whole
+    QCReport (estimated Dice, measures) in report; statistics are computed on first use
     (they need scikit-image, heartseg[mesh]).
     """
 
@@ -242,6 +256,7 @@ class SegmentationResult:
     qc: str | None
     timings: dict[str, float]
     device: str
+    report: QCReport | None = None
     _statistics: Any = field(default=None, repr=False)
 
     @property

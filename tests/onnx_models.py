@@ -57,11 +57,13 @@ def _value(name: str, elem_type: int, prefix: str):
 
 def build_test_model(path: str | Path, *, cascade: bool = False, threshold: float = 0.5, scale: float = 1.0,
                      bias: float = 0.0, with_contract: bool = True, spacing=(1.25, 1.25, 1.37),
-                     coarse_spacing=(5.0, 5.0, 5.0), edit_contract=None) -> Path:
+                     coarse_spacing=(5.0, 5.0, 5.0), contract_fields: dict | None = None,
+                     edit_contract=None) -> Path:
     """Write a pointwise heartseg test model (single stage or two-stage cascade) and return its path.
 
-    edit_contract, when given, receives the contract's dict form and may change it in place before it is
-    written (to make models with bad metadata).
+    contract_fields: further ModelContract fields (plausibility, score_calibration, ...). edit_contract, when
+    given, receives the contract's dict form and may change it in place before it is written (to make models
+    with bad metadata).
     """
     onnx = _onnx()
     helper, TensorProto = onnx.helper, onnx.TensorProto
@@ -86,7 +88,8 @@ def build_test_model(path: str | Path, *, cascade: bool = False, threshold: floa
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="heartseg-tests")
     model.ir_version = 8  # readable by every ONNX Runtime >= 1.17
     if with_contract:
-        contract = ModelContract(stages=stages, info={"source": "tests/onnx_models.py", "kind": "pointwise"})
+        contract = ModelContract(stages=stages, info={"source": "tests/onnx_models.py", "kind": "pointwise"},
+                                 **(contract_fields or {}))
         contract_dict = contract.to_dict()
         if edit_contract is not None:
             edit_contract(contract_dict)

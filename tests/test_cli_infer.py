@@ -116,12 +116,13 @@ def test_qc_flag_writes_mask_and_exits_3(tmp_path: Path, run_cli) -> None:
     report = tmp_path / "r.json"
     result = run_cli(app, scan, "-o", tmp_path / "out", "--model", everything, "--threads", 1, "--json", report)
     assert_clean_exit(result, 3)
-    assert "FLAG: all foreground" in result.stdout
+    assert "fail: all foreground" in result.stdout
     assert "flagged" in result.stderr
     mask = np.asanyarray(nib.load(str(tmp_path / "out" / "s_mask.nii.gz")).dataobj)
     assert mask.all()
     record = json.loads(report.read_text())["scans"][0]
-    assert record["status"] == "flagged" and record["qc"] == "FLAG: all foreground"
+    assert record["status"] == "flagged" and record["qc"] == "fail: all foreground"
+    assert record["verdict"] == "fail" and record["qc_report"]["reasons"] == ["all foreground"]
 
 
 def test_cascade_that_finds_nothing_gives_empty_flagged_mask(tmp_path: Path, run_cli) -> None:
@@ -129,7 +130,7 @@ def test_cascade_that_finds_nothing_gives_empty_flagged_mask(tmp_path: Path, run
     scan, _ = make_scan(tmp_path / "in" / "s.nii.gz")
     result = run_cli(app, scan, "-o", tmp_path / "out", "--model", nothing, "--threads", 1)
     assert_clean_exit(result, 3)
-    assert "FLAG: empty" in result.stdout
+    assert "fail: empty" in result.stdout
     written = nib.load(str(tmp_path / "out" / "s_mask.nii.gz"))
     assert written.shape == (40, 48, 36) and not np.asanyarray(written.dataobj).any()
 

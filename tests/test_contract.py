@@ -34,7 +34,18 @@ def _set(path: str, value):
     return edit
 
 
-# (case id, contract edit, field the error must name) -- every case listed in the hardening issue.
+# A valid score calibration (QC's estimated Dice), for the cases that break one of its fields.
+CALIBRATION = {"slope": 1.0, "intercept": 0.0, "residual_lo": -0.05, "residual_hi": 0.05, "cases": 5}
+EXTENTS = [[10, 60], [20, 80], [30, 90]]
+
+
+_DROP = object()  # a _calibration change that removes the field
+
+
+def _calibration(**changes) -> dict:
+    return {key: value for key, value in {**CALIBRATION, **changes}.items() if value is not _DROP}
+
+# (case id, contract edit, field the error must name) -- every case listed in the hardening issue, and the QC blocks.
 BAD_CONTRACTS = [
     ("threshold-text", _set("stages.1.threshold", "abc"), "stages[1].threshold"),
     ("threshold-nan", _set("stages.1.threshold", math.nan), "stages[1].threshold"),
@@ -65,6 +76,29 @@ BAD_CONTRACTS = [
      "plausibility.extent_mm[0][0]"),
     ("max-fraction", _set("max_foreground_fraction", 1.5), "max_foreground_fraction"),
     ("format-version-text", _set("format_version", "two"), "format_version"),
+    ("calibration-not-object", _set("score_calibration", "abc"), "score_calibration"),
+    ("calibration-slope-nan", _set("score_calibration", _calibration(slope=math.nan)), "score_calibration.slope"),
+    ("calibration-slope-negative", _set("score_calibration", _calibration(slope=-1.0)), "score_calibration.slope"),
+    ("calibration-no-intercept", _set("score_calibration", _calibration(intercept=_DROP)),
+     "score_calibration.intercept"),
+    ("calibration-lower-residual-positive", _set("score_calibration", _calibration(residual_lo=0.1)),
+     "score_calibration.residual_lo"),
+    ("calibration-no-cases", _set("score_calibration", _calibration(cases=0)), "score_calibration.cases"),
+    ("calibration-unknown-score", _set("score_calibration", _calibration(score="entropy")), "score_calibration.score"),
+    ("calibration-fail-above-review", _set("score_calibration", _calibration(review_below=0.5, fail_below=0.8)),
+     "score_calibration.fail_below"),
+    ("calibration-score-range", _set("score_calibration", _calibration(score_range=[0.2, 1.5])),
+     "score_calibration.score_range[1]"),
+    ("calibration-unknown-field", _set("score_calibration", _calibration(bias=0.1)), "score_calibration.bias"),
+    ("plausibility-spacing-inverted", _set("plausibility", {"volume_ml": [1, 10], "extent_mm": EXTENTS,
+                                                            "spacing_mm": [[2, 1], [1, 2], [1, 2]]}),
+     "plausibility.spacing_mm[0]"),
+    ("plausibility-fov-two-ranges", _set("plausibility", {"volume_ml": [1, 10], "extent_mm": EXTENTS,
+                                                          "fov_mm": [[100, 200], [100, 200]]}),
+     "plausibility.fov_mm"),
+    ("plausibility-input-margin", _set("plausibility", {"volume_ml": [1, 10], "extent_mm": EXTENTS,
+                                                        "input_margin": 0.5}),
+     "plausibility.input_margin"),
 ]
 
 
@@ -139,3 +173,64 @@ def test_role_decides_the_localiser_not_the_name() -> None:
 def test_contract_error_is_a_model_error() -> None:
     assert issubclass(ContractError, ModelError)
     assert ContractError("x", "bad").exit_code == 2
+
+
+def _qc_contract() -> ModelContract:
+    from heartseg.runtime.confidence import ScoreCalibration
+    from heartseg.runtime.plausibility import Plausibility
+
+    plausibility = Plausibility(volume_ml=(20.0, 200.0), extent_mm=((20.0, 80.0), (25.0, 100.0), (30.0, 120.0)),
+                                cases=12, margin=1.5, spacing_mm=((0.5, 2.0), (0.5, 2.0), (0.6, 2.5)),
+                                fov_mm=((60.0, 400.0), (100.0, 500.0), (120.0, 520.0)), input_margin=2.0)
+    calibration = ScoreCalibration(slope=0.8, intercept=0.12, residual_lo=-0.06, residual_hi=0.04, cases=12,
+                                   coverage=0.8, review_below=0.8, fail_below=0.4, score_range=(0.61, 0.97))
+    stages = (_stage("loc", 4, "localiser"), _stage("seg", 1, "segmenter"))
+    return ModelContract(stages=stages, plausibility=plausibility, score_calibration=calibration)
+
+
+def test_qc_blocks_round_trip_through_json_and_dict() -> None:
+    contract = _qc_contract()
+    assert ModelContract.from_json(contract.to_json()) == contract
+    assert ModelContract.from_dict(contract.to_dict()) == contract
+    back = ModelContract.from_json(contract.to_json())
+    assert back.score_calibration.score_range == (0.61, 0.97) and back.score_calibration.fail_below == 0.4
+    assert back.plausibility.fov_mm[2] == (120.0, 520.0) and back.plausibility.input_margin == 2.0
+
+
+def test_qc_blocks_are_validated_on_replace_and_built_from_their_dict_form() -> None:
+    contract = _qc_contract()
+    with pytest.raises(ContractError, match=r"score_calibration\.residual_hi"):
+        dataclasses.replace(contract, score_calibration={**contract.score_calibration.to_dict(), "residual_hi": -0.1})
+    with pytest.raises(ContractError, match=r"plausibility\.spacing_mm\[1\]\[0\]"):
+        dataclasses.replace(contract, plausibility={**contract.plausibility.to_dict(),
+                                                    "spacing_mm": [[0.5, 2], [0, 2], [0.5, 2]]})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        contract.score_calibration.slope = 2.0  # type: ignore[misc]
+    rebuilt = dataclasses.replace(contract, score_calibration=contract.score_calibration.to_dict())
+    assert rebuilt == contract and type(rebuilt.score_calibration) is type(contract.score_calibration)
+    uncalibrated = dataclasses.replace(contract, score_calibration=None)
+    assert uncalibrated.score_calibration is None and contract.score_calibration is not None
+
+
+def test_format_2_contract_without_roles_keeps_its_qc_blocks() -> None:
+    """What heartseg-train wrote before roles existed: format 2, no roles, QC's calibration and geometry."""
+    data = _qc_contract().to_dict()
+    data["format_version"] = 2
+    for stage in data["stages"]:
+        del stage["role"]
+    contract = ModelContract.from_dict(data)
+    assert [s.role for s in contract.stages] == ["localiser", "segmenter"] and contract.format_version == 2
+    assert contract.score_calibration == _qc_contract().score_calibration
+    assert contract.plausibility == _qc_contract().plausibility
+    assert ModelContract.from_json(contract.to_json()) == contract
+
+
+def test_qc_blocks_are_optional() -> None:
+    """Models from before QC: no calibration, plausibility without the training scans' geometry."""
+    data = _qc_contract().to_dict()
+    del data["score_calibration"]
+    for key in ("spacing_mm", "fov_mm", "input_margin"):
+        del data["plausibility"][key]
+    contract = ModelContract.from_dict(data)
+    assert contract.score_calibration is None
+    assert contract.plausibility.spacing_mm is None and contract.plausibility.fov_mm is None

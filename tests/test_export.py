@@ -201,6 +201,58 @@ def test_metadata_round_trip(exported, trained_run, checkpoint):
     assert "held-out" in cv["split"]
 
 
+def test_metadata_carries_the_qc_calibration(exported, trained_run):
+    """The score calibration fitted on the fold's held-out cases travels in the contract."""
+    from heartseg.runtime.confidence import ScoreCalibration
+
+    contract, _ = read_contract(exported)
+    metrics = json.loads((trained_run.run / "fold_0" / "metrics.json").read_text())
+    assert contract.score_calibration is not None
+    assert contract.score_calibration == ScoreCalibration.from_dict(metrics["score_calibration"])
+    assert contract.score_calibration.cases == len(metrics["val_cases"])
+    assert contract.plausibility is not None and contract.plausibility.spacing_mm is not None
+
+
+def test_export_takes_the_pooled_score_calibration(trained_run, tmp_path):
+    from heartseg.runtime.confidence import ScoreCalibration
+
+    summary = json.loads((trained_run.run / "summary.json").read_text())
+    pooled = summary["score_calibration"]
+    assert pooled["cases"] == summary["cases"]
+    out = tmp_path / "pooled.onnx"
+    result = _export(trained_run.model, out, "--score-calibration", str(trained_run.run / "summary.json"))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    contract, _ = read_contract(out)
+    assert contract.score_calibration == ScoreCalibration.from_dict(pooled)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"dice": 1}')
+    _assert_refused(_export(trained_run.model, tmp_path / "x.onnx", "--score-calibration", str(bad)),
+                    ["no QC score calibration"])
+    # The file is held to the contract's schema: a field out of range is named, and nothing is written.
+    bad.write_text(json.dumps({"score_calibration": {**pooled, "slope": -1.0}}))
+    _assert_refused(_export(trained_run.model, tmp_path / "x.onnx", "--score-calibration", str(bad)),
+                    ["no QC score calibration", "score_calibration.slope"])
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_format_2_checkpoint_without_roles_exports(trained_run, checkpoint, tmp_path):
+    """A model.pt written before stages had roles (format 2) exports, with roles from position and its QC blocks."""
+    old = json.loads(json.dumps(checkpoint["contract"]))
+    old["format_version"] = 2
+    for stage in old["stages"]:
+        del stage["role"]
+    old_pt = tmp_path / "model.pt"
+    torch.save({**checkpoint, "contract": old}, old_pt)
+    out = tmp_path / "old.onnx"
+    result = _export(old_pt, out)
+    assert result.exit_code == 0, result.output
+    contract, _ = read_contract(out)
+    assert [s.role for s in contract.stages] == ["localiser", "segmenter"]
+    expected = ModelContract.from_dict(checkpoint["contract"])
+    assert expected.score_calibration is not None and contract.score_calibration == expected.score_calibration
+    assert contract.plausibility == expected.plausibility and contract.plausibility.spacing_mm is not None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Refusals
 

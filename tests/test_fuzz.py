@@ -155,7 +155,7 @@ HOSTILE = [None, "abc", "", True, 0, -1, 7, -8, 1.5, -1000.0, math.nan, math.inf
            [1.25, 1.25, 1.25], [-5, 5, 5], [64, 64, 64], {"a": 1}, "LPS", "XYZ", "RAS", "localiser", "segmenter",
            "coarse_prob", "fine_image", 0.5, 3, 8, 16.0]
 FIELDS = ["format_version", "orientation", "normalization", "largest_component", "bytes_per_voxel",
-          "max_foreground_fraction", "plausibility", "info", "stages",
+          "max_foreground_fraction", "plausibility", "info", "stages", "score_calibration",
           *[f"stages.{i}.{key}" for i in (0, 1) for key in
             ("name", "role", "spacing", "patch_size", "divisor", "threshold", "crop_margin_mm", "input_name",
              "prob_name", "mask_name")]]

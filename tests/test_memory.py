@@ -130,3 +130,41 @@ def test_memory_limit_bounds_the_whole_process(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "scan_mask.nii.gz").is_file()
     assert peak <= limit, f"peak RSS {peak:.0f} MB over the {limit} MB limit"
     print(f"peak RSS {peak:.0f} MB within --memory-limit-mb {limit}")
+
+
+def test_tta_counts_its_copies_in_the_plan() -> None:
+    """--tta holds a mirrored copy of the scan and a running sum of probabilities beside the network: the plan
+    leaves that much less room for it, and refuses a scan that fits only without them."""
+    from heartseg.runtime.contract import ModelContract, StageContract
+    from heartseg.runtime.errors import InputError
+    from heartseg.runtime.image import ScanGeometry
+    from heartseg.runtime.memory import TTA_HELD_BYTES, plan_memory
+
+    contract = ModelContract(stages=(StageContract("seg", (1.25, 1.25, 1.37), (64, 64, 64), threshold=0.5),))
+    geometry = ScanGeometry((320, 320, 130), np.diag([1.25, 1.25, 1.37, 1.0]))
+    extra = geometry.voxels * TTA_HELD_BYTES
+    unbounded = plan_memory(geometry, contract, None), plan_memory(geometry, contract, None, tta=True)
+    assert unbounded[1].total_bytes - unbounded[0].total_bytes == extra
+    budget = 4_000_000_000
+    plain, tta = plan_memory(geometry, contract, budget), plan_memory(geometry, contract, budget, tta=True)
+    bpv = contract.bytes_per_voxel
+    assert abs((plain.max_network_voxels - tta.max_network_voxels) - extra / bpv) <= 1
+    # A budget whose room beside the network holds one patch without the copies, not with them.
+    tile = 64 ** 3 * bpv
+    tight = budget - plain.max_network_voxels * bpv + tile + extra // 2
+    assert plan_memory(geometry, contract, tight).max_network_voxels >= 64 ** 3
+    with pytest.raises(InputError, match="memory budget"):
+        plan_memory(geometry, contract, tight, tta=True)
+
+
+def test_segmenter_plans_with_its_tta(single_model: Path) -> None:
+    from heartseg.runtime.image import ScanGeometry
+    from heartseg.runtime.memory import TTA_HELD_BYTES
+    from heartseg.runtime.segmenter import Segmenter
+
+    geometry = ScanGeometry((320, 320, 130), np.diag([1.25, 1.25, 1.37, 1.0]))
+    plain = Segmenter(single_model, device="cpu", threads=1, memory_limit_mb=4000)
+    tta = Segmenter(single_model, device="cpu", threads=1, memory_limit_mb=4000, tta=True)
+    gap = plain.plan(geometry).max_network_voxels - tta.plan(geometry).max_network_voxels
+    expected = geometry.voxels * TTA_HELD_BYTES / plain.contract.bytes_per_voxel
+    assert 0.9 * expected < gap < 1.1 * expected  # the process's resident memory moves a little between plans

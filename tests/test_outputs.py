@@ -95,6 +95,17 @@ def test_eval_json_and_csv_on_one_file(tmp_path: Path, scan_and_label, run_cli) 
     assert not report.exists()
 
 
+@pytest.mark.parametrize("option", ["--json", "--csv"])
+def test_eval_report_onto_its_qc_report(tmp_path: Path, scan_and_label, run_cli, option: str) -> None:
+    _, label = scan_and_label
+    qc_report = tmp_path / "infer.json"
+    qc_report.write_text('{"scans": []}')
+    before = snapshot(qc_report, label)
+    result = run_cli(eval_app, label, label, "--qc-report", qc_report, option, qc_report)
+    assert_one_line_error(result, option, "would overwrite the input")
+    assert_unchanged(before)
+
+
 def test_bench_json_onto_the_scan(tmp_path: Path, single_model: Path, scan_and_label, run_cli) -> None:
     scan, _ = scan_and_label
     before = snapshot(scan)
@@ -111,6 +122,22 @@ def test_export_onto_its_checkpoint(tmp_path: Path, run_cli) -> None:
     checkpoint.write_bytes(b"weights that must survive")
     before = snapshot(checkpoint)
     result = run_cli(export_app, checkpoint, "-o", checkpoint, "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert "would overwrite the input" in result.output and "Traceback" not in result.output
+    assert_unchanged(before)
+
+
+def test_export_onto_its_score_calibration(tmp_path: Path, run_cli) -> None:
+    pytest.importorskip("torch")
+    from heartseg.export.cli import app as export_app
+
+    checkpoint = tmp_path / "ckpt.pt"
+    checkpoint.write_bytes(b"x")
+    calibration = tmp_path / "summary.json"
+    calibration.write_text('{"score_calibration": {"slope": 1, "intercept": 0, "residual_lo": -0.1, '
+                           '"residual_hi": 0.1, "cases": 3}}')
+    before = snapshot(calibration)
+    result = run_cli(export_app, checkpoint, "-o", calibration, "--score-calibration", calibration, "--overwrite")
     assert result.exit_code == 2, result.output
     assert "would overwrite the input" in result.output and "Traceback" not in result.output
     assert_unchanged(before)

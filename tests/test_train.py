@@ -67,6 +67,22 @@ def test_tiny_cascade_learns_on_held_out_cases(trained_run):
     assert summary["mean"]["dice"] == pytest.approx(metrics["mean"]["dice"])
 
 
+def test_qc_score_is_calibrated_on_the_held_out_cases(trained_run):
+    from heartseg.runtime.confidence import ScoreCalibration, fit_score_calibration
+    from heartseg.runtime.contract import ModelContract
+
+    metrics = json.loads((trained_run.run / "fold_0" / "metrics.json").read_text())
+    scores = [m["qc_score"] for m in metrics["per_case"].values()]
+    dices = [m["dice"] for m in metrics["per_case"].values()]
+    assert all(0.0 < s <= 1.0 for s in scores)
+    stored = ScoreCalibration.from_dict(metrics["score_calibration"])
+    assert stored == fit_score_calibration(scores, dices) and stored.cases == len(metrics["val_cases"])
+    contract = ModelContract.from_dict(_load(trained_run.model)["contract"])
+    assert contract.score_calibration == stored
+    # Plausibility records the training scans' geometry too.
+    assert contract.plausibility.spacing_mm is not None and contract.plausibility.fov_mm is not None
+
+
 def test_model_pt_is_plain_weights_with_calibrated_thresholds(trained_run):
     ckpt = _load(trained_run.model)
     assert ckpt["format"] == "heartseg-model"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
+from heartseg.runtime.confidence import fit_score_calibration, pooled_score_calibration, soft_dice_score
 from heartseg.runtime.contract import LOCALISER, ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, localiser_mask, mask_from_prob
@@ -247,7 +248,11 @@ class Run:
         for case, prob in zip(val_cases, probs):
             mask = mask_from_prob(prob, contract)
             per_case[case.case_id] = {**compute_metrics(mask, np.asarray(case.label), case.spacing).to_dict(),
-                                      "dataset": case.dataset}
+                                      "qc_score": soft_dice_score(prob, mask), "dataset": case.dataset}
+        # QC's confidence score is calibrated into an estimated Dice on the same held-out cases.
+        score_calibration = fit_score_calibration([m["qc_score"] for m in per_case.values()],
+                                                  [m["dice"] for m in per_case.values()])
+        contract = replace(contract, score_calibration=score_calibration)
         metrics = {
             "fold": fold.index, "train_cases": fold.train, "val_cases": fold.val,
             "split": "held-out validation cases of this fold (never trained on)",
@@ -258,6 +263,7 @@ class Run:
             "stages": {n: {k: v for k, v in asdict(o).items() if k not in ("state_dict", "history")}
                        for n, o in outcomes.items()},
             "calibration": {n: c.to_dict() for n, c in calibrations.items()},
+            "score_calibration": score_calibration.to_dict(),
         }
         write_text_atomic(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
         contract = replace(contract, info={
@@ -300,6 +306,10 @@ class Run:
                    "per_dataset": summarize_by_dataset(per_case),
                    "per_fold": {k: v["mean"] for k, v in results.items()},
                    "split": "each case scored by the fold that held it out"}
+        pooled = pooled_score_calibration(per_case)
+        if pooled is not None:
+            # QC's score calibration refitted on every held-out case (heartseg-export --score-calibration).
+            summary["score_calibration"] = pooled.to_dict()
         write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 

@@ -1,0 +1,50 @@
+"""Test-time augmentation: the final probabilities averaged over mirrored copies of the scan.
+
+Each copy is mirrored along some canonical axes, segmented by the whole pipeline (localiser included),
+and its probabilities mirrored back before averaging. It costs one full inference per copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from .contract import ModelContract
+from .inference import Box, CanonicalResult, StagePredictFn, infer_canonical, stage_shape
+from .preprocess import CanonicalVolume
+
+# The scan as it is, and mirrored along each axis in turn: 4 inferences.
+DEFAULT_FLIPS: tuple[tuple[int, ...], ...] = ((), (0,), (1,), (2,))
+
+
+def _unflip_box(box: Box, axes: Sequence[int], shape: tuple[int, ...]) -> Box:
+    """A box found on a mirrored grid, on the original grid."""
+    lo, hi = np.array(box[0], float), np.array(box[1], float)
+    for axis in axes:
+        lo[axis], hi[axis] = shape[axis] - float(box[1][axis]), shape[axis] - float(box[0][axis])
+    return lo, hi
+
+
+def infer_canonical_tta(canonical: CanonicalVolume, contract: ModelContract, predict: StagePredictFn,
+                        max_voxels: int | None = None,
+                        flips: Sequence[tuple[int, ...]] = DEFAULT_FLIPS) -> CanonicalResult:
+    """infer_canonical averaged over mirrored copies; the box is the union of the copies' final-stage boxes."""
+    if not flips:
+        raise ValueError("test-time augmentation needs at least one copy")
+    total: np.ndarray | None = None
+    boxes: list[Box] = []
+    final_shape = stage_shape(canonical, contract.final_stage)
+    for axes in flips:
+        axes = tuple(int(a) for a in axes)
+        copy = replace(canonical, data=np.ascontiguousarray(np.flip(canonical.data, axes))) if axes else canonical
+        result = infer_canonical(copy, contract, predict, max_voxels)
+        prob = np.flip(result.prob, axes) if axes else result.prob
+        total = prob.astype(np.float32, copy=True) if total is None else total + prob
+        if result.box is not None:
+            boxes.append(_unflip_box(result.box, axes, final_shape))
+    assert total is not None
+    total /= float(len(flips))
+    box = (np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)) if boxes else None
+    return CanonicalResult(total, box)

@@ -1,0 +1,326 @@
+"""QC: every plausibility rule catches the mask built to break it and passes a plausible one; the
+confidence score, its calibration, and the calibration's trip through the ONNX metadata."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from heartseg.runtime.confidence import ScoreCalibration, fit_score_calibration, soft_dice_score
+from heartseg.runtime.contract import ModelContract, StageContract
+from heartseg.runtime.plausibility import Plausibility, input_reasons, learn_plausibility
+from heartseg.runtime.postprocess import largest_component
+from heartseg.runtime.qc import assess, bounding_slices, component_sizes, face_shares
+from heartseg.runtime.session import read_contract
+from onnx_models import build_test_model
+
+SPACING = (1.25, 1.25, 1.37)
+SHAPE = (96, 96, 80)
+PLAUSIBLE = Plausibility(volume_ml=(20.0, 200.0), extent_mm=((20.0, 80.0), (25.0, 100.0), (30.0, 120.0)), cases=10,
+                         spacing_mm=((0.5, 2.0), (0.5, 2.0), (0.5, 2.5)),
+                         fov_mm=((50.0, 400.0), (100.0, 500.0), (100.0, 500.0)))
+CALIBRATION = ScoreCalibration(slope=1.0, intercept=-0.05, residual_lo=-0.04, residual_hi=0.03, cases=10)
+STAGE = StageContract("single", SPACING, (64, 64, 64), threshold=0.5)
+CONTRACT = ModelContract(stages=[STAGE], plausibility=PLAUSIBLE, score_calibration=CALIBRATION)
+FORMAT_1 = ModelContract(stages=[STAGE], max_foreground_fraction=0.05, format_version=1)
+
+
+def ellipsoid(shape=SHAPE, spacing=SPACING, centre_mm=None, radii_mm=(22.0, 22.0, 22.0)) -> np.ndarray:
+    """A binary ellipsoid, centre and radii in mm (centre: the middle of the grid by default)."""
+    grids = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)], indexing="ij")
+    centre = centre_mm if centre_mm is not None else [n * s / 2 for n, s in zip(shape, spacing)]
+    r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii_mm))
+    return (r2 <= 1.0).astype(np.uint8)
+
+
+def confident(mask: np.ndarray) -> np.ndarray:
+    """A sharp probability map that agrees with mask."""
+    return mask.astype(np.float32) * 0.97
+
+
+def check(mask, prob=None, spacing=SPACING, contract=CONTRACT, box=None):
+    prob = confident(mask) if prob is None else prob
+    final = largest_component((prob > 0.5).astype(np.uint8)) if mask is None else mask
+    return assess(final, prob, spacing, contract, box)
+
+
+def test_plausible_mask_is_ok() -> None:
+    report = check(ellipsoid())
+    assert report.verdict == "ok" and report.reasons == [] and report.flag is None
+    assert 40 < report.measures["volume_ml"] < 50 and report.measures["components"] == 1
+    assert report.score == pytest.approx(2 * 0.97 / 1.97, abs=1e-4)
+    assert report.estimated_dice == pytest.approx(report.score - 0.05)
+    low, high = report.dice_interval
+    assert low < report.estimated_dice < high
+
+
+@pytest.mark.parametrize("kind", ["empty", "all"])
+def test_degenerate_masks_fail(kind: str) -> None:
+    mask = np.zeros(SHAPE, np.uint8) if kind == "empty" else np.ones(SHAPE, np.uint8)
+    report = check(mask)
+    assert report.verdict == "fail"
+    assert report.reasons == ["empty" if kind == "empty" else "all foreground"]
+
+
+def test_volume_above_range_asks_for_review_and_far_above_fails() -> None:
+    above = check(ellipsoid(radii_mm=(38.0, 38.0, 38.0)))  # 230 mL, within twice the 200 mL limit
+    assert above.verdict == "review"
+    assert any(r.startswith("volume") and "outside the plausible" in r for r in above.reasons)
+    far = check(ellipsoid(radii_mm=(50.0, 50.0, 50.0)))  # 524 mL
+    assert far.verdict == "fail" and any("far outside" in r for r in far.reasons)
+
+
+def test_volume_below_range_asks_for_review() -> None:
+    small = check(ellipsoid(radii_mm=(12.0, 12.0, 12.0)))  # 7 mL
+    assert small.verdict in ("review", "fail") and any(r.startswith("volume") for r in small.reasons)
+
+
+def test_implausible_extent_asks_for_review() -> None:
+    shape = (130, 60, 60)
+    long = ellipsoid(shape, radii_mm=(70.0, 12.0, 12.0))  # 42 mL but 140 mm long
+    report = check(long)
+    assert report.verdict == "review"
+    assert any("largest extent 140 mm" in r for r in report.reasons), report.reasons
+
+
+def test_fragmented_mask_asks_for_review() -> None:
+    big = ellipsoid(centre_mm=(40, 60, 55))
+    second = ellipsoid(centre_mm=(95, 60, 55), radii_mm=(14.0, 14.0, 14.0))
+    prob = confident(big | second)
+    report = check(None, prob)
+    assert report.measures["components"] == 2 and report.measures["largest_share"] < 0.9
+    assert any(r.startswith("fragmented") for r in report.reasons), report.reasons
+    speck = big.copy()
+    speck[2, 2, 2] = 1  # one stray voxel: not fragmented
+    passing = check(None, confident(speck))
+    assert passing.measures["components"] == 2 and not any(r.startswith("fragmented") for r in passing.reasons)
+
+
+def test_mask_cut_by_the_box_asks_for_review() -> None:
+    mask = ellipsoid()
+    centre = 48
+    cut = mask.copy()
+    cut[centre:] = 0  # the fine stage saw only [0, centre) along the first axis
+    box = (np.array([0.0, 10.0, 5.0]), np.array([float(centre), 86.0, 75.0]))
+    report = check(cut, box=box)
+    assert report.measures["box_border_share"] > 0.9
+    assert any("fine stage's box" in r for r in report.reasons)
+    roomy = (np.array([5.0, 5.0, 5.0]), np.array([91.0, 91.0, 75.0]))
+    assert check(mask, box=roomy).measures["box_border_share"] == 0.0
+    assert check(mask, box=roomy).verdict == "ok"
+
+
+def test_mask_cut_by_the_scan_edge_asks_for_review() -> None:
+    report = check(ellipsoid(centre_mm=(2.0, 60.0, 55.0)))
+    assert report.measures["scan_edge_share"] > 0.9
+    assert any("edge of the scan" in r for r in report.reasons), report.reasons
+
+
+def test_thick_slices_ask_for_review() -> None:
+    spacing = (1.25, 1.25, 5.0)
+    shape = (96, 96, 22)
+    report = check(ellipsoid(shape, spacing), spacing=spacing)
+    assert report.verdict == "review"
+    assert any("largest voxel size 5.00 mm outside" in r for r in report.reasons), report.reasons
+
+
+def test_large_field_of_view_asks_for_review() -> None:
+    shape = (480, 96, 80)  # 600 mm along the first axis
+    report = check(ellipsoid(shape, centre_mm=(300, 60, 55)), spacing=SPACING)
+    assert any("largest field of view 600 mm outside" in r for r in report.reasons), report.reasons
+
+
+def test_input_reasons_pass_the_training_geometry() -> None:
+    assert input_reasons(SHAPE, SPACING, PLAUSIBLE) == []
+    no_ranges = replace(PLAUSIBLE, spacing_mm=None, fov_mm=None)
+    assert input_reasons((10, 10, 10), (9.0, 9.0, 9.0), no_ranges) == []
+
+
+def test_uncertain_probabilities_ask_for_review_or_fail() -> None:
+    mask = ellipsoid()
+    shell = ellipsoid(radii_mm=(28.0, 28.0, 28.0)) & ~mask.astype(bool)
+    hesitant = np.where(mask, 0.6, np.where(shell, 0.4, 0.0)).astype(np.float32)
+    review = check(mask, hesitant)
+    assert review.verdict == "review" and 0.5 <= review.estimated_dice < 0.85
+    assert any(r.startswith("estimated Dice") for r in review.reasons)
+    wide = ellipsoid(radii_mm=(37.0, 37.0, 37.0)) & ~mask.astype(bool)
+    lost = np.where(mask, 0.51, np.where(wide, 0.45, 0.0)).astype(np.float32)
+    failed = check(mask, lost)
+    assert failed.verdict == "fail" and failed.estimated_dice < 0.5
+
+
+def test_format_1_contract_uses_the_degenerate_rules_only() -> None:
+    long = ellipsoid((130, 60, 60), radii_mm=(70.0, 12.0, 12.0))
+    report = check(long, contract=FORMAT_1)
+    assert report.verdict == "ok" and report.estimated_dice is None and report.score is not None
+    big = check(ellipsoid(radii_mm=(38.0, 38.0, 38.0)), contract=FORMAT_1)  # 15 % of the scan
+    assert big.verdict == "fail" and big.reasons[0].startswith("implausibly large")
+
+
+def test_soft_dice_score() -> None:
+    mask = ellipsoid()
+    assert soft_dice_score(mask.astype(np.float32), mask) == pytest.approx(1.0)
+    assert soft_dice_score(np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.uint8)) == 0.0  # nothing found
+    assert soft_dice_score(np.zeros(SHAPE, np.float32), mask) == 0.0
+    half = mask.astype(np.float32) * 0.5
+    assert soft_dice_score(half, mask) == pytest.approx(2 * 0.5 / 1.5)
+
+
+def test_helpers() -> None:
+    mask = np.zeros((10, 12, 14), np.uint8)
+    assert bounding_slices(mask) is None and face_shares(mask) == (0.0, 0.0)
+    mask[2:5, 3:7, 4:9] = 1
+    mask[8, 10, 12] = 1
+    assert bounding_slices(mask) == (slice(2, 9), slice(3, 11), slice(4, 13))
+    assert component_sizes(mask).tolist() == [60, 1]
+
+
+def test_calibration_fits_a_line_and_covers_the_held_out_cases() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.6, 0.98, 40)
+    dices = 0.1 + 0.85 * scores + rng.normal(0, 0.01, 40)
+    calibration = fit_score_calibration(scores, dices)
+    assert calibration.slope == pytest.approx(0.85, abs=0.05) and calibration.cases == 40
+    estimates = np.array([calibration.estimate(s) for s in scores])
+    inside = np.mean((estimates[:, 1] <= dices) & (dices <= estimates[:, 2]))
+    assert inside >= 0.85
+    assert np.all(np.diff(estimates[np.argsort(scores), 0]) >= 0)  # monotone
+
+
+def test_calibration_with_few_cases_shifts_the_score() -> None:
+    calibration = fit_score_calibration([0.95, 0.96, 0.97], [0.90, 0.93, 0.92])
+    # Residuals -0.05, -0.03, -0.05: the score shifted by their median.
+    assert calibration.slope == 1.0 and calibration.intercept == pytest.approx(-0.05)
+    estimate, low, high = calibration.estimate(0.96)
+    assert estimate == pytest.approx(0.91) and low <= 0.88 and high >= 0.94  # at least the floor's width
+    assert calibration.estimate(2.0)[0] == 1.0  # clipped
+    with pytest.raises(ValueError):
+        fit_score_calibration([], [])
+    with pytest.raises(ValueError):
+        fit_score_calibration([0.9, float("nan")], [0.9, 0.9])
+
+
+def test_learn_plausibility_records_the_training_geometry() -> None:
+    labels = [(ellipsoid(), SPACING), (ellipsoid((80, 80, 40), (0.625, 0.625, 0.625), radii_mm=(10, 10, 10)),
+                                       (0.625, 0.625, 0.625))]
+    learned = learn_plausibility(labels, input_margin=2.0)
+    assert learned.spacing_mm[0] == pytest.approx((0.3125, 2.5))
+    assert learned.spacing_mm[2] == pytest.approx((0.3125, 2.74))
+    assert learned.fov_mm[0] == pytest.approx((12.5, 219.2))
+    assert Plausibility.from_dict(learned.to_dict()) == learned
+
+
+def test_contract_round_trip_through_json() -> None:
+    back = ModelContract.from_json(CONTRACT.to_json())
+    assert back.score_calibration == CALIBRATION and back.plausibility == PLAUSIBLE
+    old = ModelContract.from_json(FORMAT_1.to_json().replace('"score_calibration": null,', ""))
+    assert old.score_calibration is None and old.plausibility is None
+
+
+def test_calibration_is_stored_in_and_read_from_the_onnx_metadata(tmp_path) -> None:
+    path = build_test_model(tmp_path / "calibrated.onnx",
+                            contract_fields={"plausibility": PLAUSIBLE, "score_calibration": CALIBRATION})
+    contract, meta = read_contract(path)
+    assert contract.score_calibration == CALIBRATION and contract.plausibility == PLAUSIBLE
+    assert '"score_calibration"' in meta["heartseg.contract"]
+
+
+# --- heartseg-infer with a model that carries plausibility and a score calibration ---
+
+SCAN_PLAUSIBLE = Plausibility(volume_ml=(1.0, 50.0), extent_mm=((5.0, 60.0), (5.0, 60.0), (5.0, 60.0)), cases=3,
+                              spacing_mm=((0.5, 3.0), (0.5, 3.0), (0.5, 3.0)),
+                              fov_mm=((20.0, 200.0), (20.0, 200.0), (20.0, 200.0)))
+
+
+def _qc_model(path, review_below: float):
+    from onnx_models import TEST_MODEL_BIAS
+
+    calibration = ScoreCalibration(slope=1.0, intercept=0.0, residual_lo=-0.05, residual_hi=0.05, cases=5,
+                                   review_below=review_below, fail_below=min(0.3, review_below))
+    return build_test_model(path, bias=TEST_MODEL_BIAS,
+                            contract_fields={"plausibility": SCAN_PLAUSIBLE, "score_calibration": calibration})
+
+
+@pytest.mark.parametrize("review_below, verdict, code", [(0.3, "ok", 0), (0.999, "review", 3)])
+def test_infer_reports_the_verdict_and_estimated_dice(tmp_path, run_cli, review_below, verdict, code) -> None:
+    import csv
+    import json
+
+    from heartseg.runtime.cli_infer import app
+    from onnx_models import make_scan
+
+    model = _qc_model(tmp_path / "qc.onnx", review_below)
+    scan, label = make_scan(tmp_path / "in" / "s.nii.gz")
+    report, table = tmp_path / "r.json", tmp_path / "r.csv"
+    result = run_cli(app, scan, "-o", tmp_path / "out", "--model", model, "--threads", 1, "--label", label,
+                     "--json", report, "--csv", table)
+    assert result.exit_code == code, result.output
+    assert "est. Dice" in result.stdout and verdict in result.stdout
+    record = json.loads(report.read_text())["scans"][0]
+    assert record["verdict"] == verdict and record["status"] == ("ok" if verdict == "ok" else "flagged")
+    qc = record["qc_report"]
+    assert record["estimated_dice"] == pytest.approx(qc["score"], abs=1e-9)
+    assert qc["measures"]["components"] >= 1 and qc["seconds"] > 0
+    low, high = record["dice_interval"]
+    assert low < record["estimated_dice"] < high
+    if verdict == "review":
+        assert any(r.startswith("estimated Dice") for r in qc["reasons"])
+    (row,) = list(csv.DictReader(table.open()))
+    assert row["verdict"] == verdict and float(row["estimated_dice"]) == pytest.approx(record["estimated_dice"],
+                                                                                        abs=1e-4)
+    assert float(row["dice"]) == pytest.approx(record["metrics"]["dice"], abs=1e-4)
+
+
+def test_overlay_title_carries_the_verdict(tmp_path, run_cli, monkeypatch) -> None:
+    from heartseg.runtime import cli_infer
+    from onnx_models import make_scan
+
+    titles = []
+
+    def fake_overlay(path, image, mask, label, title):
+        titles.append(title)
+        path.write_bytes(b"png")
+        return path
+
+    from heartseg.runtime import overlay
+
+    monkeypatch.setattr(overlay, "save_overlay", fake_overlay)
+    monkeypatch.setattr(overlay, "require_pyplot", lambda: None)
+    model = _qc_model(tmp_path / "qc.onnx", 0.999)
+    scan, _ = make_scan(tmp_path / "in" / "s.nii.gz")
+    result = run_cli(cli_infer.app, scan, "-o", tmp_path / "out", "--model", model, "--threads", 1, "--overlay",
+                     "--tta")
+    assert result.exit_code == 3, result.output
+    assert "QC REVIEW" in titles[0] and "est. Dice" in titles[0] and "estimated Dice" in titles[0]
+
+
+def test_eval_compares_estimated_with_true_dice(tmp_path, run_cli) -> None:
+    import json
+
+    from heartseg.runtime import cli_eval, cli_infer
+    from onnx_models import make_scan
+
+    model = _qc_model(tmp_path / "qc.onnx", 0.3)
+    for i, name in enumerate(("a", "b", "c")):
+        make_scan(tmp_path / "in" / f"{name}.nii.gz", seed=i, label_path=tmp_path / "labels" / f"{name}.nii.gz")
+    report = tmp_path / "infer.json"
+    infer = run_cli(cli_infer.app, tmp_path / "in", "-o", tmp_path / "out", "--model", model, "--threads", 1,
+                    "--json", report)
+    assert infer.exit_code == 0, infer.output
+    estimates = {s["name"]: s["estimated_dice"] for s in json.loads(report.read_text())["scans"]}
+    metrics = tmp_path / "eval.json"
+    result = run_cli(cli_eval.app, tmp_path / "out", tmp_path / "labels", "--qc-report", report, "--json", metrics)
+    assert result.exit_code == 0, result.output
+    assert "QC: estimated vs true Dice over 3 cases" in result.stdout and "est. Dice" in result.stdout
+    data = json.loads(metrics.read_text())
+    for case in data["cases"]:
+        assert case["qc"]["estimated_dice"] == pytest.approx(estimates[case["case"]])
+    agreement = data["qc_vs_true"]
+    errors = [abs(c["qc"]["estimated_dice"] - c["dice"]) for c in data["cases"]]
+    assert agreement["cases"] == 3 and agreement["mean_abs_error"] == pytest.approx(np.mean(errors))
+    assert agreement["silent_failures"] == sum(c["dice"] < 0.8 for c in data["cases"])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{}")
+    refused = run_cli(cli_eval.app, tmp_path / "out", tmp_path / "labels", "--qc-report", broken)
+    assert refused.exit_code == 2 and "not a heartseg-infer JSON report" in refused.output
