@@ -398,11 +398,12 @@ def finished_record(job: ScanJob) -> dict[str, Any] | None:
 def result_from_record(job: ScanJob, record: dict[str, Any]) -> ScanResult:
     """The ScanResult a record describes, as the run that wrote it reported it."""
     qc = record.get("qc")
+    report = record.get("qc_report")
     return ScanResult(job, record["status"], record.get("seconds"), record.get("device"), record.get("volume_ml"),
-                      qc[len("FLAG: "):] if isinstance(qc, str) and qc.startswith("FLAG: ") else None,
+                      qc if isinstance(qc, str) and record["status"] == "flagged" else None,
                       record.get("metrics"), record.get("statistics"), record.get("timings") or {},
                       error=record.get("error"), exit_code=int(record.get("exit_code") or 0),
-                      resumed=True)
+                      resumed=True, report=QCReport.from_dict(report) if isinstance(report, dict) else None)
 
 
 def describe_failure(source: ScanSource, exc: BaseException) -> str:

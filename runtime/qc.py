@@ -80,6 +80,14 @@ class QCReport:
                 "dice_interval": list(self.dice_interval) if self.dice_interval is not None else None,
                 "measures": self.measures, "seconds": self.seconds}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QCReport":
+        """Inverse of to_dict (a report read back from a per-scan record)."""
+        interval = data.get("dice_interval")
+        return cls(str(data["verdict"]), list(data.get("reasons") or []), data.get("score"),
+                   data.get("estimated_dice"), tuple(interval) if interval else None,  # type: ignore[arg-type]
+                   dict(data.get("measures") or {}), float(data.get("seconds") or 0.0))
+
 
 def stage_box_on_native(box: Box, native_shape: tuple[int, ...], stage_shape: tuple[int, ...]) -> Box:
     """A box on a stage's grid (as infer_canonical returns it) in voxel coordinates of the native grid."""
