@@ -428,3 +428,28 @@ def test_ddp_two_processes_on_cpu(synthetic_data, tmp_path):
     # Only rank 0 writes: one tensorboard log, no leftover temporary files.
     assert len(list((run / "fold_0" / "tb").iterdir())) == 1
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+
+
+def test_recalibrate_redoes_calibration_and_metrics_without_training(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run, run)
+    before = _load(run / "fold_0" / "model.pt")
+    metrics = json.loads((run / "fold_0" / "metrics.json").read_text())
+    # Spoil what recalibration must rebuild: the stored threshold and the held-out metrics.
+    spoiled = dict(before)
+    spoiled["contract"] = json.loads(json.dumps(before["contract"]))
+    spoiled["contract"]["stages"][-1]["threshold"] = 0.99
+    torch.save(spoiled, run / "fold_0" / "model.pt")
+    (run / "fold_0" / "metrics.json").write_text(json.dumps({**metrics, "mean": {"dice": -1.0}}))
+    result = CliRunner().invoke(app, ["--resume", str(run), "--recalibrate"])
+    assert result.exit_code == 0, result.output
+    after = _load(run / "fold_0" / "model.pt")
+    redone = json.loads((run / "fold_0" / "metrics.json").read_text())
+    assert after["contract"]["stages"][-1]["threshold"] == before["contract"]["stages"][-1]["threshold"]
+    assert redone["mean"]["dice"] == pytest.approx(metrics["mean"]["dice"], abs=1e-6)
+    for name, network in before["networks"].items():  # the same trained weights: nothing was trained
+        for key, value in network["state_dict"].items():
+            assert torch.equal(after["networks"][name]["state_dict"][key], value), (name, key)
+    assert json.loads((run / "fold_0" / "fine" / "done.json").read_text())["steps"] == 60
+    refused = CliRunner().invoke(app, ["--recalibrate"])
+    assert refused.exit_code == 2 and "--resume" in _text(refused.output)

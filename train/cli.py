@@ -74,6 +74,7 @@ def train(
     data: Optional[List[Path]] = typer.Argument(None, help="Dataset folder(s) in MSD layout (dataset.json, imagesTr/, labelsTr/). Several folders train one model: sampling is balanced per dataset, folds are stratified by dataset, and every report is broken down per dataset."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run folder to create (plan, splits, checkpoints, model.pt, logs, PNGs)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoints (other options are ignored)."),
+    recalibrate: bool = typer.Option(False, "--recalibrate", help="With --resume: calibrate, evaluate and write model.pt again for finished folds, from their trained networks, with this version of heartseg's inference (no training)."),
     stage: str = typer.Option(STAGE_KIND, help="cascade (localiser at low resolution, then full resolution around it), single, coarse or fine."),
     fold: Optional[str] = typer.Option(None, help="Fold(s) to train: a number (default 0), a list like 1,2 or 'all'. With --resume, widens the run to these folds (finished folds are kept)."),
     folds: int = typer.Option(FOLDS, help="Number of cross-validation folds (cases with identical images share a fold)."),
@@ -117,6 +118,8 @@ def train(
 
     try:
         distributed = _init_distributed(torch)
+        if recalibrate and resume is None:
+            raise HeartsegError("--recalibrate goes with --resume RUN_FOLDER")
         if resume is not None:
             if not (resume / "config.json").is_file():
                 raise HeartsegError(f"{resume}: no config.json, not a heartseg-train run folder")
@@ -162,7 +165,7 @@ def train(
                                       checkpoint_every=checkpoint_every, seed=seed, device=device))
         if config.threads:
             torch.set_num_threads(config.threads)
-        run = Run(config, log=console.log, progress_factory=_progress_factory(console))
+        run = Run(config, log=console.log, progress_factory=_progress_factory(console), recalibrate=recalibrate)
         if config.init_from:
             run.init_weights()  # refuse a model that does not fit before any work starts
         rank = torch.distributed.get_rank() if distributed else 0

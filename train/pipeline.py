@@ -118,8 +118,11 @@ def _stage_configs(config: RunConfig, role: str) -> tuple[TrainConfig, UNetConfi
 class Run:
     """One heartseg-train run directory."""
 
-    def __init__(self, config: RunConfig, log=print, progress_factory=None) -> None:
+    def __init__(self, config: RunConfig, log=print, progress_factory=None, recalibrate: bool = False) -> None:
         self.config = config
+        # recalibrate: finished folds are not kept as they are: their trained networks are calibrated and
+        # evaluated again by this heartseg's inference, and their model.pt written anew.
+        self.recalibrate = recalibrate
         self.dir = Path(config.output)
         self.log = log
         self.progress_factory = progress_factory
@@ -196,8 +199,10 @@ class Run:
 
         fold_dir = self.dir / f"fold_{fold.index}"
         if (fold_dir / "model.pt").is_file() and (fold_dir / "metrics.json").is_file():
-            self.log(f"fold {fold.index}: already complete, kept as it is")
-            return json.loads((fold_dir / "metrics.json").read_text())
+            if not self.recalibrate:
+                self.log(f"fold {fold.index}: already complete, kept as it is")
+                return json.loads((fold_dir / "metrics.json").read_text())
+            self.log(f"fold {fold.index}: calibrating and evaluating its trained networks again")
         fold_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"fold {fold.index}: training on {len(fold.train)} cases, validating on {len(fold.val)} "
                  f"({_count_by_dataset(self.cases, fold.val)})")
