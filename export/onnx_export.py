@@ -6,6 +6,7 @@ import json
 import platform
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ def metadata(model: TrainedModel) -> dict[str, str]:
     """The ONNX metadata_props: the contract plus human-readable provenance."""
     import onnx
 
-    contract = model.contract
+    # The written contract carries every field of this format (roles included), whatever the checkpoint's.
+    contract = replace(model.contract, format_version=FORMAT_VERSION)
     final = contract.final_stage
     metrics = model.metrics or {}
     calibration = metrics.get("calibration", {}).get(final.name, {})
