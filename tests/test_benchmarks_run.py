@@ -150,14 +150,17 @@ def test_parse_threads() -> None:
 
 
 def test_prediction_counts_the_voxels_the_network_saw(tmp_path: Path) -> None:
-    """On the model's own grid, the network sees the volume padded to the stage's divisor (8)."""
+    """On the model's own grid, the network sees the volume padded to the stage's divisor (8), and at least
+    to the stage's training patch."""
     model = _model_with_flops(tmp_path / "tiny.onnx", {"single": 3.0})
     segmenter = Segmenter(model, device="cpu", threads=1)
+    patch = segmenter.contract.final_stage.patch_size
     volume = Volume(np.random.default_rng(0).standard_normal((24, 28, 20)).astype(np.float32),
                     np.diag([*MODEL_SPACING, 1.0]))
     prediction = segmenter.segment(volume)
-    assert prediction.network_voxels == {"single": 24 * 32 * 24} and prediction.network_calls == 1
-    assert network_flops(prediction.network_voxels, flops_per_voxel(segmenter.session.metadata)) == 3.0 * 24 * 32 * 24
+    seen = int(np.prod([max(n, p) for n, p in zip((24, 32, 24), patch)]))
+    assert prediction.network_voxels == {"single": seen} and prediction.network_calls == 1
+    assert network_flops(prediction.network_voxels, flops_per_voxel(segmenter.session.metadata)) == 3.0 * seen
     # Counts belong to one call: a second segmentation does not add to the first one's.
     assert segmenter.segment(volume).network_voxels == prediction.network_voxels
 
