@@ -453,3 +453,18 @@ def test_recalibrate_redoes_calibration_and_metrics_without_training(trained_run
     assert json.loads((run / "fold_0" / "fine" / "done.json").read_text())["steps"] == 60
     refused = CliRunner().invoke(app, ["--recalibrate"])
     assert refused.exit_code == 2 and "--resume" in _text(refused.output)
+
+
+def test_a_case_flagged_at_every_threshold_does_not_block_calibration():
+    """One held-out case the model fails at every threshold is the model's failure: the threshold is
+    chosen on the others and the failure is recorded; when most cases fail, calibration refuses."""
+    good = _soft_cases(0)
+    failed = (np.zeros((24, 24, 24), np.float32), good[0][1])  # an empty mask at every threshold
+    cal = calibrate_threshold(good + [failed], _threshold_mask, _fraction_flag(0.2))
+    means, degenerate = _brute_force(good, 0.2)
+    best = max(m for m, bad in zip(means, degenerate) if not bad)
+    chosen = cal.thresholds.index(cal.threshold)
+    assert not degenerate[chosen] and means[chosen] == pytest.approx(best)
+    assert all("case 3: empty" in text for text in cal.flags.values()) and len(cal.flags) == len(cal.thresholds)
+    with pytest.raises(CalibrationError, match="2 or more of 4"):
+        calibrate_threshold(good[:2] + [failed, failed], _threshold_mask, _fraction_flag(0.2))
