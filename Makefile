@@ -26,9 +26,9 @@ demo: $(DEMO_VENV)/.installed
 	$(DEMO_VENV)/bin/heartseg-infer examples/la_029_crop.nii.gz -o demo-output --overwrite \
 		--label examples/la_029_crop_label.nii.gz --overlay
 	@echo "Wrote demo-output/la_029_crop_mask.nii.gz and demo-output/la_029_crop_overlay.png."
-	@echo "Note: la_029 is a held-out validation case of cross-validation fold 0. The shipped model is the"
-	@echo "fold-0 model: it never trained on la_029, but its threshold was calibrated on fold 0's held-out"
-	@echo "cases, la_029 among them, and the models of the other folds trained on it (models/MODEL_CARD.md)."
+	@echo "Note: la_029 is a held-out case of fold 0. The shipped model is the fold-0 model: it never trained"
+	@echo "on la_029, but its threshold was calibrated on fold 0's held-out cases, la_029 among them"
+	@echo "(models/MODEL_CARD.md)."
 
 test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python -m pytest -q
