@@ -1,6 +1,6 @@
 """Cohort throughput: a plain folder run against Ray with 1 and 2 workers, and the projection to 10,000 scans.
 
-Every configuration segments the same folder (HEARTSEG_BENCH_COHORT_SCANS links cycling through
+Every configuration segments the same folder (HEARTSEG_BENCH_COHORT_SCANS copies cycling through
 the Task02 scans, default 32) into a fresh output folder, files in and files out, exactly as
 heartseg-infer does. The plain runs use one process (1 and 2 ONNX Runtime threads); the Ray runs
 use a local cluster with 2 CPUs and 1-thread workers. A Ray run's time includes starting its
@@ -12,6 +12,7 @@ overhead and the projection use. Meaningful only on an otherwise idle machine.
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 from pathlib import Path
 
@@ -30,10 +31,15 @@ PER_SCAN: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def cohort(bench_scans: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder of COHORT_SCANS links to the benchmark scans (each name once)."""
+    """A folder of COHORT_SCANS copies of the benchmark scans (each name once).
+
+    Copies, not links: scan discovery counts a file once however many links lead to it.
+    """
     folder = tmp_path_factory.mktemp("cohort")
     for i, scan in zip(range(COHORT_SCANS), itertools.cycle(bench_scans)):
-        (folder / f"c{i:04d}_{scan.name}").symlink_to(scan.resolve())
+        shutil.copyfile(scan, folder / f"c{i:04d}_{scan.name}")
+    found = len(discover_sources([folder]))
+    assert found == COHORT_SCANS, f"the cohort folder holds {found} scans, not {COHORT_SCANS}"
     return folder
 
 
