@@ -128,7 +128,11 @@ def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: 
 def implausible_reasons(mask: np.ndarray, spacing: Iterable[float], plausibility: Plausibility,
                         voxel_volume_mm3: float | None = None) -> list[str]:
     """Why a non-empty mask is outside the plausible ranges (empty list: plausible)."""
-    volume, extents = mask_measures(mask, spacing, voxel_volume_mm3)
+    return measure_reasons(*mask_measures(mask, spacing, voxel_volume_mm3), plausibility)
+
+
+def measure_reasons(volume: float, extents: Iterable[float], plausibility: Plausibility) -> list[str]:
+    """Why a mask of this volume (mL) and these sorted extents (mm) is outside the plausible ranges."""
     reasons = []
     lo, hi = plausibility.volume_ml
     if not lo <= volume <= hi:

@@ -26,7 +26,8 @@ from scipy import ndimage
 from .confidence import soft_dice_score
 from .contract import ModelContract
 from .metrics import degenerate_reason
-from .plausibility import implausible_reasons, input_reasons, mask_measures, scan_geometry
+from .plausibility import input_reasons, mask_measures, measure_reasons, scan_geometry
+from .preprocess import mask_box
 
 VERDICTS = ("ok", "review", "fail")
 Box = tuple[np.ndarray, np.ndarray]
@@ -96,14 +97,9 @@ def stage_box_on_native(box: Box, native_shape: tuple[int, ...], stage_shape: tu
 
 
 def bounding_slices(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Slices of the nonzero voxels' bounding box (two passes over the array), or None when empty."""
-    plane = mask.any(axis=2)
-    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    if rows.size == 0:
-        return None
-    depth = np.flatnonzero(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].any(axis=(0, 1)))
-    return (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1),
-            slice(int(depth[0]), int(depth[-1]) + 1))
+    """Slices of the nonzero voxels' bounding box, or None when empty."""
+    box = mask_box(mask)
+    return None if box is None else tuple(slice(int(lo), int(hi)) for lo, hi in zip(*box))
 
 
 def component_sizes(binary: np.ndarray) -> np.ndarray:
@@ -164,14 +160,15 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
         fails.append(degenerate)
     plausibility = contract.plausibility
     if plausibility is not None and degenerate is None:
-        crop = bounding_slices(prob > float(contract.final_stage.threshold))
+        above = prob > float(contract.final_stage.threshold)
+        crop = bounding_slices(above)
         region = mask[crop] if crop is not None else mask
         volume, extents = mask_measures(region, spacing, voxel_volume_mm3)
-        sizes = component_sizes(prob[crop] > float(contract.final_stage.threshold)) if crop is not None else []
+        sizes = component_sizes(above[crop]) if crop is not None else []
         voxel_ml = float(np.prod(spacing) if voxel_volume_mm3 is None else voxel_volume_mm3) / 1000.0
         measures.update(volume_ml=volume, extents_mm=list(extents), components=len(sizes),
                         component_ml=[float(n) * voxel_ml for n in sizes[:3]])
-        implausible = implausible_reasons(region, spacing, plausibility, voxel_volume_mm3)
+        implausible = measure_reasons(volume, extents, plausibility)
         lo, hi = plausibility.volume_ml
         if not lo / config.volume_fail_factor <= volume <= hi * config.volume_fail_factor:
             fails.append(f"volume {volume:.1f} mL far outside the plausible {lo:.1f}-{hi:.1f} mL")
