@@ -88,17 +88,43 @@ def infer_canonical(canonical: CanonicalVolume, contract: ModelContract, predict
     """Final-stage probabilities on the native canonical grid (cascade: localise, then crop and refine).
 
     A box given by the caller (on the native canonical grid) replaces the localiser, as validation of a
-    fine stage on its own does.
+    fine stage on its own does; a scan no larger than the final stage's view of a plausible atrium is seen
+    whole.
     """
     final = contract.final_stage
-    if contract.is_cascade and box is None:
+    if contract.is_cascade and box is None and not fits_final_stage(canonical, contract):
         box = locate(canonical, contract, predict, max_voxels)
         if box is None:
             return CanonicalResult(np.zeros(canonical.data.shape, np.float32), None)
     final_shape = stage_shape(canonical, final)
     stage_box = native_box_to_stage(box, canonical.data.shape, final_shape, final) if box is not None else None
     prob = predict_stage(canonical, final, contract, predict, stage_box, max_voxels)
-    return CanonicalResult(resample_to_shape(prob, canonical.data.shape, order=1), stage_box)
+    native_shape = canonical.data.shape
+    if stage_box is None:
+        return CanonicalResult(resample_to_shape(prob, native_shape, order=1), stage_box)
+    # Outside the box the probabilities are zero: only the box's footprint on the native grid is resampled.
+    region = stage_box_footprint(stage_box, prob.shape, native_shape)
+    native = np.zeros(native_shape, np.float32)
+    native[tuple(slice(a, b) for a, b in zip(*region))] = resample_to_shape(prob, native_shape, order=1, region=region)
+    return CanonicalResult(native, stage_box)
+
+
+def stage_box_footprint(box: Box, stage_shape_: tuple[int, ...], native_shape: tuple[int, ...]) -> Box:
+    """The native-grid voxels whose linear interpolation from a stage grid reads any voxel of box."""
+    scale = np.asarray(native_shape, float) / np.asarray(stage_shape_, float)
+    lo = np.floor((np.asarray(box[0]) - 0.5) * scale - 0.5).astype(int)
+    hi = np.ceil((np.asarray(box[1]) + 0.5) * scale - 0.5).astype(int) + 1
+    return np.clip(lo, 0, native_shape), np.clip(hi, 0, native_shape)
+
+
+def fits_final_stage(canonical: CanonicalVolume, contract: ModelContract) -> bool:
+    """Whether the whole scan is no larger than the box the final stage would see around the largest plausible
+    atrium (its extents plus the crop margin on both sides, axes sorted): then localising can only lose."""
+    if contract.plausibility is None:
+        return False
+    fov = np.sort(np.asarray(canonical.data.shape, float) * np.asarray(canonical.spacing, float))
+    largest_view = np.asarray([hi for _, hi in contract.plausibility.extent_mm]) + 2 * contract.final_stage.crop_margin_mm
+    return bool(np.all(fov <= largest_view))
 
 
 def localiser_mask(prob: np.ndarray, threshold: float) -> np.ndarray:

@@ -56,18 +56,48 @@ def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], new_spacing
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))  # type: ignore[return-value]
 
 
-def resample_to_shape(data: np.ndarray, shape: tuple[int, ...], order: int = 1) -> np.ndarray:
-    """Resample to a grid of the same extent and the given shape (voxel centres aligned, edges clamped)."""
+def resample_to_shape(data: np.ndarray, shape: tuple[int, ...], order: int = 1,
+                      region: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Resample to a grid of the same extent and the given shape (voxel centres aligned, edges clamped).
+
+    region: only the half-open box [lo, hi) of that grid is computed and returned.
+    """
     shape = tuple(int(s) for s in shape)
-    if tuple(data.shape) == shape:
+    lo, hi = (np.zeros(3, int), np.asarray(shape)) if region is None else (np.asarray(region[0]), np.asarray(region[1]))
+    if tuple(data.shape) == shape and region is None:
         return data
+    if order == 1:
+        return _linear_separable(data, shape, lo, hi)
     scale = np.asarray(data.shape, float) / np.asarray(shape, float)
-    offset = 0.5 * scale - 0.5
-    out_dtype = data.dtype if order == 0 else np.float32
+    offset = 0.5 * scale - 0.5 + lo * scale
     return ndimage.affine_transform(
-        data.astype(np.float32, copy=False) if order else data,
-        scale, offset=offset, output_shape=shape, order=order, mode="nearest", output=out_dtype, prefilter=False,
+        data, scale, offset=offset, output_shape=tuple(int(n) for n in hi - lo), order=order, mode="nearest",
+        output=data.dtype, prefilter=False,
     )
+
+
+def _linear_separable(data: np.ndarray, shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    # Trilinear interpolation is linear interpolation along each axis in turn: three 1-D passes, the one that
+    # shrinks the array most first, cost a fraction of a general 3-D affine transform.
+    out = data.astype(np.float32, copy=False)
+    for axis in sorted(range(3), key=lambda a: shape[a] / data.shape[a]):
+        n, m = data.shape[axis], shape[axis]
+        if n == m and lo[axis] == 0 and hi[axis] == m:
+            continue
+        scale = n / m
+        x = np.clip((np.arange(lo[axis], hi[axis]) + 0.5) * scale - 0.5, 0.0, n - 1)
+        i0 = np.floor(x).astype(np.intp)
+        i1 = np.minimum(i0 + 1, n - 1)
+        view = [1, 1, 1]
+        view[axis] = -1
+        w = (x - i0).astype(np.float32).reshape(view)
+        a = np.take(out, i0, axis=axis)
+        b = np.take(out, i1, axis=axis)
+        b -= a
+        b *= w
+        a += b
+        out = a
+    return out if out is not data else out.copy()
 
 
 def zscore(data: np.ndarray) -> np.ndarray:

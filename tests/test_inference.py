@@ -1,0 +1,99 @@
+"""The inference path's geometry: separable resampling, the box's native footprint, when the localiser runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from heartseg.runtime.contract import LOCALISER, ModelContract, StageContract
+from heartseg.runtime.inference import fits_final_stage, infer_canonical, stage_box_footprint
+from heartseg.runtime.plausibility import Plausibility
+from heartseg.runtime.preprocess import CanonicalVolume, resample_to_shape
+
+
+def affine_reference(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Trilinear resampling with aligned voxel centres and clamped edges, as one general 3-D affine transform."""
+    scale = np.asarray(data.shape, float) / np.asarray(shape, float)
+    return ndimage.affine_transform(data.astype(np.float32), scale, offset=0.5 * scale - 0.5, output_shape=shape,
+                                    order=1, mode="nearest", output=np.float32, prefilter=False)
+
+
+@pytest.mark.parametrize("source,target", [((9, 10, 11), (5, 20, 11)), ((9, 10, 11), (18, 4, 7)),
+                                           ((30, 31, 17), (61, 13, 17)), ((40, 40, 22), (20, 20, 11)),
+                                           ((7, 8, 9), (1, 1, 1))])
+def test_separable_resampling_equals_the_affine_transform(source, target) -> None:
+    data = np.random.default_rng(sum(source)).standard_normal(source).astype(np.float32)
+    reference = affine_reference(data, target)
+    np.testing.assert_allclose(resample_to_shape(data, target), reference, atol=2e-6)
+    lo = np.minimum([1, 0, 2], np.asarray(target) - 1)
+    hi = np.minimum(np.asarray(target), lo + [4, 5, 6])
+    part = resample_to_shape(data, target, region=(lo, hi))
+    np.testing.assert_allclose(part, reference[tuple(slice(a, b) for a, b in zip(lo, hi))], atol=2e-6)
+
+
+def test_resampling_a_region_of_the_same_grid_is_a_crop() -> None:
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    lo, hi = np.array([1, 2, 0]), np.array([3, 5, 4])
+    np.testing.assert_array_equal(resample_to_shape(data, data.shape, region=(lo, hi)), data[1:3, 2:5, 0:4])
+
+
+@pytest.mark.parametrize("stage_shape,native_shape", [((40, 40, 44), (80, 80, 22)), ((50, 30, 20), (37, 61, 20)),
+                                                      ((16, 16, 16), (16, 16, 16))])
+def test_footprint_holds_every_voxel_the_box_reaches(stage_shape, native_shape) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        lo = rng.integers(0, np.asarray(stage_shape) - 2)
+        hi = lo + rng.integers(1, np.asarray(stage_shape) - lo + 1)
+        prob = np.zeros(stage_shape, np.float32)
+        prob[tuple(slice(a, b) for a, b in zip(lo, hi))] = rng.random(tuple(hi - lo)).astype(np.float32) + 0.1
+        whole = resample_to_shape(prob, native_shape)
+        f_lo, f_hi = stage_box_footprint((lo, hi), stage_shape, native_shape)
+        inside = np.zeros(native_shape, bool)
+        inside[tuple(slice(a, b) for a, b in zip(f_lo, f_hi))] = True
+        assert not whole[~inside].any(), "a nonzero voxel outside the footprint"
+        assert whole[inside].any()
+
+
+PLAUSIBLE = Plausibility(volume_ml=(10.0, 200.0), extent_mm=((20.0, 100.0), (30.0, 140.0), (50.0, 200.0)))
+LOCALISER_STAGE = StageContract("coarse", (4.0, 4.0, 4.0), (16, 16, 16), threshold=0.5, role=LOCALISER,
+                                input_name="coarse_image", prob_name="coarse_prob", mask_name="coarse_mask")
+FINE_STAGE = StageContract("fine", (2.0, 2.0, 2.0), (16, 16, 16), threshold=0.5, crop_margin_mm=15.0,
+                           input_name="fine_image", prob_name="fine_prob", mask_name="fine_mask")
+CASCADE = ModelContract(stages=(LOCALISER_STAGE, FINE_STAGE), plausibility=PLAUSIBLE)
+
+
+def canonical(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> CanonicalVolume:
+    data = np.random.default_rng(1).random(shape).astype(np.float32)
+    return CanonicalVolume(data, spacing, np.array([[0, 1], [1, 1], [2, 1]], float), shape)
+
+
+def stages_called(volume: CanonicalVolume, contract: ModelContract) -> set[str]:
+    called: set[str] = set()
+
+    def predict(stage: str, batch: np.ndarray) -> np.ndarray:
+        called.add(stage)
+        return np.full(batch.shape, 0.9, np.float32)
+
+    infer_canonical(volume, contract, predict)
+    return called
+
+
+def test_a_scan_within_the_final_stages_view_skips_the_localiser() -> None:
+    # Largest view: sorted extents' maxima plus 15 mm on each side = (130, 170, 230) mm.
+    small = canonical((60, 40, 20), (2.0, 2.0, 2.0))      # 120 x 80 x 40 mm: a crop around the atrium
+    wide = canonical((160, 160, 60), (2.0, 2.0, 2.0))     # 320 x 320 x 120 mm: a thorax
+    assert fits_final_stage(small, CASCADE) and not fits_final_stage(wide, CASCADE)
+    assert stages_called(small, CASCADE) == {"fine"}
+    assert stages_called(wide, CASCADE) == {"coarse", "fine"}
+    # Axes are compared sorted: the same crop stored with other axis order fits too.
+    assert fits_final_stage(canonical((20, 60, 40), (2.0, 2.0, 2.0)), CASCADE)
+    # One axis too long is enough to localise.
+    assert not fits_final_stage(canonical((60, 40, 120), (2.0, 2.0, 2.0)), CASCADE)
+
+
+def test_without_learned_plausibility_the_localiser_always_runs() -> None:
+    contract = ModelContract(stages=(LOCALISER_STAGE, FINE_STAGE))
+    small = canonical((60, 40, 20), (2.0, 2.0, 2.0))
+    assert not fits_final_stage(small, contract)
+    assert stages_called(small, contract) == {"coarse", "fine"}
