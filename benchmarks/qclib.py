@@ -188,6 +188,7 @@ def qc_figures(rows: list[QCRow]) -> dict[str, Any]:
     Dice, false alarms on clean scans, silent failures, and the verdict counts."""
     scored = [r for r in rows if r.score is not None and math.isfinite(r.score)]
     clean = [r for r in rows if r.corruption == "clean"]
+    clean_good = [r for r in clean if r.true_dice >= BAD_BELOW]
     estimated = [r for r in rows if r.estimated_dice is not None]
     basis = estimated if estimated else scored
     values = [r.estimated_dice if estimated else r.score for r in basis]
@@ -202,6 +203,11 @@ def qc_figures(rows: list[QCRow]) -> dict[str, Any]:
         "mean_abs_error": float(np.mean([abs(r.estimated_dice - r.true_dice) for r in estimated])) if estimated else None,
         "clean": len(clean),
         "false_alarm_rate_clean": (sum(r.verdict != "ok" for r in clean) / len(clean)) if clean else None,
+        # Flags on clean scans whose mask is in fact good (true Dice >= BAD_BELOW): QC's own false alarms,
+        # apart from flags on clean scans the model got wrong.
+        "clean_good": len(clean_good),
+        "false_alarm_rate_clean_good": (sum(r.verdict != "ok" for r in clean_good) / len(clean_good))
+        if clean_good else None,
         "silent_failures": sum(r.true_dice < SILENT_BELOW and r.verdict == "ok" for r in rows),
         "verdicts": {v: sum(r.verdict == v for r in rows) for v in ("ok", "review", "fail")},
         "mean_dice": float(np.mean([r.true_dice for r in rows])) if rows else None,

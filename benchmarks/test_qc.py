@@ -142,7 +142,9 @@ def _run(benchmark, model: Path, cases: list[qclib.QCCase], tta: bool) -> None:
                                    f"AUROC(verdict) {show(figures['auroc_verdict_bad'])}  Spearman "
                                    f"{show(figures['spearman'])} ({figures['spearman_of']})  mean |est - true| "
                                    f"{show(figures['mean_abs_error'])}")
-    benchlib.report(f"QC ({key})", f"false alarms on clean scans {show(figures['false_alarm_rate_clean'], 2)}  "
+    benchlib.report(f"QC ({key})", f"flagged clean scans {show(figures['false_alarm_rate_clean'], 2)} (of those with "
+                                   f"true Dice >= {qclib.BAD_BELOW}: {show(figures['false_alarm_rate_clean_good'], 2)}"
+                                   f", {figures['clean_good']} scans)  "
                                    f"silent failures {figures['silent_failures']}  QC {1000 * qc_seconds:.1f} ms of "
                                    f"{SECONDS[key]:.3f} s per scan ({100 * figures['qc_share_of_time']:.1f} %)")
     if "tta_cost_ratio" in figures:
