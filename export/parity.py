@@ -18,6 +18,10 @@ from .model_file import TrainedModel
 from .onnx_export import random_input
 
 MAX_ABS_DIFF = 1e-4
+# ONNX Runtime and PyTorch sum float32 convolutions in different orders. On real scans the trained,
+# instance-normalised network turns that into probability differences of up to about 3e-4 (logits
+# 1e-3) where the map crosses the threshold; the masks are compared on their own below.
+MAX_ABS_DIFF_SCAN = 1e-3
 MIN_MASK_AGREEMENT = 0.9999
 
 
@@ -35,25 +39,26 @@ class ParityResult:
     shape: tuple[int, ...]
     max_abs_diff: float
     mask_agreement: float
+    tolerance: float = MAX_ABS_DIFF
 
     @property
     def ok(self) -> bool:
         """Within the tolerances."""
-        return self.max_abs_diff <= MAX_ABS_DIFF and self.mask_agreement >= MIN_MASK_AGREEMENT
+        return self.max_abs_diff <= self.tolerance and self.mask_agreement >= MIN_MASK_AGREEMENT
 
     def to_dict(self) -> dict:
         """JSON-able form."""
         return {**asdict(self), "ok": self.ok}
 
 
-def _compare(what: str, ref: np.ndarray, got: np.ndarray, threshold: float) -> ParityResult:
+def _compare(what: str, ref: np.ndarray, got: np.ndarray, threshold: float, tolerance: float) -> ParityResult:
     diff = float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)))) if ref.size else 0.0
     agreement = float(np.mean((ref > threshold) == (got > threshold))) if ref.size else 1.0
-    return ParityResult(what, tuple(int(s) for s in ref.shape), diff, agreement)
+    return ParityResult(what, tuple(int(s) for s in ref.shape), diff, agreement, tolerance)
 
 
 def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), threads: int | None = None,
-                 max_abs_diff: float = MAX_ABS_DIFF) -> list[ParityResult]:
+                 max_abs_diff: float = MAX_ABS_DIFF, max_abs_diff_scan: float = MAX_ABS_DIFF_SCAN) -> list[ParityResult]:
     """Compare ONNX Runtime (CPU) with PyTorch per stage on a real-size random input, and end to end on scans."""
     session = OnnxSession(onnx_path, device="cpu", threads=threads)
     torch_predict = torch_predictor(model.networks, torch.device("cpu"))
@@ -62,7 +67,7 @@ def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), t
         x = random_input(stage.patch_size, seed=len(results))
         prob = session.predict(stage.name, x)
         results.append(_compare(f"{stage.name}: random input", torch_predict(stage.name, x), prob,
-                                float(stage.threshold)))
+                                float(stage.threshold), max_abs_diff))
         mask = session.mask(stage.name, x)
         expected = (prob > float(stage.threshold)).astype(np.uint8)
         if not np.array_equal(mask, expected):
@@ -71,14 +76,16 @@ def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), t
         canonical = to_canonical(load_volume(scan), model.contract.orientation)
         ref = infer_canonical(canonical, model.contract, torch_predict).prob
         got = infer_canonical(canonical, model.contract, session.predict).prob
-        result = _compare(f"{Path(scan).name}: whole pipeline", ref, got, float(model.contract.final_stage.threshold))
+        result = _compare(f"{Path(scan).name}: whole pipeline", ref, got, float(model.contract.final_stage.threshold),
+                          max_abs_diff_scan)
         ref_mask = mask_from_prob(ref, model.contract)
         got_mask = mask_from_prob(got, model.contract)
         result.mask_agreement = float(np.mean(ref_mask == got_mask))
         results.append(result)
-    failed = [r for r in results if not (r.max_abs_diff <= max_abs_diff and r.mask_agreement >= MIN_MASK_AGREEMENT)]
+    failed = [r for r in results if not r.ok]
     if failed:
-        lines = "; ".join(f"{r.what}: max |diff| {r.max_abs_diff:.2e}, mask agreement {100 * r.mask_agreement:.4f} %"
+        lines = "; ".join(f"{r.what}: max |diff| {r.max_abs_diff:.2e} (limit {r.tolerance:.0e}), mask agreement "
+                          f"{100 * r.mask_agreement:.4f} %"
                           for r in failed)
         raise ParityError(f"ONNX Runtime does not match PyTorch ({lines})")
     return results

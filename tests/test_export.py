@@ -90,6 +90,31 @@ def test_parity_report_within_tolerances(exported):
         assert r["mask_agreement"] >= 0.9999, r
 
 
+def test_parity_refuses_a_file_that_computes_something_else(trained_run, exported):
+    """The check can fail: PyTorch weights nudged after export make the same ONNX file disagree."""
+    from heartseg.export.model_file import load_trained_model
+    from heartseg.export.parity import ParityError, check_parity
+
+    model = load_trained_model(trained_run.model)
+    assert all(r.ok for r in check_parity(model, exported, [trained_run.data / "imagesTr" / SCAN], threads=1))
+    with torch.no_grad():
+        for parameter in model.networks["fine"].parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    with pytest.raises(ParityError, match="fine: random input"):
+        check_parity(model, exported, threads=1)
+
+
+def test_scan_tolerance_is_wider_than_the_random_input_one():
+    from heartseg.export.parity import MAX_ABS_DIFF, MAX_ABS_DIFF_SCAN, _compare
+
+    ref = np.array([0.2, 0.6, 0.9], np.float32)
+    got = ref + np.float32(5e-4)
+    assert not _compare("fine: random input", ref, got, 0.5, MAX_ABS_DIFF).ok
+    assert _compare("scan: whole pipeline", ref, got, 0.5, MAX_ABS_DIFF_SCAN).ok
+    flipped = np.array([0.2, 0.4, 0.9], np.float32)  # a voxel across the threshold: masks disagree
+    assert not _compare("scan: whole pipeline", ref, flipped, 0.5, 1.0).ok
+
+
 def test_batchnorm_is_folded_into_the_convolutions(trained_run, tmp_path):
     from dataclasses import replace
 
