@@ -58,7 +58,8 @@ def _compare(what: str, ref: np.ndarray, got: np.ndarray, threshold: float, tole
 
 
 def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), threads: int | None = None,
-                 max_abs_diff: float = MAX_ABS_DIFF, max_abs_diff_scan: float = MAX_ABS_DIFF_SCAN) -> list[ParityResult]:
+                 max_abs_diff: float = MAX_ABS_DIFF,
+                 max_abs_diff_scan: float = MAX_ABS_DIFF_SCAN) -> list[ParityResult]:
     """Compare ONNX Runtime (CPU) with PyTorch per stage on a real-size random input, and end to end on scans."""
     session = OnnxSession(onnx_path, device="cpu", threads=threads)
     torch_predict = torch_predictor(model.networks, torch.device("cpu"))

@@ -123,8 +123,8 @@ def fits_final_stage(canonical: CanonicalVolume, contract: ModelContract) -> boo
     if contract.plausibility is None:
         return False
     fov = np.sort(np.asarray(canonical.data.shape, float) * np.asarray(canonical.spacing, float))
-    largest_view = np.asarray([hi for _, hi in contract.plausibility.extent_mm]) + 2 * contract.final_stage.crop_margin_mm
-    return bool(np.all(fov <= largest_view))
+    largest = np.asarray([hi for _, hi in contract.plausibility.extent_mm])
+    return bool(np.all(fov <= largest + 2 * contract.final_stage.crop_margin_mm))
 
 
 def localiser_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
