@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .contract import ModelContract, StageContract
+from .plausibility import scan_geometry
 from .postprocess import binarize, largest_component
 from .preprocess import (
     CanonicalVolume,
@@ -122,9 +123,9 @@ def fits_final_stage(canonical: CanonicalVolume, contract: ModelContract) -> boo
     atrium (its extents plus the crop margin on both sides, axes sorted): then localising can only lose."""
     if contract.plausibility is None:
         return False
-    fov = np.sort(np.asarray(canonical.data.shape, float) * np.asarray(canonical.spacing, float))
+    _, fov = scan_geometry(canonical.data.shape, canonical.spacing)
     largest = np.asarray([hi for _, hi in contract.plausibility.extent_mm])
-    return bool(np.all(fov <= largest + 2 * contract.final_stage.crop_margin_mm))
+    return bool(np.all(np.asarray(fov) <= largest + 2 * contract.final_stage.crop_margin_mm))
 
 
 def localiser_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
