@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from heartseg.runtime.confidence import SILENT_BELOW, spearman
 from heartseg.runtime.image import Volume, load_mask, load_volume
 from heartseg.runtime.metrics import dice_score
 from scipy import ndimage
 
 # True Dice below this makes a mask "bad" for the AUROC; below SILENT_BELOW with verdict ok is a silent failure.
 BAD_BELOW = 0.85
-SILENT_BELOW = 0.80
 
 
 @dataclass
@@ -171,16 +171,6 @@ def auroc(scores: Iterable[float], positive: Iterable[bool]) -> float | None:
         return None
     lower = (pos[:, None] < neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(lower / (pos.size * neg.size))
-
-
-def spearman(a: Iterable[float], b: Iterable[float]) -> float | None:
-    """Spearman rank correlation, None with fewer than 3 pairs or a constant side."""
-    x, y = np.asarray(list(a), float), np.asarray(list(b), float)
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x, y)[0])
 
 
 def qc_figures(rows: list[QCRow]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from .cli_common import (
     warn,
     write_json,
 )
+from .confidence import SILENT_BELOW, spearman
 from .errors import InputError
 from .image import load_label, same_grid, voxel_volume_mm3
 from .memory import check_eval_budget
@@ -107,7 +108,7 @@ def read_qc_report(path: Path) -> dict[str, dict]:
         raise InputError(f"--qc-report {path}: not a heartseg-infer JSON report ({exc})") from None
 
 
-def qc_agreement(cases: list[Case], bad_below: float = 0.80) -> dict[str, float | int | None]:
+def qc_agreement(cases: list[Case], bad_below: float = SILENT_BELOW) -> dict[str, float | int | None]:
     """Estimated against true Dice over the cases with an estimate: error, interval coverage, Spearman,
     and silent failures (true Dice below bad_below with the verdict ok)."""
     rows = [(c.qc["estimated_dice"], c.qc["dice_interval"], c.qc.get("verdict"), c.metrics.dice)
@@ -123,10 +124,7 @@ def qc_agreement(cases: list[Case], bad_below: float = 0.80) -> dict[str, float 
         true = np.array([r[3] for r in rows], float)
         out["mean_abs_error"] = float(np.mean(np.abs(est - true)))
         out["interval_coverage"] = float(np.mean([lo <= d <= hi for (_, (lo, hi), _, d) in rows]))
-        if len(rows) >= 3 and np.ptp(est) > 0 and np.ptp(true) > 0:
-            from scipy.stats import spearmanr
-
-            out["spearman"] = float(spearmanr(est, true)[0])
+        out["spearman"] = spearman(est, true)
     return out
 
 

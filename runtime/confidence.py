@@ -29,6 +29,8 @@ DEFAULT_COVERAGE = 0.9
 # Verdict thresholds on the estimated Dice.
 REVIEW_BELOW = 0.85
 FAIL_BELOW = 0.5
+# A mask below this true Dice that QC lets through as ok is a silent failure (benchmarks and heartseg-eval).
+SILENT_BELOW = 0.80
 
 
 def soft_dice_score(prob: np.ndarray, mask: np.ndarray) -> float:
@@ -101,6 +103,16 @@ def fit_score_calibration(scores: Sequence[float], dices: Sequence[float], cover
     return ScoreCalibration(slope=float(slope), intercept=intercept, residual_lo=lo, residual_hi=hi, cases=int(s.size),
                             coverage=coverage, review_below=review_below, fail_below=fail_below,
                             score_range=(float(s.min()), float(s.max())))
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation, None with fewer than 3 pairs or a constant side."""
+    x, y = np.asarray(list(a), float), np.asarray(list(b), float)
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y)[0])
 
 
 def pooled_score_calibration(per_case: Mapping[str, Mapping]) -> ScoreCalibration | None:
