@@ -13,12 +13,12 @@ import typer
 from heartseg.runtime.cli_common import new_app, version_option
 from heartseg.runtime.errors import HeartsegError
 
-from .options import COARSE_TRAIN, FOLDS, SEED, STAGE_KIND, ConfigError, TrainConfig
+from .options import COARSE_TRAIN, FOLDS, SEED, STAGE_KIND, AugmentConfig, ConfigError, TrainConfig
 from .plan import PlanOptions
 
 # Every default below is the config dataclasses' own (this module imports no PyTorch, so that it can say
 # that PyTorch is missing).
-_FINE, _COARSE, _PLAN = TrainConfig(), TrainConfig(**COARSE_TRAIN), PlanOptions()
+_FINE, _COARSE, _PLAN, _AUGMENT = TrainConfig(), TrainConfig(**COARSE_TRAIN), PlanOptions(), AugmentConfig()
 
 app = new_app(help="Train a left-atrium 3D U-Net with cross-validation and a calibrated threshold.")
 
@@ -93,6 +93,8 @@ def train(
     patch: Optional[str] = typer.Option(None, help="Full-resolution patch in voxels, 'x,y,z' (default: the median atrium box plus margins, at most 64^3 voxels)."),
     margin_mm: float = typer.Option(_PLAN.crop_margin_mm, help="Margin around the localiser's box that the full-resolution stage sees."),
     foreground_fraction: float = typer.Option(_FINE.foreground_fraction, help="Share of patches centred on a foreground voxel."),
+    flip_prob: float = typer.Option(_AUGMENT.p_flip, help="Probability of mirroring each axis of a training patch (orientation robustness; with --permute-prob 0, 0 trains the stored orientation only)."),
+    permute_prob: float = typer.Option(_AUGMENT.p_permute, help="Probability of permuting the axes of a training patch."),
     device: str = typer.Option(_FINE.device, help="auto (CUDA when available), cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
@@ -155,7 +157,9 @@ def train(
             if patch_size and any(p % 2**unet.depth for p in patch_size):
                 raise HeartsegError(f"--patch {patch}: every size must be a multiple of {2**unet.depth} "
                                     f"(the network pools {unet.depth} times)")
+            augment = _augment_config(flip_prob, permute_prob)
             config = _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits,
+                                 augment,
                                  dict(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
                                       fine_patch=patch_size, crop_margin_mm=margin_mm),
                                  dict(steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
@@ -193,8 +197,16 @@ def train(
         raise typer.Exit(exc.exit_code)
 
 
-def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits, plan: dict,
-                fine: dict, coarse: dict):
+def _augment_config(flip_prob: float, permute_prob: float):
+    """The default augmentation with these orientation probabilities; a value outside [0, 1] is named by its option."""
+    for option, value in (("--flip-prob", flip_prob), ("--permute-prob", permute_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise HeartsegError(f"{option} {value!r}: must be in [0, 1]")
+    return replace(_AUGMENT, p_flip=flip_prob, p_permute=permute_prob)
+
+
+def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits, augment,
+                plan: dict, fine: dict, coarse: dict):
     """A new run's configuration; a value no run can use is named by its command-line option."""
     from heartseg.train.pipeline import RunConfig
 
@@ -216,7 +228,7 @@ def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, in
                          init_from=str(init_from.resolve()) if init_from else None,
                          splits=str(splits.resolve()) if splits else None,
                          command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
-                         plan=plan_options, fine=fine_config, coarse=coarse_config)
+                         plan=plan_options, fine=fine_config, coarse=coarse_config, augment=augment)
     except ConfigError as exc:
         raise exc.as_option() from None
 

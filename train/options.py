@@ -93,3 +93,65 @@ class TrainConfig:
 
 # The localiser's defaults where they differ from the full-resolution stage's.
 COARSE_TRAIN = dict(steps=300, lr=3e-3)
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation probabilities and ranges; intensities are in normalised (z-scored) units."""
+
+    # Flips of every axis and (in the patch sampler) permutations of the axes: datasets disagree on
+    # which array axis is left, anterior or superior, so the networks must not rely on it.
+    # Axes are spatial: 0 = D, 1 = H, 2 = W.
+    flip_axes: tuple[int, ...] = (0, 1, 2)
+    p_flip: float = 0.5
+    p_permute: float = 0.25
+    # Rotation (degrees) around the depth axis, i.e. in the H-W plane.
+    rotation_deg: float = 10.0
+    # Smaller rotation (degrees) around the H and W axes.
+    off_axis_rotation_deg: float = 3.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    p_spatial: float = 0.3
+    # Contrast, gamma, noise and a smooth multiplicative bias field: scans differ in sequence, scanner
+    # and storage (uint8, int16, float), and the z-score removes only scale and offset.
+    intensity_scale: tuple[float, float] = (0.75, 1.25)
+    intensity_shift: float = 0.2
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    p_gamma: float = 0.3
+    noise_std: float = 0.1
+    p_noise: float = 0.2
+    # Largest log-gain of the bias field across a patch (0.4: up to about 1.5x brighter or darker).
+    bias_field: float = 0.4
+    p_bias: float = 0.3
+
+    def __post_init__(self) -> None:
+        self.flip_axes = tuple(int(a) for a in self.flip_axes)
+        self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
+        self.intensity_scale = (float(self.intensity_scale[0]), float(self.intensity_scale[1]))
+        self.gamma_range = (float(self.gamma_range[0]), float(self.gamma_range[1]))
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise ValueError(f"flip_axes must be spatial axes in (0, 1, 2), got {self.flip_axes}")
+        for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        for name in ("scale_range", "intensity_scale", "gamma_range"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+        for name in ("rotation_deg", "off_axis_rotation_deg", "intensity_shift", "noise_std", "bias_field"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def identity(cls) -> AugmentConfig:
+        """A config under which :func:`augment` returns its inputs unchanged."""
+        return cls(
+            flip_axes=(),
+            p_permute=0.0,
+            p_spatial=0.0,
+            intensity_scale=(1.0, 1.0),
+            intensity_shift=0.0,
+            p_gamma=0.0,
+            p_noise=0.0,
+            p_bias=0.0,
+        )
