@@ -29,6 +29,13 @@ from .sliding_window import predict_volume
 StagePredictFn = Callable[[str, np.ndarray], np.ndarray]
 Box = tuple[np.ndarray, np.ndarray]
 
+# When the final stage's mask reaches a face of the localiser's box, the box was cut too tight: that face
+# moves out by the stage's crop margin and the stage runs again, at most this many times.
+MAX_BOX_GROWTH = 2
+# The mask (probability above one half, largest component) reaches a face when its area on the face is at
+# least this share of its largest cross-section along that axis; a graze of a few voxels does not count.
+GROW_FACE_SHARE = 0.05
+
 
 @dataclass
 class CanonicalResult:
@@ -90,16 +97,24 @@ def infer_canonical(canonical: CanonicalVolume, contract: ModelContract, predict
 
     A box given by the caller (on the native canonical grid) replaces the localiser, as validation of a
     fine stage on its own does; a scan no larger than the final stage's view of a plausible atrium is seen
-    whole.
+    whole. A localiser's box that the final mask reaches is grown (see grown_box) and the final stage run again.
     """
     final = contract.final_stage
-    if contract.is_cascade and box is None and not fits_final_stage(canonical, contract):
+    located = contract.is_cascade and box is None and not fits_final_stage(canonical, contract)
+    if located:
         box = locate(canonical, contract, predict, max_voxels)
         if box is None:
             return CanonicalResult(np.zeros(canonical.data.shape, np.float32), None)
     final_shape = stage_shape(canonical, final)
     stage_box = native_box_to_stage(box, canonical.data.shape, final_shape, final) if box is not None else None
     prob = predict_stage(canonical, final, contract, predict, stage_box, max_voxels)
+    if located:
+        for _ in range(MAX_BOX_GROWTH):
+            grown = grown_box(prob, stage_box, final)
+            if grown is None:
+                break
+            stage_box = grown
+            prob = predict_stage(canonical, final, contract, predict, stage_box, max_voxels)
     native_shape = canonical.data.shape
     if stage_box is None:
         return CanonicalResult(resample_to_shape(prob, native_shape, order=1), stage_box)
@@ -108,6 +123,27 @@ def infer_canonical(canonical: CanonicalVolume, contract: ModelContract, predict
     native = np.zeros(native_shape, np.float32)
     native[tuple(slice(a, b) for a, b in zip(*region))] = resample_to_shape(prob, native_shape, order=1, region=region)
     return CanonicalResult(native, stage_box)
+
+
+def grown_box(prob: np.ndarray, box: Box, stage: StageContract) -> Box | None:
+    """box (on the stage's grid) with every face that the stage's mask reaches moved out by the stage's crop
+    margin, or None when the mask reaches no face that can still move."""
+    shape = prob.shape
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(*box))
+    mask = largest_component(binarize(prob[crop], 0.5))
+    if not mask.any():
+        return None
+    step = np.maximum(np.ceil(stage.crop_margin_mm / np.asarray(stage.spacing, float)), stage.divisor).astype(int)
+    lo, hi = np.asarray(box[0], int).copy(), np.asarray(box[1], int).copy()
+    moved = False
+    for axis in range(3):
+        profile = mask.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
+        largest = float(profile.max())
+        if lo[axis] > 0 and profile[0] >= GROW_FACE_SHARE * largest:
+            lo[axis], moved = max(0, lo[axis] - step[axis]), True
+        if hi[axis] < shape[axis] and profile[-1] >= GROW_FACE_SHARE * largest:
+            hi[axis], moved = min(shape[axis], hi[axis] + step[axis]), True
+    return box_with_divisor(lo, hi, shape, stage.divisor) if moved else None
 
 
 def stage_box_footprint(box: Box, stage_shape_: tuple[int, ...], native_shape: tuple[int, ...]) -> Box:

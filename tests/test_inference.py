@@ -7,7 +7,8 @@ import pytest
 from scipy import ndimage
 
 from heartseg.runtime.contract import LOCALISER, ModelContract, StageContract
-from heartseg.runtime.inference import fits_final_stage, infer_canonical, stage_box_footprint
+import heartseg.runtime.inference as inference
+from heartseg.runtime.inference import fits_final_stage, grown_box, infer_canonical, stage_box_footprint
 from heartseg.runtime.plausibility import Plausibility
 from heartseg.runtime.preprocess import CanonicalVolume, resample_to_shape
 
@@ -97,3 +98,49 @@ def test_without_learned_plausibility_the_localiser_always_runs() -> None:
     small = canonical((60, 40, 20), (2.0, 2.0, 2.0))
     assert not fits_final_stage(small, contract)
     assert stages_called(small, contract) == {"coarse", "fine"}
+
+
+def blob_prob(shape: tuple[int, int, int], lo: tuple[int, int, int], hi: tuple[int, int, int]) -> np.ndarray:
+    prob = np.zeros(shape, np.float32)
+    prob[tuple(slice(a, b) for a, b in zip(lo, hi))] = 0.9
+    return prob
+
+
+def test_a_box_grows_only_on_the_faces_the_mask_reaches() -> None:
+    box = (np.array([20, 20, 20]), np.array([44, 44, 44]))
+    # 15 mm margin at 2 mm: faces move by 8 voxels (and never by less than the divisor).
+    reaching = blob_prob((80, 80, 80), (24, 24, 30), (40, 40, 60))  # cut by the box's upper face on axis 2
+    lo, hi = grown_box(reaching, box, FINE_STAGE)
+    assert lo.tolist() == [20, 20, 20] and hi.tolist() == [44, 44, 52]
+    assert grown_box(blob_prob((80, 80, 80), (24, 24, 24), (40, 40, 40)), box, FINE_STAGE) is None
+    # A graze of a few voxels on a face is not a cut.
+    grazing = blob_prob((80, 80, 80), (24, 24, 24), (40, 40, 40))
+    grazing[30, 30, 40:44] = 0.9
+    assert grown_box(grazing, box, FINE_STAGE) is None
+    # A face on the edge of the grid cannot move.
+    at_edge = (np.array([20, 20, 56]), np.array([44, 44, 80]))
+    assert grown_box(blob_prob((80, 80, 80), (24, 24, 60), (40, 40, 80)), at_edge, FINE_STAGE) is None
+    assert grown_box(np.zeros((80, 80, 80), np.float32), box, FINE_STAGE) is None
+
+
+def test_the_final_stage_follows_a_mask_that_the_localisers_box_cuts(monkeypatch) -> None:
+    shape = (80, 80, 80)  # 160 mm at 2 mm: larger than the final stage's view, so the localiser runs
+    image = np.zeros(shape, np.float32)
+    image[20:60, 30:50, 30:50] = 1.0  # an 80 mm long bright target
+    volume = CanonicalVolume(image, (2.0, 2.0, 2.0), np.array([[0, 1], [1, 1], [2, 1]], float), shape)
+    tight = (np.array([20.0, 30.0, 30.0]), np.array([36.0, 50.0, 50.0]))  # the localiser saw 32 mm of it
+    monkeypatch.setattr(inference, "locate", lambda *args, **kwargs: tight)
+
+    def predict(stage: str, batch: np.ndarray) -> np.ndarray:
+        return np.where(batch > 0, 0.9, 0.1).astype(np.float32)
+
+    target = image > 0
+    grown = infer_canonical(volume, CASCADE, predict).prob > 0.5
+    assert np.array_equal(grown, target)
+    monkeypatch.setattr(inference, "MAX_BOX_GROWTH", 0)
+    cut = infer_canonical(volume, CASCADE, predict).prob > 0.5
+    assert cut.sum() < 0.7 * target.sum() and not (cut & ~target).any()
+    # A box given by the caller (validation of a fine stage on its own) is used as it is.
+    monkeypatch.setattr(inference, "MAX_BOX_GROWTH", 2)
+    given = infer_canonical(volume, CASCADE, predict, box=tight).prob > 0.5
+    assert np.array_equal(given, cut)

@@ -153,6 +153,36 @@ def test_init_from_starts_from_the_given_weights(two_run, two_sequences, tmp_pat
     assert not torch.allclose(_first_conv(fresh), _first_conv(before), atol=1e-3)
 
 
+def test_init_from_one_stages_best_checkpoint_starts_that_stage_only(two_run, two_sequences, tmp_path):
+    run, _ = two_run
+    best = run / "fold_0" / "fine" / "best.pt"
+    tuned = tmp_path / "tuned"
+    result = CliRunner().invoke(app, [str(two_sequences[1]), "-o", str(tuned), "--init-from", str(best),
+                                      *_tiny_args("2"), "--lr", "1e-12"])
+    assert result.exit_code in (0, 1), f"{result.output}\n{result.exception!r}"
+    before = torch.load(best, map_location="cpu", weights_only=True)["model"]
+    after = torch.load(tuned / "fold_0" / "fine" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    for key, value in before.items():
+        if key.endswith(".weight") and value.dim() == 5:
+            assert torch.allclose(after[key], value, atol=1e-6), key
+    # The localiser was not in the source: it starts from its own initialisation.
+    source_coarse = torch.load(run / "model.pt", map_location="cpu", weights_only=True)["networks"]["coarse"]["state_dict"]
+    coarse = torch.load(tuned / "fold_0" / "coarse" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    assert not torch.allclose(_first_conv(coarse), _first_conv(source_coarse), atol=1e-3)
+
+
+def test_init_from_a_best_checkpoint_outside_its_run_is_refused(two_run, two_sequences, tmp_path):
+    run, _ = two_run
+    lone = tmp_path / "lone" / "best.pt"
+    lone.parent.mkdir()
+    lone.write_bytes((run / "fold_0" / "fine" / "best.pt").read_bytes())
+    result = CliRunner().invoke(app, [str(two_sequences[0]), "-o", str(tmp_path / "x"), "--init-from", str(lone),
+                                      *TINY_TRAIN_ARGS])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "inside its run folder" in _text(result.output)
+    assert not (tmp_path / "x").exists()
+
+
 def test_init_from_a_different_network_is_refused_before_training(two_run, two_sequences, tmp_path):
     run, _ = two_run
     args = [str(two_sequences[0]), "-o", str(tmp_path / "x"), "--init-from", str(run / "model.pt"), *TINY_TRAIN_ARGS]

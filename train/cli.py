@@ -99,7 +99,7 @@ def train(
     threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
     splits: Optional[Path] = typer.Option(None, "--splits", help="Use the folds of this file (the format of a run's splits.json) instead of making them: a fixed split, or a subset of the cases (cases no fold names are not used)."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this heartseg model.pt (fine-tuning); its networks must match this run's presets."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from existing weights (fine-tuning): a heartseg model.pt (every stage), or one stage's RUN/fold_K/STAGE/best.pt (that stage only); the networks must match this run's presets."),
     version: bool = version_option(),
 ) -> None:
     """Train, calibrate the threshold on held-out cases, and write RUN/model.pt.

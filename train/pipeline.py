@@ -21,7 +21,7 @@ from heartseg.runtime.plausibility import learn_plausibility, mask_flag
 from .augment import AugmentConfig
 from .cache import PreparedCase, default_cache_root, fingerprint, prepare_case
 from .calibrate import Calibration, calibrate_threshold
-from .checkpoint import model_checkpoint, read_model_checkpoint, save_atomic
+from .checkpoint import model_checkpoint, read_best, read_model_checkpoint, save_atomic
 from .dataset import DatasetInfo, image_hash, read_datasets
 from .options import FOLDS, SEED, STAGE_KIND, ConfigError, integer_at_least, one_of
 from .plan import STAGE_KINDS, PlanOptions, TrainPlan, fingerprint_dict, plan_stages
@@ -113,6 +113,35 @@ def _stage_configs(config: RunConfig, role: str) -> tuple[TrainConfig, UNetConfi
     if role == LOCALISER:
         return config.coarse, config.coarse_unet
     return config.fine, config.fine_unet
+
+
+InitWeights = dict[str, tuple[str, UNetConfig, dict]]
+
+
+def _model_weights(path: Path) -> InitWeights:
+    """Every stage's (role, network, weights) from a model.pt."""
+    source = read_model_checkpoint(path)
+    return {stage.name: (stage.role, source.networks[stage.name].unet, source.networks[stage.name].state_dict)
+            for stage in source.contract.stages}
+
+
+def _best_weights(path: Path) -> InitWeights:
+    """One stage's (role, network, weights) from RUN/fold_K/STAGE/best.pt; its run's config.json and plan.json
+    say which network it is."""
+    path = path.resolve()
+    run = path.parents[2] if len(path.parents) > 2 else path.parent
+    if not ((run / "config.json").is_file() and (run / "plan.json").is_file()):
+        raise HeartsegError(f"{path}: a best.pt is read inside its run folder (RUN/fold_K/STAGE/best.pt, with "
+                            f"RUN/config.json and RUN/plan.json)")
+    config = RunConfig.load(run / "config.json")
+    try:
+        contract = ModelContract.from_dict(json.loads((run / "plan.json").read_text())["contract"])
+    except (HeartsegError, ValueError, KeyError, TypeError) as exc:
+        raise HeartsegError(f"{run / 'plan.json'}: not a heartseg plan ({exc})") from None
+    stage = next((s for s in contract.stages if s.name == path.parent.name), None)
+    if stage is None:
+        raise HeartsegError(f"{path}: its run has no stage {path.parent.name!r}")
+    return {stage.name: (stage.role, _stage_configs(config, stage.role)[1], read_best(path)["model"])}
 
 
 class Run:
@@ -289,18 +318,18 @@ class Run:
         return metrics
 
     def init_weights(self) -> dict[str, dict]:
-        """Per-stage weights of the --init-from model (empty without one)."""
+        """Per-stage weights of the --init-from source (empty without one): a model.pt, or one stage's best.pt."""
         if not self.config.init_from:
             return {}
-        source = read_model_checkpoint(Path(self.config.init_from))
+        path = Path(self.config.init_from)
+        source = _best_weights(path) if path.name == "best.pt" else _model_weights(path)
         weights = {}
-        for stage in source.contract.stages:
-            ours = _stage_configs(self.config, stage.role)[1]
-            theirs = source.networks[stage.name].unet
+        for name, (role, theirs, state) in source.items():
+            ours = _stage_configs(self.config, role)[1]
             if theirs != ours:
-                raise HeartsegError(f"{self.config.init_from}: its {stage.name!r} network is not the one this run "
+                raise HeartsegError(f"{self.config.init_from}: its {name!r} network is not the one this run "
                                     f"trains ({theirs.to_dict()} vs {ours.to_dict()})")
-            weights[stage.name] = source.networks[stage.name].state_dict
+            weights[name] = state
         return weights
 
     def summarize(self, results: dict[int, dict]) -> dict:
