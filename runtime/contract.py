@@ -142,6 +142,8 @@ def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility |
         cases=_integer(value.get("cases", 0), f"{name}.cases", 0, 10**9),
         margin=_number(value.get("margin", 1.0), f"{name}.margin", 1.0, 1000.0),
         input_margin=_number(value.get("input_margin", DEFAULT_INPUT_MARGIN), f"{name}.input_margin", 1.0, 1000.0),
+        skewness=None if value.get("skewness") is None else _range(value["skewness"], f"{name}.skewness",
+                                                                   -math.inf, math.inf),
         **optional,
     )
 

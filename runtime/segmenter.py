@@ -150,7 +150,7 @@ class Segmenter:
                                       stage_shape(canonical, self.contract.final_stage))
         # Reorienting only permutes and mirrors axes: the scan's voxel volume (|det| of its affine) holds for QC.
         report = assess(canonical_mask, result.prob, canonical.spacing, self.contract, box,
-                        voxel_volume_mm3=voxel_volume_mm3(volume.affine))
+                        voxel_volume_mm3=voxel_volume_mm3(volume.affine), image=canonical.data)
         # "postprocess" includes QC, so that the stages add up to the total; "qc" is its share.
         timings["postprocess"] = time.perf_counter() - start
         timings["qc"] = report.seconds

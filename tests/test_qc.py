@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from heartseg.runtime.confidence import ScoreCalibration, fit_score_calibration, soft_dice_score
 from heartseg.runtime.contract import ModelContract, StageContract
-from heartseg.runtime.plausibility import Plausibility, input_reasons, learn_plausibility
+from heartseg.runtime.plausibility import Plausibility, input_reasons, intensity_skewness, learn_plausibility
 from heartseg.runtime.postprocess import largest_component
 from heartseg.runtime.qc import assess, bounding_slices, component_sizes, face_shares
 from heartseg.runtime.session import read_contract
@@ -135,6 +135,43 @@ def test_input_reasons_pass_the_training_geometry() -> None:
     assert input_reasons(SHAPE, SPACING, PLAUSIBLE) == []
     no_ranges = replace(PLAUSIBLE, spacing_mm=None, fov_mm=None)
     assert input_reasons((10, 10, 10), (9.0, 9.0, 9.0), no_ranges) == []
+
+
+def bright_blood_scan(mask: np.ndarray) -> np.ndarray:
+    """A scan where the masked blood pool is bright on a darker, noisy background (right-skewed)."""
+    noise = np.random.default_rng(0).normal(0.0, 0.1, mask.shape)
+    return (np.where(mask, 3.0, 1.0) + noise).astype(np.float32)
+
+
+def test_an_inverted_scan_asks_for_review_and_a_familiar_one_passes() -> None:
+    mask = ellipsoid()
+    scan = bright_blood_scan(mask)
+    assert intensity_skewness(scan) > 2.0 and intensity_skewness(-scan) == pytest.approx(-intensity_skewness(scan))
+    # Unchanged by the storage's scale and offset (uint8, int16, float).
+    assert intensity_skewness(40.0 * scan + 300.0) == pytest.approx(intensity_skewness(scan), abs=1e-6)
+    learned = replace(PLAUSIBLE, skewness=(1.0, 8.0))
+    contract = replace(CONTRACT, plausibility=learned)
+    familiar = assess(mask, confident(mask), SPACING, contract, image=scan)
+    assert familiar.verdict == "ok" and familiar.measures["skewness"] > 2.0
+    inverted = assess(mask, confident(mask), SPACING, contract, image=-scan)
+    assert inverted.verdict == "review"
+    assert any(r.startswith("intensity skewness -") and "outside the trained 1.00 to 8.00" in r
+               for r in inverted.reasons), inverted.reasons
+    # Without an image, or with a model that never learned the range, the rule does not apply.
+    assert assess(mask, confident(mask), SPACING, contract).verdict == "ok"
+    assert assess(mask, confident(mask), SPACING, CONTRACT, image=-scan).verdict == "ok"
+
+
+def test_learn_plausibility_widens_the_training_skewness() -> None:
+    labels = [(ellipsoid(), SPACING)] * 3
+    narrow = learn_plausibility(labels, skewness=[1.5, 1.7, 2.0])
+    assert narrow.skewness == pytest.approx((1.0, 2.5))  # widened by the floor (0.5) on each side
+    wide = learn_plausibility(labels, skewness=[-0.3, 2.6, 1.0])
+    assert wide.skewness == pytest.approx((-0.3 - 0.725, 2.6 + 0.725))  # by a quarter of the width
+    assert learn_plausibility(labels).skewness is None
+    assert Plausibility.from_dict(wide.to_dict()) == wide
+    back = ModelContract.from_json(replace(CONTRACT, plausibility=wide).to_json())
+    assert back.plausibility.skewness == pytest.approx(wide.skewness)
 
 
 def test_uncertain_probabilities_ask_for_review_or_fail() -> None:
