@@ -57,6 +57,8 @@ BAD_OPTIONS = [
     (["--foreground-fraction", "2"], "--foreground-fraction 2.0"),
     (["--folds", "1"], "--folds 1"),
     (["--device", "tpu"], "--device"),
+    (["--flip-prob", "1.5"], "--flip-prob 1.5"),
+    (["--permute-prob", "-0.1"], "--permute-prob -0.1"),
 ]
 
 
@@ -82,6 +84,17 @@ def test_cli_defaults_are_the_dataclasses(tmp_path: Path) -> None:
     assert defaults["margin_mm"] == PlanOptions().crop_margin_mm
     run = RunConfig(data=["d"], output="o")
     assert defaults["coarse_steps"] == run.coarse.steps and defaults["folds"] == run.n_folds
+    assert defaults["flip_prob"] == run.augment.p_flip and defaults["permute_prob"] == run.augment.p_permute
+
+
+def test_orientation_augmentation_options_reach_the_run_config(small_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_app, [str(small_data), "-o", str(run), *TINY, "--flip-prob", "0.2",
+                                            "--permute-prob", "0"])
+    assert result.exit_code in (0, 1), (result.output, result.exception)  # 2 steps may not calibrate
+    augment = RunConfig.load(run / "config.json").augment
+    assert augment.p_flip == 0.2 and augment.p_permute == 0.0
+    assert augment.p_bias == RunConfig(data=["d"], output="o").augment.p_bias  # the rest stays default
 
 
 def test_dataset_entry_that_is_not_a_path(tmp_path: Path) -> None:
