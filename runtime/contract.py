@@ -144,6 +144,7 @@ def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility |
         input_margin=_number(value.get("input_margin", DEFAULT_INPUT_MARGIN), f"{name}.input_margin", 1.0, 1000.0),
         skewness=None if value.get("skewness") is None else _range(value["skewness"], f"{name}.skewness",
                                                                    -math.inf, math.inf),
+        sharpness=None if value.get("sharpness") is None else _range(value["sharpness"], f"{name}.sharpness"),
         **optional,
     )
 

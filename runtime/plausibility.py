@@ -7,7 +7,9 @@ threshold whose masks leave them, and QC flags such masks.
 The scans' own voxel sizes and fields of view (sorted, in mm) are learned too, widened by the input
 margin: QC asks for a review of a scan whose geometry the model never saw. So is the skewness of the
 scans' intensities (bright blood on a darker background skews right; inverting the intensities flips
-its sign): a scan outside the learned range has a contrast the model never saw.
+its sign): a scan outside the learned range has a contrast the model never saw. And so is the
+sharpness around the atrium, per voxel: a blurred scan has softer edges than any the model saw,
+while a scan stored at coarser voxels stays sharp at its own scale.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ DEFAULT_INPUT_MARGIN = 1.5
 # The learned skewness range is widened on each side by this share of its width, and at least by the floor.
 SKEWNESS_MARGIN = 0.25
 MIN_SKEWNESS_MARGIN = 0.5
+
+# Sharpness is measured in a cube of this many voxels per side around the atrium's box centre.
+SHARPNESS_BLOCK = 48
+# Its gradients' upper percentile: the edges, not the flat inside of organs.
+SHARPNESS_PERCENTILE = 90.0
 
 Ranges3 = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
 
@@ -51,14 +58,17 @@ class Plausibility:
     input_margin: float = DEFAULT_INPUT_MARGIN
     # Range of the training scans' intensity skewness, widened; None in models trained before it was learned.
     skewness: tuple[float, float] | None = None
+    # Range of the training scans' sharpness around the atrium, widened by input_margin; None in older models.
+    sharpness: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volume_ml", tuple(float(v) for v in self.volume_ml))
         object.__setattr__(self, "extent_mm", _ranges(self.extent_mm))
         object.__setattr__(self, "spacing_mm", _ranges(self.spacing_mm))
         object.__setattr__(self, "fov_mm", _ranges(self.fov_mm))
-        if self.skewness is not None:
-            object.__setattr__(self, "skewness", tuple(float(v) for v in self.skewness))
+        for name in ("skewness", "sharpness"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
     def to_dict(self) -> dict:
         """JSON-able form."""
@@ -103,6 +113,25 @@ def intensity_skewness(data: np.ndarray) -> float:
     return float(np.dot(squared, centred) / sample.size / variance**1.5)
 
 
+def image_sharpness(data: np.ndarray, mask: np.ndarray) -> float | None:
+    """Edge sharpness per voxel around a mask: an upper percentile of the intensity gradient (per voxel) over the
+    intensities' sd, in a cube around the centre of the mask's box; None for an empty mask or a flat cube."""
+    box = mask_box(mask)
+    if box is None:
+        return None
+    centre = (box[0] + box[1]) // 2
+    lo = np.clip(centre - SHARPNESS_BLOCK // 2, 0, None)
+    cube = np.asarray(data[tuple(slice(int(a), int(a) + SHARPNESS_BLOCK) for a in lo)], np.float32)
+    if min(cube.shape) < 3:
+        return None
+    spread = float(cube.std())
+    if not spread > 0.0:
+        return None
+    gradients = np.gradient(cube)
+    magnitude = np.sqrt(sum(g * g for g in gradients))
+    return float(np.percentile(magnitude, SHARPNESS_PERCENTILE)) / spread
+
+
 def _widened(rows: np.ndarray, margin: float) -> Ranges3:
     return tuple((float(rows[:, a].min() / margin), float(rows[:, a].max() * margin))  # type: ignore[return-value]
                  for a in range(rows.shape[1]))
@@ -110,9 +139,10 @@ def _widened(rows: np.ndarray, margin: float) -> Ranges3:
 
 def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], margin: float = DEFAULT_MARGIN,
                        input_margin: float = DEFAULT_INPUT_MARGIN,
-                       skewness: Iterable[float] | None = None) -> Plausibility:
+                       skewness: Iterable[float] | None = None,
+                       sharpness: Iterable[float | None] | None = None) -> Plausibility:
     """Ranges from (label, spacing) pairs of training cases, widened by margin (input_margin for the scans);
-    skewness: the training scans' intensity skewness, when its range is to be learned too."""
+    skewness and sharpness: the training scans' own, when their ranges are to be learned too."""
     measures, geometry = [], []
     for label, spacing in labels:
         spacing = tuple(spacing)
@@ -126,6 +156,9 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
         lo, hi = min(values), max(values)
         widen = max(MIN_SKEWNESS_MARGIN, SKEWNESS_MARGIN * (hi - lo))
         skew_range = (lo - widen, hi + widen)
+    sharp_range = None
+    if sharpness is not None and len(values := [float(v) for v in sharpness if v is not None]):
+        sharp_range = (min(values) / input_margin, max(values) * input_margin)
     volumes = np.array([m[0] for m in measures])
     extents = np.array([m[1] for m in measures])
     return Plausibility(
@@ -134,13 +167,14 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
         cases=len(measures), margin=margin,
         spacing_mm=_widened(np.array([g[0] for g in geometry]), input_margin),
         fov_mm=_widened(np.array([g[1] for g in geometry]), input_margin),
-        input_margin=input_margin, skewness=skew_range,
+        input_margin=input_margin, skewness=skew_range, sharpness=sharp_range,
     )
 
 
 def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: Plausibility,
-                  skewness: float | None = None) -> list[str]:
-    """Why a scan's voxel size, field of view or intensity skewness is outside what the model trained on."""
+                  skewness: float | None = None, sharpness: float | None = None) -> list[str]:
+    """Why a scan's voxel size, field of view, intensity skewness or sharpness is outside what the model
+    trained on."""
     spacing_sorted, fov_sorted = scan_geometry(shape, spacing)
     reasons = []
     for what, values, ranges in (("voxel size", spacing_sorted, plausibility.spacing_mm),
@@ -157,6 +191,10 @@ def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: 
         if not lo <= skewness <= hi:
             reasons.append(f"intensity skewness {skewness:.2f} outside the trained {lo:.2f} to {hi:.2f} "
                            f"(inverted or unfamiliar contrast)")
+    # Only soft edges are flagged: coarser voxels and noise both raise the sharpness, and the model copes with both.
+    if sharpness is not None and plausibility.sharpness is not None and sharpness < plausibility.sharpness[0]:
+        reasons.append(f"sharpness {sharpness:.2f} below the trained {plausibility.sharpness[0]:.2f} (blurred, or "
+                       f"interpolated to finer voxels than acquired)")
     return reasons
 
 

@@ -7,8 +7,8 @@ The verdict is "ok", "review" (look at this mask) or "fail" (do not use it), wit
   below the calibration's fail_below.
 * review: volume or extents outside the range learned from the training labels; a fragmented
   mask (the kept component holds too little of the thresholded foreground); the mask cut by the
-  fine stage's box or by the edge of the scan; a voxel size, field of view or intensity skewness
-  outside those the model trained on; or an estimated Dice below the calibration's review_below.
+  fine stage's box or by the edge of the scan; a voxel size, field of view, intensity skewness or
+  sharpness around the mask outside those the model trained on; or an estimated Dice below the calibration's review_below.
 
 Models without learned plausibility (format 1) get the degenerate-mask rules only; models without
 a score calibration report the raw score and no estimated Dice.
@@ -26,7 +26,14 @@ from scipy import ndimage
 from .confidence import soft_dice_score
 from .contract import ModelContract
 from .metrics import degenerate_reason
-from .plausibility import input_reasons, intensity_skewness, mask_measures, measure_reasons, scan_geometry
+from .plausibility import (
+    image_sharpness,
+    input_reasons,
+    intensity_skewness,
+    mask_measures,
+    measure_reasons,
+    scan_geometry,
+)
 from .preprocess import mask_box
 
 VERDICTS = ("ok", "review", "fail")
@@ -149,7 +156,7 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
 
     box is where the final stage looked, on the same grid (None: the whole scan); volumes use
     voxel_volume_mm3 when given (|det| of the affine, exact for sheared grids), else the product of spacing;
-    image (the scan on the same grid) lets its intensity skewness be checked.
+    image (the scan on the same grid) lets its intensity skewness and its sharpness around the mask be checked.
     """
     start = time.perf_counter()
     fails: list[str] = []
@@ -190,8 +197,10 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
             reviews.append(f"cut by the edge of the scan ({100 * edge_share:.0f} % of a cross-section on it)")
         spacing_sorted, fov_sorted = scan_geometry(mask.shape, spacing)
         skewness = intensity_skewness(image) if image is not None and plausibility.skewness is not None else None
-        measures.update(spacing_mm=list(spacing_sorted), fov_mm=list(fov_sorted), skewness=skewness)
-        reviews += input_reasons(mask.shape, spacing, plausibility, skewness)
+        sharpness = image_sharpness(image, mask) if image is not None and plausibility.sharpness is not None else None
+        measures.update(spacing_mm=list(spacing_sorted), fov_mm=list(fov_sorted), skewness=skewness,
+                        sharpness=sharpness)
+        reviews += input_reasons(mask.shape, spacing, plausibility, skewness, sharpness)
     report = QCReport("ok", score=score, measures=measures)
     calibration = contract.score_calibration
     if calibration is not None:

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from heartseg.runtime.confidence import ScoreCalibration, fit_score_calibration, soft_dice_score
 from heartseg.runtime.contract import ModelContract, StageContract
-from heartseg.runtime.plausibility import Plausibility, input_reasons, intensity_skewness, learn_plausibility
+from heartseg.runtime.plausibility import (
+    Plausibility,
+    image_sharpness,
+    input_reasons,
+    intensity_skewness,
+    learn_plausibility,
+)
 from heartseg.runtime.postprocess import largest_component
 from heartseg.runtime.qc import assess, bounding_slices, component_sizes, face_shares
 from heartseg.runtime.session import read_contract
@@ -160,6 +166,42 @@ def test_an_inverted_scan_asks_for_review_and_a_familiar_one_passes() -> None:
     # Without an image, or with a model that never learned the range, the rule does not apply.
     assert assess(mask, confident(mask), SPACING, contract).verdict == "ok"
     assert assess(mask, confident(mask), SPACING, CONTRACT, image=-scan).verdict == "ok"
+
+
+def textured_scan(mask: np.ndarray) -> np.ndarray:
+    """Bright blood among tissue patches of other intensities with sharp borders, as around a real atrium."""
+    rng = np.random.default_rng(2)
+    patches = rng.uniform(0.0, 2.0, tuple(n // 4 + 1 for n in mask.shape))
+    tissue = np.kron(patches, np.ones((4, 4, 4)))[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
+    return (np.where(mask, 3.0, tissue) + rng.normal(0.0, 0.05, mask.shape)).astype(np.float32)
+
+
+def test_a_blurred_scan_asks_for_review_and_a_coarser_one_passes() -> None:
+    from scipy import ndimage
+
+    mask = ellipsoid()
+    scan = textured_scan(mask)
+    sharp = image_sharpness(scan, mask)
+    learned = learn_plausibility([(mask, SPACING)], sharpness=[sharp, None])
+    assert learned.sharpness == pytest.approx((sharp / 1.5, sharp * 1.5))  # the input margin; None is skipped
+    contract = replace(CONTRACT, plausibility=learned)
+    assert assess(mask, confident(mask), SPACING, contract, image=scan).verdict == "ok"
+    blurred = ndimage.gaussian_filter(scan, 3.0)
+    report = assess(mask, confident(mask), SPACING, contract, image=blurred)
+    assert report.verdict == "review" and report.measures["sharpness"] < sharp / 1.5
+    assert any(r.startswith("sharpness") and "below the trained" in r for r in report.reasons), report.reasons
+    # Stored at half the resolution, edges stay one voxel wide: sharpness is per voxel, not per mm.
+    coarse_mask = mask[::2, ::2, ::2]
+    coarse = assess(coarse_mask, confident(coarse_mask), tuple(2 * s for s in SPACING),
+                    replace(contract, plausibility=replace(learned, spacing_mm=None, fov_mm=None)),
+                    image=scan[::2, ::2, ::2])
+    assert not any(r.startswith("sharpness") for r in coarse.reasons), coarse.reasons
+    assert coarse.measures["sharpness"] > sharp  # above the range: only soft edges are flagged
+    noisy = scan + np.random.default_rng(1).normal(0.0, 1.0, scan.shape).astype(np.float32)
+    assert assess(mask, confident(mask), SPACING, contract, image=noisy).verdict == "ok"
+    assert image_sharpness(scan, np.zeros_like(mask)) is None
+    back = ModelContract.from_json(contract.to_json())
+    assert back.plausibility.sharpness == pytest.approx(learned.sharpness)
 
 
 def test_learn_plausibility_widens_the_training_skewness() -> None:

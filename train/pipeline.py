@@ -16,7 +16,7 @@ from heartseg.runtime.contract import LOCALISER, ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, localiser_mask, mask_from_prob
 from heartseg.runtime.metrics import compute_metrics, degenerate_reason
-from heartseg.runtime.plausibility import intensity_skewness, learn_plausibility, mask_flag
+from heartseg.runtime.plausibility import image_sharpness, intensity_skewness, learn_plausibility, mask_flag
 
 from .augment import AugmentConfig
 from .cache import PreparedCase, default_cache_root, fingerprint, prepare_case
@@ -239,7 +239,8 @@ class Run:
         val_cases = self.load_cases(plan.contract, fold.val)
         # What a plausible atrium is comes from this fold's training labels only.
         plausibility = learn_plausibility(((np.asarray(c.label), c.spacing) for c in train_cases),
-                                          skewness=[intensity_skewness(c.image) for c in train_cases])
+                                          skewness=[intensity_skewness(c.image) for c in train_cases],
+                                          sharpness=[image_sharpness(c.image, c.label) for c in train_cases])
         contract = replace(plan.contract, plausibility=plausibility)
         init = self.init_weights()
         rank = _rank()[0]
