@@ -8,7 +8,8 @@ The verdict is "ok", "review" (look at this mask) or "fail" (do not use it), wit
 * review: volume or extents outside the range learned from the training labels; a fragmented
   mask (the kept component holds too little of the thresholded foreground); the mask cut by the
   fine stage's box or by the edge of the scan; a voxel size, field of view, intensity skewness or
-  sharpness around the mask outside those the model trained on; or an estimated Dice below the calibration's review_below.
+  sharpness around the mask outside those the model trained on; or an estimated Dice below the
+  calibration's review_below.
 
 Models without learned plausibility (format 1) get the degenerate-mask rules only; models without
 a score calibration report the raw score and no estimated Dice.
