@@ -51,9 +51,12 @@ class ParityResult:
         return {**asdict(self), "ok": self.ok}
 
 
-def _compare(what: str, ref: np.ndarray, got: np.ndarray, threshold: float, tolerance: float) -> ParityResult:
+def _compare(what: str, ref: np.ndarray, got: np.ndarray, threshold: float, tolerance: float,
+             agreement: float | None = None) -> ParityResult:
+    """Largest difference and mask agreement (thresholded here unless the caller measured it on its own masks)."""
     diff = float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)))) if ref.size else 0.0
-    agreement = float(np.mean((ref > threshold) == (got > threshold))) if ref.size else 1.0
+    if agreement is None:
+        agreement = float(np.mean((ref > threshold) == (got > threshold))) if ref.size else 1.0
     return ParityResult(what, tuple(int(s) for s in ref.shape), diff, agreement, tolerance)
 
 
@@ -77,12 +80,10 @@ def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), t
         canonical = to_canonical(load_volume(scan), model.contract.orientation)
         ref = infer_canonical(canonical, model.contract, torch_predict).prob
         got = infer_canonical(canonical, model.contract, session.predict).prob
-        result = _compare(f"{Path(scan).name}: whole pipeline", ref, got, float(model.contract.final_stage.threshold),
-                          max_abs_diff_scan)
-        ref_mask = mask_from_prob(ref, model.contract)
-        got_mask = mask_from_prob(got, model.contract)
-        result.mask_agreement = float(np.mean(ref_mask == got_mask))
-        results.append(result)
+        # The final masks, largest component kept, are what users get: compare those.
+        agreement = float(np.mean(mask_from_prob(ref, model.contract) == mask_from_prob(got, model.contract)))
+        results.append(_compare(f"{Path(scan).name}: whole pipeline", ref, got,
+                                float(model.contract.final_stage.threshold), max_abs_diff_scan, agreement))
     failed = [r for r in results if not r.ok]
     if failed:
         lines = "; ".join(f"{r.what}: max |diff| {r.max_abs_diff:.2e} (limit {r.tolerance:.0e}), mask agreement "

@@ -64,6 +64,12 @@ def predict_stage(canonical: CanonicalVolume, stage: StageContract, contract: Mo
                   predict: StagePredictFn, box: Box | None = None, max_voxels: int | None = None) -> np.ndarray:
     """A stage's probabilities on its own grid (zero outside box when one is given)."""
     grid = stage_grid(canonical.data, canonical.spacing, stage.spacing, contract.normalization)
+    return predict_grid(grid, stage, predict, box, max_voxels)
+
+
+def predict_grid(grid: np.ndarray, stage: StageContract, predict: StagePredictFn, box: Box | None = None,
+                 max_voxels: int | None = None) -> np.ndarray:
+    """predict_stage on the stage's grid already made (resampled and normalised)."""
 
     def run(batch: np.ndarray) -> np.ndarray:
         return predict(stage.name, batch)
@@ -105,16 +111,17 @@ def infer_canonical(canonical: CanonicalVolume, contract: ModelContract, predict
         box = locate(canonical, contract, predict, max_voxels)
         if box is None:
             return CanonicalResult(np.zeros(canonical.data.shape, np.float32), None)
-    final_shape = stage_shape(canonical, final)
-    stage_box = native_box_to_stage(box, canonical.data.shape, final_shape, final) if box is not None else None
-    prob = predict_stage(canonical, final, contract, predict, stage_box, max_voxels)
+    # Made once: growing the box runs the network again, not the resampling.
+    grid = stage_grid(canonical.data, canonical.spacing, final.spacing, contract.normalization)
+    stage_box = native_box_to_stage(box, canonical.data.shape, grid.shape, final) if box is not None else None
+    prob = predict_grid(grid, final, predict, stage_box, max_voxels)
     if located:
         for _ in range(MAX_BOX_GROWTH):
             grown = grown_box(prob, stage_box, final)
             if grown is None:
                 break
             stage_box = grown
-            prob = predict_stage(canonical, final, contract, predict, stage_box, max_voxels)
+            prob = predict_grid(grid, final, predict, stage_box, max_voxels)
     native_shape = canonical.data.shape
     if stage_box is None:
         return CanonicalResult(resample_to_shape(prob, native_shape, order=1), stage_box)

@@ -157,9 +157,8 @@ def train(
             if patch_size and any(p % 2**unet.depth for p in patch_size):
                 raise HeartsegError(f"--patch {patch}: every size must be a multiple of {2**unet.depth} "
                                     f"(the network pools {unet.depth} times)")
-            augment = _augment_config(flip_prob, permute_prob)
             config = _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits,
-                                 augment,
+                                 dict(p_flip=flip_prob, p_permute=permute_prob),
                                  dict(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
                                       fine_patch=patch_size, crop_margin_mm=margin_mm),
                                  dict(steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
@@ -197,15 +196,7 @@ def train(
         raise typer.Exit(exc.exit_code)
 
 
-def _augment_config(flip_prob: float, permute_prob: float):
-    """The default augmentation with these orientation probabilities; a value outside [0, 1] is named by its option."""
-    for option, value in (("--flip-prob", flip_prob), ("--permute-prob", permute_prob)):
-        if not 0.0 <= value <= 1.0:
-            raise HeartsegError(f"{option} {value!r}: must be in [0, 1]")
-    return replace(_AUGMENT, p_flip=flip_prob, p_permute=permute_prob)
-
-
-def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits, augment,
+def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits, augment: dict,
                 plan: dict, fine: dict, coarse: dict):
     """A new run's configuration; a value no run can use is named by its command-line option."""
     from heartseg.train.pipeline import RunConfig
@@ -223,12 +214,16 @@ def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, in
     except ConfigError as exc:
         raise exc.as_option("coarse-" if exc.field == "steps" else "") from None
     try:
+        augment_config = replace(_AUGMENT, **augment)
+    except ConfigError as exc:
+        raise exc.as_option() from None
+    try:
         return RunConfig(data=[str(d.resolve()) for d in data], output=str(output.resolve()), kind=stage,
                          fold=fold or "0", n_folds=folds, seed=seed, fine_unet=unet, cache=cache, threads=threads,
                          init_from=str(init_from.resolve()) if init_from else None,
                          splits=str(splits.resolve()) if splits else None,
                          command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
-                         plan=plan_options, fine=fine_config, coarse=coarse_config, augment=augment)
+                         plan=plan_options, fine=fine_config, coarse=coarse_config, augment=augment_config)
     except ConfigError as exc:
         raise exc.as_option() from None
 

@@ -11,7 +11,8 @@ from heartseg.runtime.errors import HeartsegError
 
 
 # Config fields whose command-line option has another name.
-OPTION_NAMES = {"crop_margin_mm": "margin-mm", "n_folds": "folds", "fine_patch": "patch", "kind": "stage"}
+OPTION_NAMES = {"crop_margin_mm": "margin-mm", "n_folds": "folds", "fine_patch": "patch", "kind": "stage",
+                "p_flip": "flip-prob", "p_permute": "permute-prob"}
 
 
 class ConfigError(HeartsegError):
@@ -131,9 +132,7 @@ class AugmentConfig:
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ValueError(f"flip_axes must be spatial axes in (0, 1, 2), got {self.flip_axes}")
         for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+            number_in(getattr(self, name), 0.0, 1.0, name)
         for name in ("scale_range", "intensity_scale", "gamma_range"):
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi:
