@@ -70,8 +70,7 @@ def _print_info(model: Path) -> None:
             f"crop margin {stage.crop_margin_mm:g} mm, input {stage.input_name!r}, outputs {stage.prob_name!r} "
             f"(probabilities), {stage.mask_name!r} (mask)")
     for key in ("orientation", "normalization", "largest_component", "plausibility", "max_foreground_fraction",
-                "bytes_per_voxel", "score_calibration",
-                "format_version"):
+                "bytes_per_voxel", "score_calibration", "tta_score_calibration", "format_version"):
         say(f"{key}: {getattr(contract, key)}")
     for key, value in sorted(contract.info.items()):
         say(f"info.{key}: {value}")

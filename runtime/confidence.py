@@ -115,10 +115,11 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     return float(spearmanr(x, y)[0])
 
 
-def pooled_score_calibration(per_case: Mapping[str, Mapping]) -> ScoreCalibration | None:
-    """Refit on held-out cases pooled over folds ({case: {"qc_score", "dice"}}); None without any scored case."""
-    pairs = [(m["qc_score"], m["dice"]) for m in per_case.values()
-             if m.get("qc_score") is not None and m.get("dice") is not None]
+def pooled_score_calibration(per_case: Mapping[str, Mapping], score_key: str = "qc_score",
+                             dice_key: str = "dice") -> ScoreCalibration | None:
+    """Refit on held-out cases pooled over folds ({case: {score_key, dice_key}}); None without any scored case."""
+    pairs = [(m[score_key], m[dice_key]) for m in per_case.values()
+             if m.get(score_key) is not None and m.get(dice_key) is not None]
     if not pairs:
         return None
     return fit_score_calibration([p[0] for p in pairs], [p[1] for p in pairs])

@@ -132,6 +132,9 @@ def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility |
         return None
     if isinstance(value, Plausibility):
         value = value.to_dict()
+    if isinstance(value, dict) and "sharpness" in value:
+        # Files of format 3 written before edge_sharpness measured sharpness another way: not comparable, not checked.
+        value = {key: item for key, item in value.items() if key != "sharpness"}
     value = _object(value, name, Plausibility, ("volume_ml", "extent_mm"))
     # The training scans' geometry is absent from models trained before QC learned it.
     optional = {key: None if value.get(key) is None else _ranges3(value[key], f"{name}.{key}")
@@ -144,7 +147,8 @@ def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility |
         input_margin=_number(value.get("input_margin", DEFAULT_INPUT_MARGIN), f"{name}.input_margin", 1.0, 1000.0),
         skewness=None if value.get("skewness") is None else _range(value["skewness"], f"{name}.skewness",
                                                                    -math.inf, math.inf),
-        sharpness=None if value.get("sharpness") is None else _range(value["sharpness"], f"{name}.sharpness"),
+        edge_sharpness=None if value.get("edge_sharpness") is None else _range(value["edge_sharpness"],
+                                                                               f"{name}.edge_sharpness"),
         **optional,
     )
 
@@ -230,6 +234,9 @@ class ModelContract:
     # --- QC: the confidence score's calibration into an estimated Dice, fitted on held-out cases.
     # None in models calibrated before it existed (their QC verdict comes from the mask rules only).
     score_calibration: ScoreCalibration | None = None
+    # The same fitted on test-time-augmented held-out predictions (--tta), whose scores run otherwise;
+    # None: --tta uses score_calibration.
+    tta_score_calibration: ScoreCalibration | None = None
 
     def __post_init__(self) -> None:
         put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731
@@ -268,6 +275,7 @@ class ModelContract:
             raise ContractError("info", "must map strings to strings")
         put("info", dict(self.info))
         put("score_calibration", check_score_calibration(self.score_calibration))
+        put("tta_score_calibration", check_score_calibration(self.tta_score_calibration, "tta_score_calibration"))
 
     @property
     def localiser(self) -> StageContract | None:
@@ -296,6 +304,12 @@ class ModelContract:
         self.stage(stage_name)
         return replace(self, stages=tuple(replace(s, threshold=threshold) if s.name == stage_name else s
                                           for s in self.stages))
+
+    def for_qc(self, tta: bool = False) -> "ModelContract":
+        """The contract QC judges a mask by: with tta, its test-time-augmented score calibration when it has one."""
+        if tta and self.tta_score_calibration is not None:
+            return replace(self, score_calibration=self.tta_score_calibration)
+        return self
 
     def require_thresholds(self) -> "ModelContract":
         """Self, when every stage has a calibrated threshold; ContractError otherwise."""

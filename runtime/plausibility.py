@@ -8,8 +8,8 @@ The scans' own voxel sizes and fields of view (sorted, in mm) are learned too, w
 margin: QC asks for a review of a scan whose geometry the model never saw. So is the skewness of the
 scans' intensities (bright blood on a darker background skews right; inverting the intensities flips
 its sign): a scan outside the learned range has a contrast the model never saw. And so is the
-sharpness around the atrium, per voxel: a blurred scan has softer edges than any the model saw,
-while a scan stored at coarser voxels stays sharp at its own scale.
+edge sharpness around the atrium, about the inverse of an edge's width in voxels: a blurred scan has
+softer edges than any the model saw, while a scan stored at coarser voxels stays sharp at its own scale.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from .metrics import degenerate_reason
 from .preprocess import mask_box
@@ -31,9 +32,9 @@ DEFAULT_INPUT_MARGIN = 1.5
 SKEWNESS_MARGIN = 0.25
 MIN_SKEWNESS_MARGIN = 0.5
 
-# Sharpness is measured in a cube of this many voxels per side around the atrium's box centre.
+# Edge sharpness is measured in a cube of this many voxels per side around the atrium's box centre.
 SHARPNESS_BLOCK = 48
-# Its gradients' upper percentile: the edges, not the flat inside of organs.
+# The upper percentile of its derivatives: the edges, not the flat inside of organs.
 SHARPNESS_PERCENTILE = 90.0
 
 Ranges3 = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
@@ -58,15 +59,15 @@ class Plausibility:
     input_margin: float = DEFAULT_INPUT_MARGIN
     # Range of the training scans' intensity skewness, widened; None in models trained before it was learned.
     skewness: tuple[float, float] | None = None
-    # Range of the training scans' sharpness around the atrium, widened by input_margin; None in older models.
-    sharpness: tuple[float, float] | None = None
+    # Range of the training scans' edge sharpness around the atrium, widened by input_margin; None in older models.
+    edge_sharpness: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volume_ml", tuple(float(v) for v in self.volume_ml))
         object.__setattr__(self, "extent_mm", _ranges(self.extent_mm))
         object.__setattr__(self, "spacing_mm", _ranges(self.spacing_mm))
         object.__setattr__(self, "fov_mm", _ranges(self.fov_mm))
-        for name in ("skewness", "sharpness"):
+        for name in ("skewness", "edge_sharpness"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
@@ -114,8 +115,10 @@ def intensity_skewness(data: np.ndarray) -> float:
 
 
 def image_sharpness(data: np.ndarray, mask: np.ndarray) -> float | None:
-    """Edge sharpness per voxel around a mask: an upper percentile of the intensity gradient (per voxel) over the
-    intensities' sd, in a cube around the centre of the mask's box; None for an empty mask or a flat cube."""
+    """Edge sharpness around a mask: an upper percentile of the intensities' Laplacian over that of their gradient,
+    in a cube around the centre of the mask's box; None for an empty mask or a flat cube."""
+    # A blurred edge of width w voxels has a gradient ~ contrast / w and a Laplacian ~ contrast / w^2: their ratio is
+    # about 1 / w whatever the tissues' contrast, the intensity scale and how many edges the cube holds.
     box = mask_box(mask)
     if box is None:
         return None
@@ -124,12 +127,11 @@ def image_sharpness(data: np.ndarray, mask: np.ndarray) -> float | None:
     cube = np.asarray(data[tuple(slice(int(a), int(a) + SHARPNESS_BLOCK) for a in lo)], np.float32)
     if min(cube.shape) < 3:
         return None
-    spread = float(cube.std())
-    if not spread > 0.0:
+    gradient = np.sqrt(sum(g * g for g in np.gradient(cube)))
+    edges = float(np.percentile(gradient, SHARPNESS_PERCENTILE))
+    if not edges > 0.0:
         return None
-    gradients = np.gradient(cube)
-    magnitude = np.sqrt(sum(g * g for g in gradients))
-    return float(np.percentile(magnitude, SHARPNESS_PERCENTILE)) / spread
+    return float(np.percentile(np.abs(ndimage.laplace(cube)), SHARPNESS_PERCENTILE)) / edges
 
 
 def _widened(rows: np.ndarray, margin: float) -> Ranges3:
@@ -140,9 +142,9 @@ def _widened(rows: np.ndarray, margin: float) -> Ranges3:
 def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], margin: float = DEFAULT_MARGIN,
                        input_margin: float = DEFAULT_INPUT_MARGIN,
                        skewness: Iterable[float] | None = None,
-                       sharpness: Iterable[float | None] | None = None) -> Plausibility:
+                       edge_sharpness: Iterable[float | None] | None = None) -> Plausibility:
     """Ranges from (label, spacing) pairs of training cases, widened by margin (input_margin for the scans);
-    skewness and sharpness: the training scans' own, when their ranges are to be learned too."""
+    skewness and edge_sharpness: the training scans' own, when their ranges are to be learned too."""
     measures, geometry = [], []
     for label, spacing in labels:
         spacing = tuple(spacing)
@@ -157,7 +159,7 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
         widen = max(MIN_SKEWNESS_MARGIN, SKEWNESS_MARGIN * (hi - lo))
         skew_range = (lo - widen, hi + widen)
     sharp_range = None
-    if sharpness is not None and len(values := [float(v) for v in sharpness if v is not None]):
+    if edge_sharpness is not None and len(values := [float(v) for v in edge_sharpness if v is not None]):
         sharp_range = (min(values) / input_margin, max(values) * input_margin)
     volumes = np.array([m[0] for m in measures])
     extents = np.array([m[1] for m in measures])
@@ -167,13 +169,13 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
         cases=len(measures), margin=margin,
         spacing_mm=_widened(np.array([g[0] for g in geometry]), input_margin),
         fov_mm=_widened(np.array([g[1] for g in geometry]), input_margin),
-        input_margin=input_margin, skewness=skew_range, sharpness=sharp_range,
+        input_margin=input_margin, skewness=skew_range, edge_sharpness=sharp_range,
     )
 
 
 def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: Plausibility,
-                  skewness: float | None = None, sharpness: float | None = None) -> list[str]:
-    """Why a scan's voxel size, field of view, intensity skewness or sharpness is outside what the model
+                  skewness: float | None = None, edge_sharpness: float | None = None) -> list[str]:
+    """Why a scan's voxel size, field of view, intensity skewness or edge sharpness is outside what the model
     trained on."""
     spacing_sorted, fov_sorted = scan_geometry(shape, spacing)
     reasons = []
@@ -192,8 +194,9 @@ def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: 
             reasons.append(f"intensity skewness {skewness:.2f} outside the trained {lo:.2f} to {hi:.2f} "
                            f"(inverted or unfamiliar contrast)")
     # Only soft edges are flagged: coarser voxels and noise both raise the sharpness, and the model copes with both.
-    if sharpness is not None and plausibility.sharpness is not None and sharpness < plausibility.sharpness[0]:
-        reasons.append(f"sharpness {sharpness:.2f} below the trained {plausibility.sharpness[0]:.2f} (blurred, or "
+    limits = plausibility.edge_sharpness
+    if edge_sharpness is not None and limits is not None and edge_sharpness < limits[0]:
+        reasons.append(f"edge sharpness {edge_sharpness:.2f} below the trained {limits[0]:.2f} (blurred, or "
                        f"interpolated to finer voxels than acquired)")
     return reasons
 

@@ -8,7 +8,7 @@ The verdict is "ok", "review" (look at this mask) or "fail" (do not use it), wit
 * review: volume or extents outside the range learned from the training labels; a fragmented
   mask (the kept component holds too little of the thresholded foreground); the mask cut by the
   fine stage's box or by the edge of the scan; a voxel size, field of view, intensity skewness or
-  sharpness around the mask outside those the model trained on; or an estimated Dice below the
+  edge sharpness around the mask outside those the model trained on; or an estimated Dice below the
   calibration's review_below.
 
 Models without learned plausibility (format 1) get the degenerate-mask rules only; models without
@@ -157,7 +157,7 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
 
     box is where the final stage looked, on the same grid (None: the whole scan); volumes use
     voxel_volume_mm3 when given (|det| of the affine, exact for sheared grids), else the product of spacing;
-    image (the scan on the same grid) lets its intensity skewness and its sharpness around the mask be checked.
+    image (the scan on the same grid) lets its intensity skewness and its edge sharpness around the mask be checked.
     """
     start = time.perf_counter()
     fails: list[str] = []
@@ -198,9 +198,10 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
             reviews.append(f"cut by the edge of the scan ({100 * edge_share:.0f} % of a cross-section on it)")
         spacing_sorted, fov_sorted = scan_geometry(mask.shape, spacing)
         skewness = intensity_skewness(image) if image is not None and plausibility.skewness is not None else None
-        sharpness = image_sharpness(image, mask) if image is not None and plausibility.sharpness is not None else None
+        sharpness = (image_sharpness(image, mask) if image is not None and plausibility.edge_sharpness is not None
+                     else None)
         measures.update(spacing_mm=list(spacing_sorted), fov_mm=list(fov_sorted), skewness=skewness,
-                        sharpness=sharpness)
+                        edge_sharpness=sharpness)
         reviews += input_reasons(mask.shape, spacing, plausibility, skewness, sharpness)
     report = QCReport("ok", score=score, measures=measures)
     calibration = contract.score_calibration

@@ -149,7 +149,7 @@ class Segmenter:
             box = stage_box_on_native(result.box, canonical.data.shape,
                                       stage_shape(canonical, self.contract.final_stage))
         # Reorienting only permutes and mirrors axes: the scan's voxel volume (|det| of its affine) holds for QC.
-        report = assess(canonical_mask, result.prob, canonical.spacing, self.contract, box,
+        report = assess(canonical_mask, result.prob, canonical.spacing, self.contract.for_qc(self.tta), box,
                         voxel_volume_mm3=voxel_volume_mm3(volume.affine), image=canonical.data)
         # "postprocess" includes QC, so that the stages add up to the total; "qc" is its share.
         timings["postprocess"] = time.perf_counter() - start

@@ -182,26 +182,50 @@ def test_a_blurred_scan_asks_for_review_and_a_coarser_one_passes() -> None:
     mask = ellipsoid()
     scan = textured_scan(mask)
     sharp = image_sharpness(scan, mask)
-    learned = learn_plausibility([(mask, SPACING)], sharpness=[sharp, None])
-    assert learned.sharpness == pytest.approx((sharp / 1.5, sharp * 1.5))  # the input margin; None is skipped
+    learned = learn_plausibility([(mask, SPACING)], edge_sharpness=[sharp, None])
+    assert learned.edge_sharpness == pytest.approx((sharp / 1.5, sharp * 1.5))  # the input margin; None is skipped
     contract = replace(CONTRACT, plausibility=learned)
     assert assess(mask, confident(mask), SPACING, contract, image=scan).verdict == "ok"
     blurred = ndimage.gaussian_filter(scan, 3.0)
     report = assess(mask, confident(mask), SPACING, contract, image=blurred)
-    assert report.verdict == "review" and report.measures["sharpness"] < sharp / 1.5
-    assert any(r.startswith("sharpness") and "below the trained" in r for r in report.reasons), report.reasons
+    assert report.verdict == "review" and report.measures["edge_sharpness"] < sharp / 1.5
+    assert any(r.startswith("edge sharpness") and "below the trained" in r for r in report.reasons), report.reasons
     # Stored at half the resolution, edges stay one voxel wide: sharpness is per voxel, not per mm.
     coarse_mask = mask[::2, ::2, ::2]
     coarse = assess(coarse_mask, confident(coarse_mask), tuple(2 * s for s in SPACING),
                     replace(contract, plausibility=replace(learned, spacing_mm=None, fov_mm=None)),
                     image=scan[::2, ::2, ::2])
-    assert not any(r.startswith("sharpness") for r in coarse.reasons), coarse.reasons
-    assert coarse.measures["sharpness"] > sharp  # above the range: only soft edges are flagged
+    assert not any(r.startswith("edge sharpness") for r in coarse.reasons), coarse.reasons
     noisy = scan + np.random.default_rng(1).normal(0.0, 1.0, scan.shape).astype(np.float32)
     assert assess(mask, confident(mask), SPACING, contract, image=noisy).verdict == "ok"
     assert image_sharpness(scan, np.zeros_like(mask)) is None
+    assert image_sharpness(np.ones_like(scan), mask) is None  # a flat cube has no edges to measure
     back = ModelContract.from_json(contract.to_json())
-    assert back.plausibility.sharpness == pytest.approx(learned.sharpness)
+    assert back.plausibility.edge_sharpness == pytest.approx(learned.edge_sharpness)
+
+
+def test_edge_sharpness_ignores_the_intensity_scale_and_falls_with_the_edge_width() -> None:
+    from scipy import ndimage
+
+    mask = ellipsoid()
+    scan = textured_scan(mask)
+    assert image_sharpness(0.2 * scan + 7.0, mask) == pytest.approx(image_sharpness(scan, mask), rel=1e-4)
+    sharpness = [image_sharpness(ndimage.gaussian_filter(scan, sigma), mask) for sigma in (1.0, 2.0, 4.0)]
+    # About 1 / edge width once edges are wider than a voxel: halved when the blur doubles.
+    assert sharpness[0] / sharpness[1] == pytest.approx(2.0, rel=0.2)
+    assert sharpness[1] / sharpness[2] == pytest.approx(2.0, rel=0.2)
+
+
+def test_a_sharpness_range_of_an_older_file_is_not_checked() -> None:
+    import json
+
+    data = json.loads(CONTRACT.to_json())
+    del data["plausibility"]["edge_sharpness"]
+    data["plausibility"]["sharpness"] = [5.0, 9.0]  # another measure's range: every scan would be "blurred" against it
+    contract = ModelContract.from_json(json.dumps(data))
+    assert contract.plausibility.edge_sharpness is None
+    mask = ellipsoid()
+    assert assess(mask, confident(mask), SPACING, contract, image=textured_scan(mask)).verdict == "ok"
 
 
 def test_learn_plausibility_widens_the_training_skewness() -> None:
@@ -319,6 +343,28 @@ def _qc_model(path, review_below: float):
                                    review_below=review_below, fail_below=min(0.3, review_below))
     return build_test_model(path, bias=TEST_MODEL_BIAS,
                             contract_fields={"plausibility": SCAN_PLAUSIBLE, "score_calibration": calibration})
+
+
+def test_tta_is_judged_by_its_own_score_calibration(tmp_path) -> None:
+    from heartseg.runtime.image import load_volume
+    from heartseg.runtime.segmenter import Segmenter
+    from onnx_models import TEST_MODEL_BIAS, make_scan
+
+    lenient = ScoreCalibration(slope=1.0, intercept=0.0, residual_lo=-0.05, residual_hi=0.05, cases=5,
+                               review_below=0.3, fail_below=0.2)
+    strict = replace(lenient, intercept=-0.9)  # every estimate near 0: fail
+    model = build_test_model(tmp_path / "m.onnx", bias=TEST_MODEL_BIAS, contract_fields={
+        "plausibility": SCAN_PLAUSIBLE, "score_calibration": lenient, "tta_score_calibration": strict})
+    scan, _ = make_scan(tmp_path / "s.nii.gz")
+    volume = load_volume(scan)
+    plain = Segmenter(model, device="cpu", threads=1).segment(volume).report
+    flipped = Segmenter(model, device="cpu", threads=1, tta=True).segment(volume).report
+    assert plain.verdict == "ok" and flipped.verdict == "fail", (plain.reasons, flipped.reasons)
+    assert flipped.estimated_dice == pytest.approx(strict.estimate(flipped.score)[0])
+    # A model without one judges --tta by the plain calibration.
+    contract = read_contract(model)[0]
+    assert replace(contract, tta_score_calibration=None).for_qc(tta=True).score_calibration == lenient
+    assert contract.for_qc(tta=True).score_calibration == strict and contract.for_qc().score_calibration == lenient
 
 
 @pytest.mark.parametrize("review_below, verdict, code", [(0.3, "ok", 0), (0.999, "review", 3)])

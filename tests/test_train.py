@@ -79,6 +79,12 @@ def test_qc_score_is_calibrated_on_the_held_out_cases(trained_run):
     assert stored == fit_score_calibration(scores, dices) and stored.cases == len(metrics["val_cases"])
     contract = ModelContract.from_dict(_load(trained_run.model)["contract"])
     assert contract.score_calibration == stored
+    # --tta gets its own calibration, fitted on the same cases inferred with test-time flips.
+    tta = ScoreCalibration.from_dict(metrics["tta_score_calibration"])
+    assert tta == fit_score_calibration([m["qc_score_tta"] for m in metrics["per_case"].values()],
+                                        [m["dice_tta"] for m in metrics["per_case"].values()])
+    assert contract.tta_score_calibration == tta and tta != stored
+    assert metrics["mean"]["dice_tta"] > 0.8, metrics["mean"]
     # Plausibility records the training scans' geometry too.
     assert contract.plausibility.spacing_mm is not None and contract.plausibility.fov_mm is not None
 

@@ -15,8 +15,9 @@ from heartseg.runtime.confidence import fit_score_calibration, pooled_score_cali
 from heartseg.runtime.contract import LOCALISER, ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, localiser_mask, mask_from_prob
-from heartseg.runtime.metrics import compute_metrics, degenerate_reason
+from heartseg.runtime.metrics import compute_metrics, degenerate_reason, dice_score
 from heartseg.runtime.plausibility import image_sharpness, intensity_skewness, learn_plausibility, mask_flag
+from heartseg.runtime.tta import infer_canonical_tta
 
 from .augment import AugmentConfig
 from .cache import PreparedCase, default_cache_root, fingerprint, prepare_case
@@ -240,7 +241,7 @@ class Run:
         # What a plausible atrium is comes from this fold's training labels only.
         plausibility = learn_plausibility(((np.asarray(c.label), c.spacing) for c in train_cases),
                                           skewness=[intensity_skewness(c.image) for c in train_cases],
-                                          sharpness=[image_sharpness(c.image, c.label) for c in train_cases])
+                                          edge_sharpness=[image_sharpness(c.image, c.label) for c in train_cases])
         contract = replace(plan.contract, plausibility=plausibility)
         init = self.init_weights()
         rank = _rank()[0]
@@ -285,10 +286,17 @@ class Run:
             mask = mask_from_prob(prob, contract)
             per_case[case.case_id] = {**compute_metrics(mask, np.asarray(case.label), case.spacing).to_dict(),
                                       "qc_score": soft_dice_score(prob, mask), "dataset": case.dataset}
-        # QC's confidence score is calibrated into an estimated Dice on the same held-out cases.
-        score_calibration = fit_score_calibration([m["qc_score"] for m in per_case.values()],
-                                                  [m["dice"] for m in per_case.values()])
-        contract = replace(contract, score_calibration=score_calibration)
+        # QC's confidence score is calibrated into an estimated Dice on the same held-out cases, once as inferred
+        # by default and once with test-time flips (--tta): averaged copies score otherwise.
+        for case in val_cases:
+            prob = infer_canonical_tta(canonical_of(case), contract, predict).prob
+            mask = mask_from_prob(prob, contract)
+            per_case[case.case_id].update(dice_tta=dice_score(mask, np.asarray(case.label)),
+                                          qc_score_tta=soft_dice_score(prob, mask))
+        score_calibration, tta_calibration = (
+            fit_score_calibration([m[score] for m in per_case.values()], [m[dice] for m in per_case.values()])
+            for score, dice in (("qc_score", "dice"), ("qc_score_tta", "dice_tta")))
+        contract = replace(contract, score_calibration=score_calibration, tta_score_calibration=tta_calibration)
         metrics = {
             "fold": fold.index, "train_cases": fold.train, "val_cases": fold.val,
             "split": "held-out validation cases of this fold (never trained on)",
@@ -300,6 +308,7 @@ class Run:
                        for n, o in outcomes.items()},
             "calibration": {n: c.to_dict() for n, c in calibrations.items()},
             "score_calibration": score_calibration.to_dict(),
+            "tta_score_calibration": tta_calibration.to_dict(),
         }
         write_text_atomic(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
         contract = replace(contract, info={
@@ -342,10 +351,12 @@ class Run:
                    "per_dataset": summarize_by_dataset(per_case),
                    "per_fold": {k: v["mean"] for k, v in results.items()},
                    "split": "each case scored by the fold that held it out"}
-        pooled = pooled_score_calibration(per_case)
-        if pooled is not None:
-            # QC's score calibration refitted on every held-out case (heartseg-export --score-calibration).
-            summary["score_calibration"] = pooled.to_dict()
+        # QC's score calibrations refitted on every held-out case (heartseg-export --score-calibration).
+        for key, (score, dice) in (("score_calibration", ("qc_score", "dice")),
+                                   ("tta_score_calibration", ("qc_score_tta", "dice_tta"))):
+            pooled = pooled_score_calibration(per_case, score, dice)
+            if pooled is not None:
+                summary[key] = pooled.to_dict()
         write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
