@@ -27,8 +27,8 @@ def export(
     data: Optional[List[Path]] = typer.Option(None, help="The training dataset(s) (MSD layout; repeat --data for a model trained on several); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
     score_calibration: Optional[Path] = typer.Option(
         None, "--score-calibration", metavar="JSON",
-        help="Replace the fold's QC score calibration by the one in this file: a run's summary.json (pooled over "
-             "the held-out cases of every fold run) or a calibration's own JSON."),
+        help="Replace the fold's QC score calibrations by those in this file: a run's summary.json (pooled over "
+             "the held-out cases of every fold run; --tta's too) or a calibration's own JSON."),
     version: bool = version_option(),
 ) -> None:
     """Export, then check that ONNX Runtime reproduces PyTorch (probabilities within 1e-4, masks on 99.99 %
@@ -62,16 +62,16 @@ def export(
         for path in scan or []:
             if not path.is_file():
                 raise HeartsegError(f"{path}: no such scan")
-        calibration = None
+        calibrations = {}
         if score_calibration is not None:
-            from heartseg.export.qc_calibration import read_score_calibration
+            from heartseg.export.qc_calibration import read_score_calibrations
 
-            calibration = read_score_calibration(score_calibration)
+            calibrations = read_score_calibrations(score_calibration)
         model = load_trained_model(checkpoint)
-        if calibration is not None:
+        if calibrations:
             from dataclasses import replace
 
-            model = replace(model, contract=replace(model.contract, score_calibration=calibration))
+            model = replace(model, contract=replace(model.contract, **calibrations))
         output.parent.mkdir(parents=True, exist_ok=True)
         # Only a file that passed the parity check ever appears at the output path.
         with atomic_output(output) as tmp:

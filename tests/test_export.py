@@ -249,6 +249,13 @@ def test_export_takes_the_pooled_score_calibration(trained_run, tmp_path):
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     contract, _ = read_contract(out)
     assert contract.score_calibration == ScoreCalibration.from_dict(pooled)
+    # --tta's calibration travels with it when the file has one.
+    edited = tmp_path / "edited.json"
+    tta = {**summary["tta_score_calibration"], "intercept": summary["tta_score_calibration"]["intercept"] - 0.01}
+    edited.write_text(json.dumps({"score_calibration": pooled, "tta_score_calibration": tta}))
+    result = _export(trained_run.model, tmp_path / "edited.onnx", "--score-calibration", str(edited))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert read_contract(tmp_path / "edited.onnx")[0].tta_score_calibration == ScoreCalibration.from_dict(tta)
     bad = tmp_path / "bad.json"
     bad.write_text('{"dice": 1}')
     _assert_refused(_export(trained_run.model, tmp_path / "x.onnx", "--score-calibration", str(bad)),
