@@ -28,7 +28,8 @@ def export(
     score_calibration: Optional[Path] = typer.Option(
         None, "--score-calibration", metavar="JSON",
         help="Replace the fold's QC score calibrations by those in this file: a run's summary.json (pooled over "
-             "the held-out cases of every fold run; --tta's too) or a calibration's own JSON."),
+             "the held-out cases of every fold run; --tta's too), or a calibration's own JSON (the plain one only; "
+             "--tta's stays the fold's)."),
     version: bool = version_option(),
 ) -> None:
     """Export, then check that ONNX Runtime reproduces PyTorch (probabilities within 1e-4, masks on 99.99 %

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from heartseg.runtime.confidence import ScoreCalibration
+from heartseg.runtime.confidence import CALIBRATED_SCORES, ScoreCalibration
 from heartseg.runtime.contract import ContractError, check_score_calibration
 from heartseg.runtime.errors import HeartsegError
 
@@ -21,8 +21,7 @@ def read_score_calibrations(path: str | Path) -> dict[str, ScoreCalibration]:
         raise HeartsegError(f"{path}: not a readable JSON file ({exc})") from None
     blocks = {"score_calibration": data}
     if isinstance(data, Mapping) and isinstance(data.get("score_calibration"), Mapping):
-        blocks = {key: data[key] for key in ("score_calibration", "tta_score_calibration")
-                  if isinstance(data.get(key), Mapping)}
+        blocks = {key: data[key] for key in CALIBRATED_SCORES if isinstance(data.get(key), Mapping)}
     calibrations = {}
     for key, block in blocks.items():
         # The same schema as the contract's own block, so a file that exports is one the runtime accepts.

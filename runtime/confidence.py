@@ -31,6 +31,8 @@ REVIEW_BELOW = 0.85
 FAIL_BELOW = 0.5
 # A mask below this true Dice that QC lets through as ok is a silent failure (benchmarks and heartseg-eval).
 SILENT_BELOW = 0.80
+# Each calibration the contract holds, and the per-case (score, true Dice) entries of a run's metrics it is fitted on.
+CALIBRATED_SCORES = {"score_calibration": ("qc_score", "dice"), "tta_score_calibration": ("qc_score_tta", "dice_tta")}
 
 
 def soft_dice_score(prob: np.ndarray, mask: np.ndarray) -> float:

@@ -116,22 +116,29 @@ def intensity_skewness(data: np.ndarray) -> float:
 
 def image_sharpness(data: np.ndarray, mask: np.ndarray) -> float | None:
     """Edge sharpness around a mask: an upper percentile of the intensities' Laplacian over that of their gradient,
-    in a cube around the centre of the mask's box; None for an empty mask or a flat cube."""
+    in a cube around the centre of the mask's box; None for an empty mask, a scan under 5 voxels a side or a cube
+    without edges."""
     # A blurred edge of width w voxels has a gradient ~ contrast / w and a Laplacian ~ contrast / w^2: their ratio is
-    # about 1 / w whatever the tissues' contrast, the intensity scale and how many edges the cube holds.
+    # about 1 / w whatever the tissues' contrast and the intensity scale, once edges fill a tenth of the cube.
+    # Noise added after a blur raises it (the Laplacian amplifies noise): such a scan can read as sharp.
     box = mask_box(mask)
     if box is None:
         return None
-    centre = (box[0] + box[1]) // 2
-    lo = np.clip(centre - SHARPNESS_BLOCK // 2, 0, None)
-    cube = np.asarray(data[tuple(slice(int(a), int(a) + SHARPNESS_BLOCK) for a in lo)], np.float32)
-    if min(cube.shape) < 3:
+    # The cube and one voxel around it, shifted inside the scan; derivatives on its faces are one-sided, so only
+    # the inside is measured.
+    size = SHARPNESS_BLOCK + 2
+    lo = np.clip((box[0] + box[1]) // 2 - size // 2, 0, np.maximum(np.asarray(data.shape) - size, 0))
+    cube = np.asarray(data[tuple(slice(int(a), int(a) + size) for a in lo)], np.float32)
+    if min(cube.shape) < 5:
         return None
-    gradient = np.sqrt(sum(g * g for g in np.gradient(cube)))
+    inside = (slice(1, -1),) * 3
+    gradient = np.sqrt(sum(g * g for g in np.gradient(cube)))[inside]
     edges = float(np.percentile(gradient, SHARPNESS_PERCENTILE))
     if not edges > 0.0:
         return None
-    return float(np.percentile(np.abs(ndimage.laplace(cube)), SHARPNESS_PERCENTILE)) / edges
+    curvature = float(np.percentile(np.abs(ndimage.laplace(cube))[inside], SHARPNESS_PERCENTILE))
+    # A cube without curvature (a plain ramp) has no edge whose width could be measured.
+    return curvature / edges if curvature > 0.0 else None
 
 
 def _widened(rows: np.ndarray, margin: float) -> Ranges3:
@@ -193,7 +200,7 @@ def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: 
         if not lo <= skewness <= hi:
             reasons.append(f"intensity skewness {skewness:.2f} outside the trained {lo:.2f} to {hi:.2f} "
                            f"(inverted or unfamiliar contrast)")
-    # Only soft edges are flagged: coarser voxels and noise both raise the sharpness, and the model copes with both.
+    # Only soft edges are flagged: coarser voxels and noise both raise edge sharpness, and the model copes with both.
     limits = plausibility.edge_sharpness
     if edge_sharpness is not None and limits is not None and edge_sharpness < limits[0]:
         reasons.append(f"edge sharpness {edge_sharpness:.2f} below the trained {limits[0]:.2f} (blurred, or "

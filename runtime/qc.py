@@ -198,11 +198,11 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
             reviews.append(f"cut by the edge of the scan ({100 * edge_share:.0f} % of a cross-section on it)")
         spacing_sorted, fov_sorted = scan_geometry(mask.shape, spacing)
         skewness = intensity_skewness(image) if image is not None and plausibility.skewness is not None else None
-        sharpness = (image_sharpness(image, mask) if image is not None and plausibility.edge_sharpness is not None
-                     else None)
+        edges = (image_sharpness(image, mask) if image is not None and plausibility.edge_sharpness is not None
+                 else None)
         measures.update(spacing_mm=list(spacing_sorted), fov_mm=list(fov_sorted), skewness=skewness,
-                        edge_sharpness=sharpness)
-        reviews += input_reasons(mask.shape, spacing, plausibility, skewness, sharpness)
+                        edge_sharpness=edges)
+        reviews += input_reasons(mask.shape, spacing, plausibility, skewness, edges)
     report = QCReport("ok", score=score, measures=measures)
     calibration = contract.score_calibration
     if calibration is not None:

@@ -249,6 +249,7 @@ def test_export_takes_the_pooled_score_calibration(trained_run, tmp_path):
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     contract, _ = read_contract(out)
     assert contract.score_calibration == ScoreCalibration.from_dict(pooled)
+    assert contract.tta_score_calibration == ScoreCalibration.from_dict(summary["tta_score_calibration"])
     # --tta's calibration travels with it when the file has one.
     edited = tmp_path / "edited.json"
     tta = {**summary["tta_score_calibration"], "intercept": summary["tta_score_calibration"]["intercept"] - 0.01}

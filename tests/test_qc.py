@@ -196,10 +196,13 @@ def test_a_blurred_scan_asks_for_review_and_a_coarser_one_passes() -> None:
                     replace(contract, plausibility=replace(learned, spacing_mm=None, fov_mm=None)),
                     image=scan[::2, ::2, ::2])
     assert not any(r.startswith("edge sharpness") for r in coarse.reasons), coarse.reasons
+    assert coarse.measures["edge_sharpness"] > sharp  # above the range: only soft edges are flagged
     noisy = scan + np.random.default_rng(1).normal(0.0, 1.0, scan.shape).astype(np.float32)
     assert assess(mask, confident(mask), SPACING, contract, image=noisy).verdict == "ok"
     assert image_sharpness(scan, np.zeros_like(mask)) is None
     assert image_sharpness(np.ones_like(scan), mask) is None  # a flat cube has no edges to measure
+    ramp = np.broadcast_to(np.arange(scan.shape[0], dtype=np.float32)[:, None, None], scan.shape)
+    assert image_sharpness(ramp, mask) is None  # nor a ramp without curvature (0 would be no usable range)
     back = ModelContract.from_json(contract.to_json())
     assert back.plausibility.edge_sharpness == pytest.approx(learned.edge_sharpness)
 

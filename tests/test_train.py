@@ -89,6 +89,17 @@ def test_qc_score_is_calibrated_on_the_held_out_cases(trained_run):
     assert contract.plausibility.spacing_mm is not None and contract.plausibility.fov_mm is not None
 
 
+def test_summary_of_folds_calibrated_by_different_releases() -> None:
+    from heartseg.train.pipeline import summarize_dicts
+
+    new = {"dice": 0.9, "qc_score": 0.95, "dice_tta": 0.88, "qc_score_tta": 0.93, "dataset": "A"}
+    old = {"dice": 0.7, "qc_score": 0.85, "dataset": "A"}
+    for per_case in ({"n": new, "o": old}, {"o": old, "n": new}):  # whichever fold comes first
+        mean = summarize_dicts(per_case)
+        assert mean["dice"] == pytest.approx(0.8) and mean["dice_tta"] == pytest.approx(0.88)
+        assert "dataset" not in mean
+
+
 def test_model_pt_is_plain_weights_with_calibrated_thresholds(trained_run):
     ckpt = _load(trained_run.model)
     assert ckpt["format"] == "heartseg-model"

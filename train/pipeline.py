@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
-from heartseg.runtime.confidence import fit_score_calibration, pooled_score_calibration, soft_dice_score
+from heartseg.runtime.confidence import (
+    CALIBRATED_SCORES,
+    fit_score_calibration,
+    pooled_score_calibration,
+    soft_dice_score,
+)
 from heartseg.runtime.contract import LOCALISER, ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, localiser_mask, mask_from_prob
@@ -293,10 +298,10 @@ class Run:
             mask = mask_from_prob(prob, contract)
             per_case[case.case_id].update(dice_tta=dice_score(mask, np.asarray(case.label)),
                                           qc_score_tta=soft_dice_score(prob, mask))
-        score_calibration, tta_calibration = (
-            fit_score_calibration([m[score] for m in per_case.values()], [m[dice] for m in per_case.values()])
-            for score, dice in (("qc_score", "dice"), ("qc_score_tta", "dice_tta")))
-        contract = replace(contract, score_calibration=score_calibration, tta_score_calibration=tta_calibration)
+        score_calibrations = {
+            name: fit_score_calibration([m[score] for m in per_case.values()], [m[dice] for m in per_case.values()])
+            for name, (score, dice) in CALIBRATED_SCORES.items()}
+        contract = replace(contract, **score_calibrations)
         metrics = {
             "fold": fold.index, "train_cases": fold.train, "val_cases": fold.val,
             "split": "held-out validation cases of this fold (never trained on)",
@@ -307,8 +312,7 @@ class Run:
             "stages": {n: {k: v for k, v in asdict(o).items() if k not in ("state_dict", "history")}
                        for n, o in outcomes.items()},
             "calibration": {n: c.to_dict() for n, c in calibrations.items()},
-            "score_calibration": score_calibration.to_dict(),
-            "tta_score_calibration": tta_calibration.to_dict(),
+            **{name: calibration.to_dict() for name, calibration in score_calibrations.items()},
         }
         write_text_atomic(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
         contract = replace(contract, info={
@@ -351,12 +355,17 @@ class Run:
                    "per_dataset": summarize_by_dataset(per_case),
                    "per_fold": {k: v["mean"] for k, v in results.items()},
                    "split": "each case scored by the fold that held it out"}
-        # QC's score calibrations refitted on every held-out case (heartseg-export --score-calibration).
-        for key, (score, dice) in (("score_calibration", ("qc_score", "dice")),
-                                   ("tta_score_calibration", ("qc_score_tta", "dice_tta"))):
+        # QC's score calibrations refitted on every held-out case (heartseg-export --score-calibration); one
+        # that a fold calibrated by an older release lacks is left out rather than fitted on the other folds.
+        for name, (score, dice) in CALIBRATED_SCORES.items():
             pooled = pooled_score_calibration(per_case, score, dice)
-            if pooled is not None:
-                summary[key] = pooled.to_dict()
+            if pooled is None:
+                continue
+            if all(m.get(score) is not None for m in per_case.values()):
+                summary[name] = pooled.to_dict()
+            else:
+                self.log(f"summary.json: no pooled {name} (some folds were calibrated before it existed: "
+                         f"heartseg-train --resume {self.dir} --recalibrate)")
         write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
@@ -388,10 +397,11 @@ def summarize_by_dataset(per_case: dict[str, dict]) -> dict[str, dict[str, float
 
 def summarize_dicts(per_case: dict[str, dict]) -> dict[str, float]:
     """Mean of each numeric metric over cases, ignoring missing values."""
-    keys = [k for k in next(iter(per_case.values())).keys() if k != "dataset"] if per_case else []
+    # Folds calibrated by different releases may record different metrics: every key any case has.
+    keys = list(dict.fromkeys(k for v in per_case.values() for k in v if k != "dataset"))
     out = {}
     for key in keys:
-        values = [v[key] for v in per_case.values() if v[key] is not None]
+        values = [v[key] for v in per_case.values() if v.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
     return out
 
