@@ -51,12 +51,11 @@ class ParityResult:
         return {**asdict(self), "ok": self.ok}
 
 
-def _compare(what: str, ref: np.ndarray, got: np.ndarray, threshold: float, tolerance: float,
-             agreement: float | None = None) -> ParityResult:
-    """Largest difference and mask agreement (thresholded here unless the caller measured it on its own masks)."""
+def _compare(what: str, ref: np.ndarray, got: np.ndarray, ref_mask: np.ndarray, got_mask: np.ndarray,
+             tolerance: float) -> ParityResult:
+    """Largest difference of the probabilities and the share of voxels on which their masks agree."""
     diff = float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)))) if ref.size else 0.0
-    if agreement is None:
-        agreement = float(np.mean((ref > threshold) == (got > threshold))) if ref.size else 1.0
+    agreement = float(np.mean(ref_mask == got_mask)) if ref.size else 1.0
     return ParityResult(what, tuple(int(s) for s in ref.shape), diff, agreement, tolerance)
 
 
@@ -70,8 +69,10 @@ def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), t
     for stage in model.contract.stages:
         x = random_input(stage.patch_size, seed=len(results))
         prob = session.predict(stage.name, x)
-        results.append(_compare(f"{stage.name}: random input", torch_predict(stage.name, x), prob,
-                                float(stage.threshold), max_abs_diff))
+        ref = torch_predict(stage.name, x)
+        threshold = float(stage.threshold)
+        results.append(_compare(f"{stage.name}: random input", ref, prob, ref > threshold, prob > threshold,
+                                max_abs_diff))
         mask = session.mask(stage.name, x)
         expected = (prob > float(stage.threshold)).astype(np.uint8)
         if not np.array_equal(mask, expected):
@@ -81,9 +82,8 @@ def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), t
         ref = infer_canonical(canonical, model.contract, torch_predict).prob
         got = infer_canonical(canonical, model.contract, session.predict).prob
         # The final masks, largest component kept, are what users get: compare those.
-        agreement = float(np.mean(mask_from_prob(ref, model.contract) == mask_from_prob(got, model.contract)))
-        results.append(_compare(f"{Path(scan).name}: whole pipeline", ref, got,
-                                float(model.contract.final_stage.threshold), max_abs_diff_scan, agreement))
+        results.append(_compare(f"{Path(scan).name}: whole pipeline", ref, got, mask_from_prob(ref, model.contract),
+                                mask_from_prob(got, model.contract), max_abs_diff_scan))
     failed = [r for r in results if not r.ok]
     if failed:
         lines = "; ".join(f"{r.what}: max |diff| {r.max_abs_diff:.2e} (limit {r.tolerance:.0e}), mask agreement "

@@ -90,6 +90,8 @@ class Segmenter:
         self.session = OnnxSession(resolve_model(model), "cuda" if device == "gpu" else device, threads)
         self.contract = self.session.contract
         self.tta = tta
+        # --tta's masks are judged by the calibration fitted on test-time-flipped held-out cases.
+        self.qc_contract = self.contract.for_qc(tta)
         self.budget = int(memory_limit_mb * MB) if memory_limit_mb is not None else default_budget()
         self.max_network_voxels = max_network_voxels
         if self.budget is not None and current_rss() >= self.budget:
@@ -149,7 +151,7 @@ class Segmenter:
             box = stage_box_on_native(result.box, canonical.data.shape,
                                       stage_shape(canonical, self.contract.final_stage))
         # Reorienting only permutes and mirrors axes: the scan's voxel volume (|det| of its affine) holds for QC.
-        report = assess(canonical_mask, result.prob, canonical.spacing, self.contract.for_qc(self.tta), box,
+        report = assess(canonical_mask, result.prob, canonical.spacing, self.qc_contract, box,
                         voxel_volume_mm3=voxel_volume_mm3(volume.affine), image=canonical.data)
         # "postprocess" includes QC, so that the stages add up to the total; "qc" is its share.
         timings["postprocess"] = time.perf_counter() - start

@@ -29,8 +29,11 @@ def _unflip_box(box: Box, axes: Sequence[int], shape: tuple[int, ...]) -> Box:
 
 def infer_canonical_tta(canonical: CanonicalVolume, contract: ModelContract, predict: StagePredictFn,
                         max_voxels: int | None = None,
-                        flips: Sequence[tuple[int, ...]] = DEFAULT_FLIPS) -> CanonicalResult:
-    """infer_canonical averaged over mirrored copies; the box is the union of the copies' final-stage boxes."""
+                        flips: Sequence[tuple[int, ...]] = DEFAULT_FLIPS,
+                        plain: CanonicalResult | None = None) -> CanonicalResult:
+    """infer_canonical averaged over mirrored copies; the box is the union of the copies' final-stage boxes.
+
+    plain: the unmirrored copy's result, when the caller has it already (it is not inferred again)."""
     if not flips:
         raise ValueError("test-time augmentation needs at least one copy")
     total: np.ndarray | None = None
@@ -38,8 +41,11 @@ def infer_canonical_tta(canonical: CanonicalVolume, contract: ModelContract, pre
     final_shape = stage_shape(canonical, contract.final_stage)
     for axes in flips:
         axes = tuple(int(a) for a in axes)
-        copy = replace(canonical, data=np.ascontiguousarray(np.flip(canonical.data, axes))) if axes else canonical
-        result = infer_canonical(copy, contract, predict, max_voxels)
+        if not axes and plain is not None:
+            result = plain
+        else:
+            copy = replace(canonical, data=np.ascontiguousarray(np.flip(canonical.data, axes))) if axes else canonical
+            result = infer_canonical(copy, contract, predict, max_voxels)
         prob = np.flip(result.prob, axes) if axes else result.prob
         total = prob.astype(np.float32, copy=True) if total is None else total + prob
         if result.box is not None:

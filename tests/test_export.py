@@ -109,10 +109,10 @@ def test_scan_tolerance_is_wider_than_the_random_input_one():
 
     ref = np.array([0.2, 0.6, 0.9], np.float32)
     got = ref + np.float32(5e-4)
-    assert not _compare("fine: random input", ref, got, 0.5, MAX_ABS_DIFF).ok
-    assert _compare("scan: whole pipeline", ref, got, 0.5, MAX_ABS_DIFF_SCAN).ok
+    assert not _compare("fine: random input", ref, got, ref > 0.5, got > 0.5, MAX_ABS_DIFF).ok
+    assert _compare("scan: whole pipeline", ref, got, ref > 0.5, got > 0.5, MAX_ABS_DIFF_SCAN).ok
     flipped = np.array([0.2, 0.4, 0.9], np.float32)  # a voxel across the threshold: masks disagree
-    assert not _compare("scan: whole pipeline", ref, flipped, 0.5, 1.0).ok
+    assert not _compare("scan: whole pipeline", ref, flipped, ref > 0.5, flipped > 0.5, 1.0).ok
 
 
 def test_batchnorm_is_folded_into_the_convolutions(trained_run, tmp_path):

@@ -46,3 +46,24 @@ def test_flips_are_undone(single_model: Path, tmp_path: Path) -> None:
     assert averaged[0, -1, 0] == pytest.approx(0.25)
     assert averaged[0, 0, -1] == pytest.approx(0.25)
     assert averaged.sum() == pytest.approx(1.0)
+
+
+def test_a_plain_result_the_caller_has_is_not_inferred_again(single_model: Path, tmp_path: Path) -> None:
+    scan, _ = make_scan(tmp_path / "s.nii.gz", shape=(24, 32, 16), affine=np.diag([1.25, 1.25, 1.37, 1.0]))
+    contract = Segmenter(single_model, device="cpu", threads=1).contract
+    canonical = to_canonical(load_volume(scan))
+    calls = []
+
+    def corner(stage: str, batch: np.ndarray) -> np.ndarray:
+        calls.append(stage)
+        out = np.zeros_like(batch)
+        out[..., 0, 0, 0] = 1.0
+        return out
+
+    plain = infer_canonical(canonical, contract, corner)
+    per_copy = len(calls)
+    again = infer_canonical_tta(canonical, contract, corner).prob
+    assert len(calls) == 5 * per_copy
+    reused = infer_canonical_tta(canonical, contract, corner, plain=plain).prob
+    assert len(calls) == 8 * per_copy  # the three mirrored copies only
+    np.testing.assert_array_equal(reused, again)

@@ -280,7 +280,8 @@ class Run:
             contract = contract.with_threshold(localiser.name, calibrations[localiser.name].threshold)
         final = contract.final_stage
         # The final threshold is calibrated on what the whole pipeline produces on held-out cases.
-        probs = [infer_canonical(canonical_of(c), contract, predict).prob for c in val_cases]
+        plain = [infer_canonical(canonical_of(c), contract, predict) for c in val_cases]
+        probs = [result.prob for result in plain]
         pairs = [(p, np.asarray(c.label)) for p, c in zip(probs, val_cases)]
         calibrations[final.name] = calibrate_threshold(
             pairs, lambda prob, t: mask_from_prob(prob, contract, t),
@@ -293,8 +294,8 @@ class Run:
                                       "qc_score": soft_dice_score(prob, mask), "dataset": case.dataset}
         # QC's confidence score is calibrated into an estimated Dice on the same held-out cases, once as inferred
         # by default and once with test-time flips (--tta): averaged copies score otherwise.
-        for case in val_cases:
-            prob = infer_canonical_tta(canonical_of(case), contract, predict).prob
+        for case, result in zip(val_cases, plain):
+            prob = infer_canonical_tta(canonical_of(case), contract, predict, plain=result).prob
             mask = mask_from_prob(prob, contract)
             per_case[case.case_id].update(dice_tta=dice_score(mask, np.asarray(case.label)),
                                           qc_score_tta=soft_dice_score(prob, mask))
@@ -358,11 +359,9 @@ class Run:
         # QC's score calibrations refitted on every held-out case (heartseg-export --score-calibration); one
         # that a fold calibrated by an older release lacks is left out rather than fitted on the other folds.
         for name, (score, dice) in CALIBRATED_SCORES.items():
-            pooled = pooled_score_calibration(per_case, score, dice)
-            if pooled is None:
-                continue
             if all(m.get(score) is not None for m in per_case.values()):
-                summary[name] = pooled.to_dict()
+                if (pooled := pooled_score_calibration(per_case, score, dice)) is not None:
+                    summary[name] = pooled.to_dict()
             else:
                 self.log(f"summary.json: no pooled {name} (some folds were calibrated before it existed: "
                          f"heartseg-train --resume {self.dir} --recalibrate)")
