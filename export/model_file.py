@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.train.checkpoint import read_model_checkpoint
-from heartseg.train.unet import UNetConfig, build_unet
+from heartseg.train.evaluate import stage_network
+from heartseg.train.unet import UNetConfig
 from torch import nn
 
 
 @dataclass
 class TrainedModel:
-    """A validated checkpoint: the contract with thresholds, and one network per stage."""
+    """A validated checkpoint: the contract with thresholds, and one network per stage (an ensemble's averages
+    its members' probabilities)."""
 
     path: Path
     contract: ModelContract
@@ -24,23 +26,23 @@ class TrainedModel:
     metrics: dict
     versions: dict
     command: str
+    members: dict[str, int] = field(default_factory=dict)
 
 
 def load_trained_model(path: str | Path) -> TrainedModel:
     """Load model.pt safely, validate all of it (train.checkpoint) and rebuild one network per stage."""
     checkpoint = read_model_checkpoint(path)
     networks, unets = {}, {}
-    for name, weights in checkpoint.networks.items():
-        net = build_unet(weights.unet)
+    for name, members in checkpoint.networks.items():
         try:
-            net.load_state_dict(weights.state_dict)
+            networks[name] = stage_network([(m.unet, m.state_dict) for m in members])
         except RuntimeError as exc:
             raise HeartsegError(f"{checkpoint.path}: weights of stage {name!r} do not fit its network "
                                 f"({str(exc)[:200]})") from None
-        networks[name] = net.eval()
-        unets[name] = weights.unet
+        unets[name] = members[0].unet
     return TrainedModel(checkpoint.path, checkpoint.contract, networks, unets, checkpoint.metrics,
-                        checkpoint.versions, checkpoint.command)
+                        checkpoint.versions, checkpoint.command,
+                        {name: len(members) for name, members in checkpoint.networks.items()})
 
 
 class StageHead(nn.Module):

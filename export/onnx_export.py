@@ -49,7 +49,9 @@ def metadata(model: TrainedModel) -> dict[str, str]:
         "heartseg.normalization": contract.normalization,
         "heartseg.patch_size": json.dumps({s.name: list(s.patch_size) for s in contract.stages}),
         "heartseg.network": json.dumps({n: u.to_dict() for n, u in model.unets.items()}),
-        "heartseg.flops_per_voxel": json.dumps({n: count_flops_per_voxel(u) for n, u in model.unets.items()}),
+        # An ensemble's stage runs each of its member networks.
+        "heartseg.flops_per_voxel": json.dumps({n: count_flops_per_voxel(u) * model.members.get(n, 1)
+                                                for n, u in model.unets.items()}),
         "heartseg.training_data": f"{info.get('dataset', '?')}: {info.get('dataset_description', '')}",
         "heartseg.licence": f"{info.get('licence', '?')} ({info.get('reference', '')})",
         "heartseg.cv_metrics": json.dumps({"split": metrics.get("split"), "fold": metrics.get("fold"),

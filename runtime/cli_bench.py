@@ -235,9 +235,9 @@ def bench(
         None, metavar="SCANS", help="Scan files, DICOM folders or zips, or folders of scan files.",
         show_default=False),
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", metavar="M.onnx|fp32|fp16|int8",
-        help="heartseg ONNX model file, or a shipped variant's name. [default: fp32, the model shipped with the "
-             "package]", show_default=False),
+        None, "--model", "-m", metavar="M.onnx|fp32|fp16|int8|ensemble",
+        help="heartseg ONNX model file, or a shipped variant's name (ensemble: the fold ensemble, see --ensemble). "
+             "[default: fp32, the model shipped with the package]", show_default=False),
     repeat: int = typer.Option(3, "--repeat", min=1, metavar="N", help="Timed runs of every scan."),
     threads: Optional[str] = typer.Option(
         None, "--threads", metavar="LIST",

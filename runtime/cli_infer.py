@@ -258,9 +258,9 @@ def infer(
         help="Output folder (created if missing), or the mask's file name for a single scan. "
              "[default: beside each input]", show_default=False),
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", metavar="M.onnx|fp32|fp16|int8",
-        help="heartseg ONNX model file, or a shipped variant's name. [default: fp32, the model shipped with the "
-             "package]", show_default=False),
+        None, "--model", "-m", metavar="M.onnx|fp32|fp16|int8|ensemble",
+        help="heartseg ONNX model file, or a shipped variant's name (ensemble: the fold ensemble, see --ensemble). "
+             "[default: fp32, the model shipped with the package]", show_default=False),
     device: Device = typer.Option(Device.auto, "--device", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(
         None, "--threads", min=1, metavar="N",
@@ -295,6 +295,10 @@ def infer(
     csv_path: Optional[Path] = typer.Option(
         None, "--csv", metavar="FILE", help="Write a cohort CSV, one row per scan with its QC verdict, estimated "
         "Dice and statistics (implies --statistics); '-' is stdout. [default: none]", show_default=False),
+    ensemble: bool = typer.Option(
+        False, "--ensemble", help="Segment with the shipped fold ensemble (heartseg-la.ensemble.onnx, the same as "
+        "--model ensemble): the mean probability of its member networks, with its own threshold and QC calibration "
+        "(each member's network time; measured cost and gain in the README). [default: off]"),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the probabilities of the scan "
                              "and its three mirrored copies (4 inferences per scan; the copies count in the memory "
                              "budget). [default: off]"),
@@ -333,6 +337,11 @@ def infer(
         "threads (default 1). [default: the cluster's CPUs / threads]", show_default=False),
     version: bool = version_option(),
 ) -> None:
+    if ensemble:
+        if model is not None:
+            raise InputError("--ensemble is the shipped fold ensemble: give it without --model (an ensemble of your "
+                             "own is a model file: --model ENSEMBLE.onnx)")
+        model = "ensemble"
     model_path = resolve_model(model)
     if info:
         _print_info(model_path)

@@ -34,8 +34,10 @@ from .session import OnnxSession
 from .tta import infer_canonical_tta
 
 DEFAULT_MODEL_NAME = "heartseg-la.onnx"
-# The shipped model's variants, by the name --model and Segmenter(model=...) accept.
-VARIANTS = {"fp32": DEFAULT_MODEL_NAME, "fp16": "heartseg-la.fp16.onnx", "int8": "heartseg-la.int8.onnx"}
+# The shipped model's variants, by the name --model and Segmenter(model=...) accept; "ensemble" is the fold
+# ensemble shipped beside it (heartseg-infer --ensemble).
+VARIANTS = {"fp32": DEFAULT_MODEL_NAME, "fp16": "heartseg-la.fp16.onnx", "int8": "heartseg-la.int8.onnx",
+            "ensemble": "heartseg-la.ensemble.onnx"}
 
 
 def default_model_path(name: str = DEFAULT_MODEL_NAME) -> Path:
@@ -47,7 +49,8 @@ def default_model_path(name: str = DEFAULT_MODEL_NAME) -> Path:
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """A model path from a path, a shipped variant's name (fp32, fp16, int8), or None (the shipped fp32 model)."""
+    """A model path from a path, a shipped variant's name (fp32, fp16, int8, ensemble), or None (the shipped fp32
+    model)."""
     if model is None:
         return default_model_path()
     text = str(model)

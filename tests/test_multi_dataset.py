@@ -171,6 +171,54 @@ def test_init_from_one_stages_best_checkpoint_starts_that_stage_only(two_run, tw
     assert not torch.allclose(_first_conv(coarse), _first_conv(source_coarse), atol=1e-3)
 
 
+def _stage_weights(path: Path, stage: str) -> dict:
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    return data["networks"][stage]["state_dict"] if "networks" in data else data["model"]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_steps_keep_the_stages_of_later_init_from_sources(two_run, two_sequences, tmp_path):
+    run, _ = two_run
+    other = tmp_path / "other"
+    result = CliRunner().invoke(app, [*map(str, two_sequences), "-o", str(other), *TINY_TRAIN_ARGS, "--seed", "5"])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert not _same(_stage_weights(run / "model.pt", "coarse"), _stage_weights(other / "model.pt", "coarse"))
+    # Every stage from the first run's model, then the localiser replaced by the second run's.
+    kept = tmp_path / "kept"
+    result = CliRunner().invoke(app, [*map(str, two_sequences), "-o", str(kept), *_tiny_args("0"),
+                                      "--init-from", str(run / "model.pt"),
+                                      "--init-from", str(other / "fold_0" / "coarse" / "best.pt")])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert _same(_stage_weights(kept / "model.pt", "fine"), _stage_weights(run / "model.pt", "fine"))
+    assert _same(_stage_weights(kept / "model.pt", "coarse"), _stage_weights(other / "model.pt", "coarse"))
+    assert "kept its --init-from weights" in _text(result.output)
+    metrics = json.loads((kept / "fold_0" / "metrics.json").read_text())
+    assert metrics["stages"]["fine"]["steps"] == 0 and 0.0 <= metrics["stages"]["fine"]["best_dice"] <= 1.0
+    assert not (kept / "fold_0" / "fine" / "last.pt").exists()
+    info = torch.load(kept / "model.pt", map_location="cpu", weights_only=True)["contract"]["info"]
+    assert info["init_from"] == f"{(run / 'model.pt').resolve()} + {(other / 'fold_0' / 'coarse' / 'best.pt').resolve()}"
+
+
+def test_zero_steps_for_a_stage_no_source_holds_is_refused(two_run, two_sequences, tmp_path):
+    run, _ = two_run
+    args = [*map(str, two_sequences), "-o", str(tmp_path / "x"), *_tiny_args("0"),
+            "--init-from", str(run / "fold_0" / "fine" / "best.pt")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "0 training steps" in _text(result.output)
+    assert not (tmp_path / "x" / "model.pt").exists()
+
+
+def test_zero_steps_without_init_from_is_refused_before_any_run_folder(two_sequences, tmp_path):
+    result = CliRunner().invoke(app, [str(two_sequences[0]), "-o", str(tmp_path / "x"), *_tiny_args("0")])
+    assert result.exit_code == 2, result.output
+    assert "--steps 0" in _text(result.output) and "--init-from" in _text(result.output)
+    assert not (tmp_path / "x").exists()
+
+
 def test_init_from_a_best_checkpoint_outside_its_run_is_refused(two_run, two_sequences, tmp_path):
     run, _ = two_run
     lone = tmp_path / "lone" / "best.pt"

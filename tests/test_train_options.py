@@ -5,6 +5,7 @@ run folder behind; checkpoints are validated whole before they are used."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,9 @@ BAD_OPTIONS = [
     (["--val-every", "0"], "--val-every 0"),
     (["--checkpoint-every", "0"], "--checkpoint-every 0"),
     (["--threads", "-1"], "--threads -1"),
-    (["--steps", "0"], "--steps 0"),
-    (["--coarse-steps", "0"], "--coarse-steps 0"),
+    (["--steps", "-1"], "--steps -1"),
+    (["--coarse-steps", "-1"], "--coarse-steps -1"),
+    (["--coarse-steps", "0"], "--init-from"),
     (["--width", "0"], "base_channels"),
     (["--margin-mm", "-1"], "--margin-mm -1.0"),
     (["--foreground-fraction", "2"], "--foreground-fraction 2.0"),
@@ -149,7 +151,7 @@ def test_resume_with_a_last_checkpoint_missing_keys(small_data: Path, tmp_path: 
 def _checkpoint(edit=None) -> dict:
     unet = UNetConfig(base_channels=2, depth=1)
     contract = ModelContract(stages=(StageContract("single", (1.5, 1.5, 1.5), (16, 16, 16), threshold=0.5),))
-    data = model_checkpoint(contract, {"single": (unet.to_dict(), build_unet(unet).state_dict())}, kind="single",
+    data = model_checkpoint(contract, {"single": [(unet.to_dict(), build_unet(unet).state_dict())]}, kind="single",
                             metrics={}, versions={}, command="")
     if edit:
         edit(data)
@@ -163,6 +165,9 @@ BAD_CHECKPOINTS = {
     "unet-unknown-key": (lambda d: d["networks"]["single"]["unet"].update(colour="red"), "U-Net configuration"),
     "state-dict-string": (lambda d: d["networks"]["single"].update(state_dict="weights"), "state dict"),
     "orientation": (lambda d: d["contract"].update(orientation="LPS"), "orientation"),
+    "ensemble-no-members": (lambda d: d["networks"].update(single={"members": []}), "no member networks"),
+    "ensemble-member-incomplete": (lambda d: d["networks"].update(single={"members": [d["networks"]["single"], {}]}),
+                                   "missing the weights of stage 'single'"),
 }
 
 
@@ -183,3 +188,12 @@ def test_good_checkpoint_passes_validation(tmp_path: Path) -> None:
     save_atomic(_checkpoint(), checkpoint)
     model = load_trained_model(checkpoint)
     assert model.contract.final_stage.threshold == 0.5 and set(model.networks) == {"single"}
+
+
+def test_a_run_config_of_an_earlier_release_names_one_init_from_source_or_none(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    for old, new in (("/m/model.pt", ["/m/model.pt"]), (None, [])):
+        data = json.loads(json.dumps(asdict(RunConfig(data=["d"], output="o"))))
+        data["init_from"] = old
+        path.write_text(json.dumps(data))
+        assert RunConfig.load(path).init_from == new

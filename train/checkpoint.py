@@ -93,24 +93,43 @@ class StageWeights:
 
 @dataclass(frozen=True)
 class ModelCheckpoint:
-    """A validated model.pt: its contract (thresholds calibrated) and one network per stage."""
+    """A validated model.pt: its contract (thresholds calibrated) and each stage's network, or the member
+    networks of an ensemble whose probabilities the stage averages."""
 
     path: Path
     contract: ModelContract
-    networks: dict[str, StageWeights]
+    networks: dict[str, tuple[StageWeights, ...]]
     kind: str
     metrics: dict
     versions: dict
     command: str
 
 
-def model_checkpoint(contract: ModelContract, networks: dict[str, tuple[dict, dict]], *, kind: str, metrics: dict,
-                     versions: dict, command: str) -> dict[str, Any]:
-    """The model.pt dict: networks maps each stage name to (U-Net config dict, state dict)."""
+def model_checkpoint(contract: ModelContract, networks: dict[str, list[tuple[dict, dict]]], *, kind: str,
+                     metrics: dict, versions: dict, command: str) -> dict[str, Any]:
+    """The model.pt dict: networks maps each stage name to its members' (U-Net config dict, state dict), one
+    for a single network (stored as earlier releases did), several for an ensemble."""
+    def entry(members: list[tuple[dict, dict]]) -> dict:
+        if len(members) == 1:
+            return {"unet": members[0][0], "state_dict": members[0][1]}
+        return {"members": [{"unet": unet, "state_dict": state} for unet, state in members]}
+
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind,
             "contract": contract.to_dict(),
-            "networks": {name: {"unet": unet, "state_dict": state} for name, (unet, state) in networks.items()},
+            "networks": {name: entry(members) for name, members in networks.items()},
             "metrics": metrics, "versions": versions, "command": command}
+
+
+def _stage_weights(entry: Any, path: Path, stage: str) -> StageWeights:
+    if not isinstance(entry, dict) or "unet" not in entry or "state_dict" not in entry:
+        raise HeartsegError(f"{path}: incomplete checkpoint, missing the weights of stage {stage!r}")
+    if not isinstance(entry["unet"], dict):
+        raise HeartsegError(f"{path}: the network of stage {stage!r} has no U-Net configuration")
+    try:
+        unet = UNetConfig.from_dict(entry["unet"])
+    except (TypeError, ValueError) as exc:
+        raise HeartsegError(f"{path}: the U-Net configuration of stage {stage!r} is invalid ({exc})") from None
+    return StageWeights(unet, _state_dict(entry["state_dict"], path, f"the weights of stage {stage!r}"))
 
 
 def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
@@ -133,16 +152,10 @@ def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
     weights = {}
     for stage in contract.stages:
         entry = networks.get(stage.name)
-        if not isinstance(entry, dict) or "unet" not in entry or "state_dict" not in entry:
-            raise HeartsegError(f"{path}: incomplete checkpoint, missing the weights of stage {stage.name!r}")
-        if not isinstance(entry["unet"], dict):
-            raise HeartsegError(f"{path}: the network of stage {stage.name!r} has no U-Net configuration")
-        try:
-            unet = UNetConfig.from_dict(entry["unet"])
-        except (TypeError, ValueError) as exc:
-            raise HeartsegError(f"{path}: the U-Net configuration of stage {stage.name!r} is invalid ({exc})") from None
-        weights[stage.name] = StageWeights(unet, _state_dict(entry["state_dict"], path,
-                                                             f"the weights of stage {stage.name!r}"))
+        members = entry.get("members") if isinstance(entry, dict) and "members" in entry else [entry]
+        if not isinstance(members, list) or not members:
+            raise HeartsegError(f"{path}: the ensemble of stage {stage.name!r} has no member networks")
+        weights[stage.name] = tuple(_stage_weights(member, path, stage.name) for member in members)
     extra = sorted(set(networks) - set(weights))
     if extra:
         raise HeartsegError(f"{path}: networks {extra} belong to no stage of the contract")

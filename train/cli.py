@@ -79,8 +79,8 @@ def train(
     fold: Optional[str] = typer.Option(None, help="Fold(s) to train: a number (default 0), a list like 1,2 or 'all'. With --resume, widens the run to these folds (finished folds are kept)."),
     folds: int = typer.Option(FOLDS, help="Number of cross-validation folds (cases with identical images share a fold)."),
     seed: int = typer.Option(SEED, help="Seed of the split, the initialisation and the sampling."),
-    steps: int = typer.Option(_FINE.steps, help="Training steps of the full-resolution (fine or single) network."),
-    coarse_steps: int = typer.Option(_COARSE.steps, help="Training steps of the localiser."),
+    steps: int = typer.Option(_FINE.steps, help="Training steps of the full-resolution (fine or single) network; 0 keeps its --init-from weights as they are (calibrated and evaluated, not trained)."),
+    coarse_steps: int = typer.Option(_COARSE.steps, help="Training steps of the localiser; 0 keeps its --init-from weights as they are."),
     batch_size: int = typer.Option(_FINE.batch_size, help="Patches per step."),
     lr: float = typer.Option(_FINE.lr, help="Peak AdamW learning rate (linear warm-up, then polynomial decay)."),
     val_every: int = typer.Option(_FINE.val_every, help="Validate on the fold's held-out cases every N steps (full volumes, runtime path)."),
@@ -99,7 +99,8 @@ def train(
     threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
     splits: Optional[Path] = typer.Option(None, "--splits", help="Use the folds of this file (the format of a run's splits.json) instead of making them: a fixed split, or a subset of the cases (cases no fold names are not used)."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from existing weights (fine-tuning): a heartseg model.pt (every stage), or one stage's RUN/fold_K/STAGE/best.pt (that stage only); the networks must match this run's presets."),
+    init_from: Optional[List[Path]] = typer.Option(None, "--init-from", help="Start from existing weights (fine-tuning): a heartseg model.pt (every stage), or one stage's RUN/fold_K/STAGE/best.pt (that stage only); the networks must match this run's presets. Given again, a later source replaces the stages it holds (e.g. a model.pt, then another run's coarse/best.pt)."),
+    ensemble_of: Optional[List[Path]] = typer.Option(None, "--ensemble-of", help="No training: average these models (repeat it; fold models of one plan) into -o RUN/model.pt, its thresholds and QC calibrations fitted on the cases of DATA that none of them trained on (e.g. fold 0's held-out cases, for members trained on sub-folds of fold 0's training cases)."),
     version: bool = version_option(),
 ) -> None:
     """Train, calibrate the threshold on held-out cases, and write RUN/model.pt.
@@ -122,6 +123,9 @@ def train(
         distributed = _init_distributed(torch)
         if recalibrate and resume is None:
             raise HeartsegError("--recalibrate goes with --resume RUN_FOLDER")
+        if ensemble_of:
+            _ensemble(data, output, ensemble_of, cache, device, threads, console, torch)
+            return
         if resume is not None:
             if not (resume / "config.json").is_file():
                 raise HeartsegError(f"{resume}: no config.json, not a heartseg-train run folder")
@@ -137,8 +141,12 @@ def train(
                 raise HeartsegError("give a dataset folder and -o RUN_FOLDER (or --resume RUN_FOLDER)")
             if splits is not None and not splits.is_file():
                 raise HeartsegError(f"--splits {splits}: no such file")
-            if init_from is not None and not init_from.is_file():
-                raise HeartsegError(f"--init-from {init_from}: no such file")
+            for source in init_from or []:
+                if not source.is_file():
+                    raise HeartsegError(f"--init-from {source}: no such file")
+            for option, value in (("--steps", steps), ("--coarse-steps", coarse_steps)):
+                if value == 0 and not init_from:
+                    raise HeartsegError(f"{option} 0 keeps a stage's --init-from weights untrained: give --init-from")
             if stage not in STAGE_KINDS:
                 raise HeartsegError(f"--stage {stage!r}: choose cascade, single, coarse or fine")
             if preset not in PRESETS:
@@ -196,6 +204,26 @@ def train(
         raise typer.Exit(exc.exit_code)
 
 
+def _ensemble(data, output, members, cache, device, threads, console, torch) -> None:
+    """heartseg-train DATA... -o OUT --ensemble-of M1 --ensemble-of M2 ...: build, calibrate and score an ensemble."""
+    from heartseg.train.ensemble import build_ensemble
+
+    if not data or output is None:
+        raise HeartsegError("--ensemble-of needs the dataset folders and -o OUT_FOLDER")
+    for member in members:
+        if not member.is_file():
+            raise HeartsegError(f"--ensemble-of {member}: no such file")
+    if (output / "model.pt").exists():
+        raise HeartsegError(f"{output / 'model.pt'}: exists; choose a new -o folder")
+    if threads:
+        torch.set_num_threads(threads)
+    command = " ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]])
+    from heartseg.train.trainer import pick_device
+
+    build_ensemble(list(data), list(members), output, cache, pick_device(device).type, log=console.log,
+                   command=command)
+
+
 def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits, augment: dict,
                 plan: dict, fine: dict, coarse: dict):
     """A new run's configuration; a value no run can use is named by its command-line option."""
@@ -220,7 +248,7 @@ def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, in
     try:
         return RunConfig(data=[str(d.resolve()) for d in data], output=str(output.resolve()), kind=stage,
                          fold=fold or "0", n_folds=folds, seed=seed, fine_unet=unet, cache=cache, threads=threads,
-                         init_from=str(init_from.resolve()) if init_from else None,
+                         init_from=[str(source.resolve()) for source in init_from or []],
                          splits=str(splits.resolve()) if splits else None,
                          command=" ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]]),
                          plan=plan_options, fine=fine_config, coarse=coarse_config, augment=augment_config)

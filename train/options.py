@@ -78,7 +78,9 @@ class TrainConfig:
     amp: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "val_every", "checkpoint_every"):
+        # 0 steps: the stage keeps the weights it starts from (--init-from).
+        integer_at_least(self.steps, 0, "steps")
+        for name in ("batch_size", "val_every", "checkpoint_every"):
             integer_at_least(getattr(self, name), 1, name)
         integer_at_least(self.warmup_steps, 0, "warmup_steps")
         integer_at_least(self.seed, 0, "seed")

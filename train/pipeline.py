@@ -11,39 +11,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
-from heartseg.runtime.confidence import (
-    CALIBRATED_SCORES,
-    fit_score_calibration,
-    pooled_score_calibration,
-    soft_dice_score,
-)
+from heartseg.runtime.confidence import CALIBRATED_SCORES, pooled_score_calibration
 from heartseg.runtime.contract import LOCALISER, ModelContract
 from heartseg.runtime.errors import HeartsegError
-from heartseg.runtime.inference import infer_canonical, localiser_mask, mask_from_prob
-from heartseg.runtime.metrics import compute_metrics, degenerate_reason, dice_score
-from heartseg.runtime.plausibility import image_sharpness, intensity_skewness, learn_plausibility, mask_flag
-from heartseg.runtime.tta import infer_canonical_tta
 
 from .augment import AugmentConfig
 from .cache import PreparedCase, default_cache_root, fingerprint, prepare_case
-from .calibrate import Calibration, calibrate_threshold
 from .checkpoint import model_checkpoint, read_best, read_model_checkpoint, save_atomic
 from .dataset import DatasetInfo, image_hash, read_datasets
+from .evaluate import calibrate_and_evaluate, learned_plausibility, stage_network
 from .options import FOLDS, SEED, STAGE_KIND, ConfigError, integer_at_least, one_of
 from .plan import STAGE_KINDS, PlanOptions, TrainPlan, fingerprint_dict, plan_stages
 from .splits import Fold, given_folds, make_folds, read_splits, write_splits
 from .options import COARSE_TRAIN
-from .trainer import (
-    StageOutcome,
-    TrainConfig,
-    _rank,
-    canonical_of,
-    pick_device,
-    torch_predictor,
-    train_stage,
-    validation_pairs,
-)
-from .unet import PRESETS, UNetConfig, build_unet
+from .trainer import StageOutcome, TrainConfig, _rank, pick_device, train_stage
+from .unet import PRESETS, UNetConfig
 
 
 @dataclass
@@ -64,7 +46,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache: str | None = None
     threads: int | None = None
-    init_from: str | None = None
+    init_from: list[str] = field(default_factory=list)
     splits: str | None = None
     command: str = ""
 
@@ -76,6 +58,8 @@ class RunConfig:
         integer_at_least(self.seed, 0, "seed")
         if self.threads is not None:
             integer_at_least(self.threads, 1, "threads")
+        if not isinstance(self.init_from, list) or not all(isinstance(p, str) for p in self.init_from):
+            raise ConfigError("init_from", self.init_from, "give a list of checkpoint paths")
         for name, kind in (("fine", TrainConfig), ("coarse", TrainConfig), ("fine_unet", UNetConfig),
                            ("coarse_unet", UNetConfig), ("plan", PlanOptions), ("augment", AugmentConfig)):
             if not isinstance(getattr(self, name), kind):
@@ -92,6 +76,9 @@ class RunConfig:
             data = json.loads(Path(path).read_text())
             if isinstance(data["data"], str):
                 data["data"] = [data["data"]]
+            # Runs of earlier releases name one --init-from source, or none.
+            if not isinstance(data.get("init_from", []), list):
+                data["init_from"] = [data["init_from"]] if data["init_from"] else []
             return cls(**{**data, "fine": TrainConfig(**data["fine"]), "coarse": TrainConfig(**data["coarse"]),
                           "fine_unet": UNetConfig.from_dict(data["fine_unet"]),
                           "coarse_unet": UNetConfig.from_dict(data["coarse_unet"]),
@@ -127,8 +114,14 @@ InitWeights = dict[str, tuple[str, UNetConfig, dict]]
 def _model_weights(path: Path) -> InitWeights:
     """Every stage's (role, network, weights) from a model.pt."""
     source = read_model_checkpoint(path)
-    return {stage.name: (stage.role, source.networks[stage.name].unet, source.networks[stage.name].state_dict)
-            for stage in source.contract.stages}
+    weights = {}
+    for stage in source.contract.stages:
+        members = source.networks[stage.name]
+        if len(members) > 1:
+            raise HeartsegError(f"{path}: an ensemble of {len(members)} networks cannot start a training "
+                                "(give one of its members' model.pt)")
+        weights[stage.name] = (stage.role, members[0].unet, members[0].state_dict)
+    return weights
 
 
 def _best_weights(path: Path) -> InitWeights:
@@ -244,9 +237,7 @@ class Run:
         train_cases = self.load_cases(plan.contract, fold.train)
         val_cases = self.load_cases(plan.contract, fold.val)
         # What a plausible atrium is comes from this fold's training labels only.
-        plausibility = learn_plausibility(((np.asarray(c.label), c.spacing) for c in train_cases),
-                                          skewness=[intensity_skewness(c.image) for c in train_cases],
-                                          edge_sharpness=[image_sharpness(c.image, c.label) for c in train_cases])
+        plausibility = learned_plausibility(train_cases)
         contract = replace(plan.contract, plausibility=plausibility)
         init = self.init_weights()
         rank = _rank()[0]
@@ -260,49 +251,18 @@ class Run:
                                                init_state=init.get(stage.name),
                                                log=lambda text, k=fold.index: self.log(f"fold {k} {text}"))
             o = outcomes[stage.name]
-            self.log(f"fold {fold.index} {stage.name}: best validation Dice {o.best_dice:.4f} at step {o.best_step}; "
-                     f"{o.seconds_per_step:.2f} s/step over {o.steps} steps")
+            if o.steps == 0:
+                self.log(f"fold {fold.index} {stage.name}: kept its --init-from weights (0 steps); validation Dice "
+                         f"{o.best_dice:.4f}")
+            else:
+                self.log(f"fold {fold.index} {stage.name}: best validation Dice {o.best_dice:.4f} at step "
+                         f"{o.best_step}; {o.seconds_per_step:.2f} s/step over {o.steps} steps")
         if rank != 0:
             return {}
-        device = pick_device(self.config.fine.device)
-        networks = {}
-        for name, outcome in outcomes.items():
-            net = build_unet(UNetConfig.from_dict(outcome.unet))
-            net.load_state_dict(outcome.state_dict)
-            networks[name] = net.to(device).to(memory_format=torch.channels_last_3d).eval()
-        predict = torch_predictor(networks, device, amp=False)
-        calibrations: dict[str, Calibration] = {}
-        if contract.localiser is not None:
-            localiser = contract.localiser
-            pairs = validation_pairs(localiser, contract, val_cases, predict)
-            calibrations[localiser.name] = calibrate_threshold(pairs, localiser_mask,
-                                                               lambda i, mask: degenerate_reason(mask, 0.5))
-            contract = contract.with_threshold(localiser.name, calibrations[localiser.name].threshold)
-        final = contract.final_stage
-        # The final threshold is calibrated on what the whole pipeline produces on held-out cases.
-        plain = [infer_canonical(canonical_of(c), contract, predict) for c in val_cases]
-        probs = [result.prob for result in plain]
-        pairs = [(p, np.asarray(c.label)) for p, c in zip(probs, val_cases)]
-        calibrations[final.name] = calibrate_threshold(
-            pairs, lambda prob, t: mask_from_prob(prob, contract, t),
-            lambda i, mask: mask_flag(mask, val_cases[i].spacing, plausibility))
-        contract = contract.with_threshold(final.name, calibrations[final.name].threshold)
-        per_case = {}
-        for case, prob in zip(val_cases, probs):
-            mask = mask_from_prob(prob, contract)
-            per_case[case.case_id] = {**compute_metrics(mask, np.asarray(case.label), case.spacing).to_dict(),
-                                      "qc_score": soft_dice_score(prob, mask), "dataset": case.dataset}
-        # QC's confidence score is calibrated into an estimated Dice on the same held-out cases, once as inferred
-        # by default and once with test-time flips (--tta): averaged copies score otherwise.
-        for case, result in zip(val_cases, plain):
-            prob = infer_canonical_tta(canonical_of(case), contract, predict, plain=result).prob
-            mask = mask_from_prob(prob, contract)
-            per_case[case.case_id].update(dice_tta=dice_score(mask, np.asarray(case.label)),
-                                          qc_score_tta=soft_dice_score(prob, mask))
-        score_calibrations = {
-            name: fit_score_calibration([m[score] for m in per_case.values()], [m[dice] for m in per_case.values()])
-            for name, (score, dice) in CALIBRATED_SCORES.items()}
-        contract = replace(contract, **score_calibrations)
+        networks = {name: stage_network([(o.unet, o.state_dict)]) for name, o in outcomes.items()}
+        evaluation = calibrate_and_evaluate(contract, networks, pick_device(self.config.fine.device), val_cases,
+                                            plausibility)
+        contract, per_case = evaluation.contract, evaluation.per_case
         metrics = {
             "fold": fold.index, "train_cases": fold.train, "val_cases": fold.val,
             "split": "held-out validation cases of this fold (never trained on)",
@@ -312,20 +272,20 @@ class Run:
             "plausibility": plausibility.to_dict(),
             "stages": {n: {k: v for k, v in asdict(o).items() if k not in ("state_dict", "history")}
                        for n, o in outcomes.items()},
-            "calibration": {n: c.to_dict() for n, c in calibrations.items()},
-            **{name: calibration.to_dict() for name, calibration in score_calibrations.items()},
+            "calibration": {n: c.to_dict() for n, c in evaluation.calibrations.items()},
+            **{name: getattr(contract, name).to_dict() for name in CALIBRATED_SCORES},
         }
         write_text_atomic(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
         contract = replace(contract, info={
             **_dataset_info(self.datasets),
             "fold": str(fold.index), "train_cases": ",".join(fold.train), "val_cases": ",".join(fold.val),
-            "init_from": self.config.init_from or "",
+            "init_from": " + ".join(self.config.init_from),
         })
-        checkpoint = model_checkpoint(contract, {n: (o.unet, o.state_dict) for n, o in outcomes.items()},
+        checkpoint = model_checkpoint(contract, {n: [(o.unet, o.state_dict)] for n, o in outcomes.items()},
                                       kind=plan.kind, metrics=json.loads(json.dumps(metrics)), versions=versions(),
                                       command=self.config.command)
         save_atomic(checkpoint, fold_dir / "model.pt")
-        save_reports(fold_dir, outcomes, calibrations, val_cases, probs, contract)
+        save_reports(fold_dir, outcomes, evaluation.calibrations, val_cases, evaluation.probs, contract)
         if writer:
             writer.close()
         by_dataset = ", ".join(f"{name} {m['dice']:.4f}" for name, m in metrics["per_dataset"].items())
@@ -334,18 +294,18 @@ class Run:
         return metrics
 
     def init_weights(self) -> dict[str, dict]:
-        """Per-stage weights of the --init-from source (empty without one): a model.pt, or one stage's best.pt."""
-        if not self.config.init_from:
-            return {}
-        path = Path(self.config.init_from)
-        source = _best_weights(path) if path.name == "best.pt" else _model_weights(path)
+        """Per-stage weights of the --init-from sources (empty without one), a later source replacing the
+        stages it holds: each a model.pt (every stage) or one stage's best.pt."""
         weights = {}
-        for name, (role, theirs, state) in source.items():
-            ours = _stage_configs(self.config, role)[1]
-            if theirs != ours:
-                raise HeartsegError(f"{self.config.init_from}: its {name!r} network is not the one this run "
-                                    f"trains ({theirs.to_dict()} vs {ours.to_dict()})")
-            weights[name] = state
+        for source in self.config.init_from:
+            path = Path(source)
+            found = _best_weights(path) if path.name == "best.pt" else _model_weights(path)
+            for name, (role, theirs, state) in found.items():
+                ours = _stage_configs(self.config, role)[1]
+                if theirs != ours:
+                    raise HeartsegError(f"{source}: its {name!r} network is not the one this run "
+                                        f"trains ({theirs.to_dict()} vs {ours.to_dict()})")
+                weights[name] = state
         return weights
 
     def summarize(self, results: dict[int, dict]) -> dict:

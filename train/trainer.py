@@ -130,7 +130,8 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
                 writer=None, init_state: dict | None = None, log: Callable[[str], None] | None = None) -> StageOutcome:
     """Train one stage, resuming from stage_dir/last.pt when it exists; keeps the best validation checkpoint.
 
-    init_state (weights of the same architecture) starts a new stage from existing weights (fine-tuning).
+    init_state (weights of the same architecture) starts a new stage from existing weights (fine-tuning);
+    with 0 steps the stage keeps them as they are.
     """
     stage_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _rank()
@@ -145,6 +146,8 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     loss_fn = DiceBCELoss(config.dice_weight, config.bce_weight)
 
+    if config.steps == 0 and init_state is None:
+        raise HeartsegError(f"{stage.name}: 0 training steps keep --init-from weights, and none were given")
     state = {"step": 0, "best_dice": -1.0, "best_step": -1, "seconds": 0.0, "loss": [], "val": []}
     last = stage_dir / "last.pt"
     if init_state is not None and not last.exists():
@@ -205,6 +208,8 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
         return score
 
     try:
+        if config.steps == 0 and rank == 0 and val_cases and not (stage_dir / "best.pt").exists():
+            validate()  # the kept weights' validation Dice, and their best.pt
         model.train()
         while state["step"] < config.steps:
             images, labels = batches.next()

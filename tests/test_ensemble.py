@@ -1,0 +1,139 @@
+"""Fold models averaged into one model (heartseg-train --ensemble-of): calibrated on cases none of them saw,
+stored with every member, exported to one ONNX file that averages their probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import TINY_TRAIN_ARGS  # noqa: E402
+from heartseg.export.cli import app as export_app  # noqa: E402
+from heartseg.export.model_file import load_trained_model  # noqa: E402
+from heartseg.runtime.segmenter import Segmenter  # noqa: E402
+from heartseg.train.checkpoint import read_model_checkpoint  # noqa: E402
+from heartseg.train.cli import app  # noqa: E402
+from synthetic_dataset import make_msd_dataset  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+TEST_CASES = ["a_004", "a_005", "b_004", "b_005"]
+
+
+def _text(output: str) -> str:
+    return " ".join(output.split())
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Two fold models trained on sub-folds of the cases outside TEST_CASES."""
+    root = tmp_path_factory.mktemp("ens")
+    data = [make_msd_dataset(root / "seqA", n_cases=6, prefix="a", duplicate=False),
+            make_msd_dataset(root / "seqB", n_cases=6, prefix="b", duplicate=False, seed=100,
+                             radius=(0.22, 0.28), atrium=55.0, background=120.0)]
+    pool = [f"{p}_{i:03d}" for p in "ab" for i in range(4)]
+    halves = [[c for c in pool if int(c[-1]) < 2], [c for c in pool if int(c[-1]) >= 2]]
+    splits = root / "splits.json"
+    splits.write_text(json.dumps({"seed": 0, "folds": [
+        {"fold": k, "train": halves[1 - k], "val": halves[k]} for k in (0, 1)]}))
+    run = root / "run"
+    result = CliRunner().invoke(app, [*map(str, data), "-o", str(run), "--splits", str(splits), "--fold", "all",
+                                      *TINY_TRAIN_ARGS])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return data, [run / "fold_0" / "model.pt", run / "fold_1" / "model.pt"]
+
+
+@pytest.fixture(scope="module")
+def ensemble(members, tmp_path_factory):
+    data, paths = members
+    out = tmp_path_factory.mktemp("ens_out") / "ensemble"
+    result = CliRunner().invoke(app, [*map(str, data), "-o", str(out), "--ensemble-of", str(paths[0]),
+                                      "--ensemble-of", str(paths[1]), "--threads", "1", "--cache", "none"])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return out, result.output
+
+
+def test_ensemble_is_calibrated_and_scored_on_the_cases_no_member_trained_on(ensemble):
+    out, output = ensemble
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics["val_cases"]) == TEST_CASES
+    assert sorted(metrics["per_case"]) == TEST_CASES
+    assert set(metrics["per_dataset"]) == {"seqA", "seqB"}
+    assert 0.0 <= metrics["mean"]["dice"] <= 1.0 and "score_calibration" in metrics
+    assert "calibrating on the 4 none of them saw" in _text(output)
+
+
+def test_ensemble_keeps_every_distinct_member_network(members, ensemble):
+    _, paths = members
+    out, _ = ensemble
+    checkpoint = read_model_checkpoint(out / "model.pt")
+    assert [len(checkpoint.networks[s]) for s in ("coarse", "fine")] == [2, 2]
+    assert checkpoint.contract.info["members"] == "2" and checkpoint.contract.info["fold"] == "ensemble"
+    assert checkpoint.contract.score_calibration is not None and checkpoint.contract.plausibility is not None
+
+
+def test_ensemble_network_averages_its_members_probabilities(members, ensemble):
+    _, paths = members
+    out, _ = ensemble
+    model = load_trained_model(out / "model.pt")
+    singles = [load_trained_model(p) for p in paths]
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 16, 16, 16)).astype(np.float32))
+    with torch.no_grad():
+        got = torch.sigmoid(model.networks["fine"](x))
+        want = torch.stack([torch.sigmoid(s.networks["fine"](x)) for s in singles]).mean(0).clamp(1e-6, 1 - 1e-6)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert model.members == {"coarse": 2, "fine": 2}
+
+
+def test_ensemble_exports_to_one_onnx_file_the_runtime_reads(members, ensemble, tmp_path):
+    import nibabel as nib
+
+    data, paths = members
+    out, _ = ensemble
+    scan = data[0] / "imagesTr" / "a_004.nii.gz"
+    onnx_path = tmp_path / "ensemble.onnx"
+    result = CliRunner().invoke(export_app, [str(out / "model.pt"), "-o", str(onnx_path), "--scan", str(scan)])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    segmenter = Segmenter(onnx_path, device="cpu", threads=1)
+    assert segmenter.contract.info["members"] == "2"
+    prediction = segmenter.predict(str(scan))
+    assert prediction.mask.shape == nib.load(scan).shape and prediction.report is not None
+    # The file's fine stage is the mean of the members' probabilities.
+    x = np.random.default_rng(1).normal(size=(1, 1, 16, 16, 16)).astype(np.float32)
+    singles = [load_trained_model(p) for p in paths]
+    with torch.no_grad():
+        want = np.mean([torch.sigmoid(s.networks["fine"](torch.from_numpy(x))).numpy() for s in singles], axis=0)
+    assert np.allclose(segmenter.session.predict("fine", x), want, atol=1e-4)
+
+
+def test_an_ensemble_without_the_members_training_data_is_refused(members, tmp_path):
+    data, paths = members
+    result = CliRunner().invoke(app, [str(data[0]), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0]),
+                                      "--ensemble-of", str(paths[1]), "--cache", "none"])
+    assert result.exit_code == 2, result.output
+    assert "the given datasets lack" in _text(result.output) and "Traceback" not in result.output
+    assert not (tmp_path / "x" / "model.pt").exists()
+
+
+def test_an_ensemble_with_no_case_left_that_its_members_never_saw_is_refused(members, tmp_path):
+    _, paths = members
+    seen = [make_msd_dataset(tmp_path / "seqA", n_cases=4, prefix="a", duplicate=False),
+            make_msd_dataset(tmp_path / "seqB", n_cases=4, prefix="b", duplicate=False, seed=100)]
+    result = CliRunner().invoke(app, [*map(str, seen), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0]),
+                                      "--ensemble-of", str(paths[1]), "--cache", "none"])
+    assert result.exit_code == 2, result.output
+    assert "none of its members saw" in _text(result.output) and "Traceback" not in result.output
+    assert not (tmp_path / "x" / "model.pt").exists()
+
+
+def test_an_ensemble_of_one_model_or_an_ensemble_as_a_start_is_refused(members, ensemble, tmp_path):
+    data, paths = members
+    out, _ = ensemble
+    one = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0])])
+    assert one.exit_code == 2 and "at least two" in _text(one.output), one.output
+    start = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "y"), "--init-from",
+                                     str(out / "model.pt"), *TINY_TRAIN_ARGS])
+    assert start.exit_code == 2 and "cannot start a training" in _text(start.output), start.output

@@ -1,0 +1,108 @@
+"""Calibration and evaluation of trained networks on held-out cases: what a fold and an ensemble of fold
+models both do once their networks exist."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from heartseg.runtime.confidence import CALIBRATED_SCORES, fit_score_calibration, soft_dice_score
+from heartseg.runtime.contract import ModelContract
+from heartseg.runtime.inference import StagePredictFn, infer_canonical, localiser_mask, mask_from_prob
+from heartseg.runtime.metrics import compute_metrics, degenerate_reason, dice_score
+from heartseg.runtime.plausibility import (
+    Plausibility,
+    image_sharpness,
+    intensity_skewness,
+    learn_plausibility,
+    mask_flag,
+)
+from heartseg.runtime.tta import infer_canonical_tta
+from torch import nn
+
+from .cache import PreparedCase
+from .calibrate import Calibration, calibrate_threshold
+from .trainer import canonical_of, torch_predictor, validation_pairs
+from .unet import UNetConfig, build_unet
+
+
+@dataclass
+class Evaluation:
+    """A calibrated contract and what it scores on the held-out cases."""
+
+    contract: ModelContract
+    calibrations: dict[str, Calibration]
+    per_case: dict[str, dict]
+    probs: list[np.ndarray]
+
+
+def learned_plausibility(train_cases: list[PreparedCase]) -> Plausibility:
+    """What a plausible atrium and scan are, from training cases only."""
+    return learn_plausibility(((np.asarray(c.label), c.spacing) for c in train_cases),
+                              skewness=[intensity_skewness(c.image) for c in train_cases],
+                              edge_sharpness=[image_sharpness(c.image, c.label) for c in train_cases])
+
+
+class MeanProbability(nn.Module):
+    """Several networks of one stage as one: the logit of their mean probability (an ensemble)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits whose sigmoid is the members' mean probability."""
+        prob = torch.stack([torch.sigmoid(m(image)) for m in self.members]).mean(0)
+        # Clamped so that the round trip through the logit stays finite; the extremes move by under 1e-6.
+        prob = prob.clamp(1e-6, 1 - 1e-6)
+        return torch.log(prob) - torch.log1p(-prob)
+
+
+def stage_network(members: list[tuple[dict | UNetConfig, dict]]) -> nn.Module:
+    """One stage's network in eval mode from its (U-Net configuration, weights) members: an ensemble when several."""
+    nets = []
+    for unet, state in members:
+        net = build_unet(unet if isinstance(unet, UNetConfig) else UNetConfig.from_dict(unet))
+        net.load_state_dict(state)
+        nets.append(net.eval())
+    return nets[0] if len(nets) == 1 else MeanProbability(nets).eval()
+
+
+def calibrate_and_evaluate(contract: ModelContract, networks: dict[str, nn.Module], device: torch.device,
+                           val_cases: list[PreparedCase], plausibility: Plausibility) -> Evaluation:
+    """Calibrate the thresholds and QC's score calibrations on held-out cases, and score them per case."""
+    networks = {name: net.to(device).to(memory_format=torch.channels_last_3d).eval() for name, net in networks.items()}
+    predict: StagePredictFn = torch_predictor(networks, device, amp=False)
+    calibrations: dict[str, Calibration] = {}
+    if contract.localiser is not None:
+        localiser = contract.localiser
+        pairs = validation_pairs(localiser, contract, val_cases, predict)
+        calibrations[localiser.name] = calibrate_threshold(pairs, localiser_mask,
+                                                           lambda i, mask: degenerate_reason(mask, 0.5))
+        contract = contract.with_threshold(localiser.name, calibrations[localiser.name].threshold)
+    final = contract.final_stage
+    # The final threshold is calibrated on what the whole pipeline produces on held-out cases.
+    plain = [infer_canonical(canonical_of(c), contract, predict) for c in val_cases]
+    probs = [result.prob for result in plain]
+    pairs = [(p, np.asarray(c.label)) for p, c in zip(probs, val_cases)]
+    calibrations[final.name] = calibrate_threshold(
+        pairs, lambda prob, t: mask_from_prob(prob, contract, t),
+        lambda i, mask: mask_flag(mask, val_cases[i].spacing, plausibility))
+    contract = contract.with_threshold(final.name, calibrations[final.name].threshold)
+    per_case = {}
+    for case, prob in zip(val_cases, probs):
+        mask = mask_from_prob(prob, contract)
+        per_case[case.case_id] = {**compute_metrics(mask, np.asarray(case.label), case.spacing).to_dict(),
+                                  "qc_score": soft_dice_score(prob, mask), "dataset": case.dataset}
+    # QC's confidence score is calibrated into an estimated Dice on the same held-out cases, once as inferred
+    # by default and once with test-time flips (--tta): averaged copies score otherwise.
+    for case, result in zip(val_cases, plain):
+        prob = infer_canonical_tta(canonical_of(case), contract, predict, plain=result).prob
+        mask = mask_from_prob(prob, contract)
+        per_case[case.case_id].update(dice_tta=dice_score(mask, np.asarray(case.label)),
+                                      qc_score_tta=soft_dice_score(prob, mask))
+    contract = replace(contract, **{
+        name: fit_score_calibration([m[score] for m in per_case.values()], [m[dice] for m in per_case.values()])
+        for name, (score, dice) in CALIBRATED_SCORES.items()})
+    return Evaluation(contract, calibrations, per_case, probs)
