@@ -236,7 +236,7 @@ def bench(
         show_default=False),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", metavar="M.onnx|fp32|fp16|int8|ensemble",
-        help="heartseg ONNX model file, or a shipped variant's name (ensemble: the fold ensemble, see --ensemble). "
+        help="heartseg ONNX model file, or a shipped variant's name (ensemble: the fold ensemble shipped beside it). "
              "[default: fp32, the model shipped with the package]", show_default=False),
     repeat: int = typer.Option(3, "--repeat", min=1, metavar="N", help="Timed runs of every scan."),
     threads: Optional[str] = typer.Option(

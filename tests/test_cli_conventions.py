@@ -55,6 +55,13 @@ def test_csv_dash_is_a_cohort_table(tmp_path: Path, single_model: Path, run_cli)
     assert [line.split(",")[0] for line in lines[1:]] == ["a", "b"]
 
 
+def test_ensemble_is_the_shipped_ensemble_and_refuses_another_model(tmp_path: Path, run_cli) -> None:
+    scan, _ = make_scan(tmp_path / "in" / "scan.nii.gz")
+    result = run_cli(infer_app, scan, "-o", tmp_path / "out", "--ensemble", "--model", "fp32")
+    assert result.exit_code == 2 and "without --model" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("variant", ["int8", "fp16", "fp32"])
 def test_model_variant_by_name(tmp_path: Path, run_cli, variant: str) -> None:
     scan, _ = make_scan(tmp_path / "in" / "scan.nii.gz")

@@ -15,8 +15,10 @@ from conftest import TINY_TRAIN_ARGS  # noqa: E402
 from heartseg.export.cli import app as export_app  # noqa: E402
 from heartseg.export.model_file import load_trained_model  # noqa: E402
 from heartseg.runtime.segmenter import Segmenter  # noqa: E402
+from heartseg.runtime.session import read_contract  # noqa: E402
 from heartseg.train.checkpoint import read_model_checkpoint  # noqa: E402
 from heartseg.train.cli import app  # noqa: E402
+from heartseg.train.unet import count_flops_per_voxel  # noqa: E402
 from synthetic_dataset import make_msd_dataset  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -29,19 +31,27 @@ def _text(output: str) -> str:
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
-    """Two fold models trained on sub-folds of the cases outside TEST_CASES."""
+    """Two fold models fine-tuned on sub-folds of the cases outside TEST_CASES from one base model (validated on
+    TEST_CASES), each keeping the base's localiser (--coarse-steps 0), as the shipped ensemble's were made."""
     root = tmp_path_factory.mktemp("ens")
     data = [make_msd_dataset(root / "seqA", n_cases=6, prefix="a", duplicate=False),
             make_msd_dataset(root / "seqB", n_cases=6, prefix="b", duplicate=False, seed=100,
                              radius=(0.22, 0.28), atrium=55.0, background=120.0)]
     pool = [f"{p}_{i:03d}" for p in "ab" for i in range(4)]
+    base_splits, splits = root / "base_splits.json", root / "splits.json"
+    base_splits.write_text(json.dumps({"seed": 0, "folds": [{"fold": 0, "train": pool, "val": TEST_CASES}]}))
+    base = root / "base"
+    result = CliRunner().invoke(app, [*map(str, data), "-o", str(base), "--splits", str(base_splits),
+                                      *TINY_TRAIN_ARGS])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     halves = [[c for c in pool if int(c[-1]) < 2], [c for c in pool if int(c[-1]) >= 2]]
-    splits = root / "splits.json"
     splits.write_text(json.dumps({"seed": 0, "folds": [
         {"fold": k, "train": halves[1 - k], "val": halves[k]} for k in (0, 1)]}))
     run = root / "run"
+    args = list(TINY_TRAIN_ARGS)
+    args[args.index("--coarse-steps") + 1] = "0"
     result = CliRunner().invoke(app, [*map(str, data), "-o", str(run), "--splits", str(splits), "--fold", "all",
-                                      *TINY_TRAIN_ARGS])
+                                      "--init-from", str(base / "model.pt"), *args])
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     return data, [run / "fold_0" / "model.pt", run / "fold_1" / "model.pt"]
 
@@ -62,17 +72,19 @@ def test_ensemble_is_calibrated_and_scored_on_the_cases_no_member_trained_on(ens
     assert sorted(metrics["val_cases"]) == TEST_CASES
     assert sorted(metrics["per_case"]) == TEST_CASES
     assert set(metrics["per_dataset"]) == {"seqA", "seqB"}
-    assert 0.0 <= metrics["mean"]["dice"] <= 1.0 and "score_calibration" in metrics
+    assert metrics["mean"]["dice"] == pytest.approx(np.mean([m["dice"] for m in metrics["per_case"].values()]))
+    assert metrics["score_calibration"]["cases"] == 4 and metrics["init_untraced"] == []
     assert "calibrating on the 4 none of them saw" in _text(output)
 
 
-def test_ensemble_keeps_every_distinct_member_network(members, ensemble):
-    _, paths = members
+def test_ensemble_keeps_every_distinct_member_network_once(ensemble):
     out, _ = ensemble
     checkpoint = read_model_checkpoint(out / "model.pt")
-    assert [len(checkpoint.networks[s]) for s in ("coarse", "fine")] == [2, 2]
+    # The members kept the base's localiser: it runs once; their fine stages differ and both run.
+    assert [len(checkpoint.networks[s]) for s in ("coarse", "fine")] == [1, 2]
     assert checkpoint.contract.info["members"] == "2" and checkpoint.contract.info["fold"] == "ensemble"
     assert checkpoint.contract.score_calibration is not None and checkpoint.contract.plausibility is not None
+    assert torch.load(out / "model.pt", map_location="cpu", weights_only=True)["version"] == 2
 
 
 def test_ensemble_network_averages_its_members_probabilities(members, ensemble):
@@ -83,9 +95,12 @@ def test_ensemble_network_averages_its_members_probabilities(members, ensemble):
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 16, 16, 16)).astype(np.float32))
     with torch.no_grad():
         got = torch.sigmoid(model.networks["fine"](x))
-        want = torch.stack([torch.sigmoid(s.networks["fine"](x)) for s in singles]).mean(0).clamp(1e-6, 1 - 1e-6)
-    assert torch.allclose(got, want, atol=1e-5)
-    assert model.members == {"coarse": 2, "fine": 2}
+        want = torch.stack([torch.sigmoid(s.networks["fine"](x)) for s in singles]).mean(0)
+        # Saturated members (logits of +-40) still average to a finite logit.
+        extreme = model.networks["fine"].__class__([_Constant(40.0), _Constant(-40.0)])(x)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.isfinite(extreme).all() and torch.allclose(torch.sigmoid(extreme), torch.tensor(0.5))
+    assert model.members == {"coarse": 1, "fine": 2}
 
 
 def test_ensemble_exports_to_one_onnx_file_the_runtime_reads(members, ensemble, tmp_path):
@@ -107,6 +122,10 @@ def test_ensemble_exports_to_one_onnx_file_the_runtime_reads(members, ensemble, 
     with torch.no_grad():
         want = np.mean([torch.sigmoid(s.networks["fine"](torch.from_numpy(x))).numpy() for s in singles], axis=0)
     assert np.allclose(segmenter.session.predict("fine", x), want, atol=1e-4)
+    # Each member network costs its FLOPs: the fine stage's count is twice one network's.
+    flops = json.loads(read_contract(onnx_path)[1]["heartseg.flops_per_voxel"])
+    assert flops["fine"] == 2 * count_flops_per_voxel(singles[0].unets["fine"])
+    assert flops["coarse"] == count_flops_per_voxel(singles[0].unets["coarse"])
 
 
 def test_an_ensemble_without_the_members_training_data_is_refused(members, tmp_path):
@@ -115,7 +134,7 @@ def test_an_ensemble_without_the_members_training_data_is_refused(members, tmp_p
                                       "--ensemble-of", str(paths[1]), "--cache", "none"])
     assert result.exit_code == 2, result.output
     assert "the given datasets lack" in _text(result.output) and "Traceback" not in result.output
-    assert not (tmp_path / "x" / "model.pt").exists()
+    assert not (tmp_path / "x").exists()
 
 
 def test_an_ensemble_with_no_case_left_that_its_members_never_saw_is_refused(members, tmp_path):
@@ -126,7 +145,7 @@ def test_an_ensemble_with_no_case_left_that_its_members_never_saw_is_refused(mem
                                       "--ensemble-of", str(paths[1]), "--cache", "none"])
     assert result.exit_code == 2, result.output
     assert "none of its members saw" in _text(result.output) and "Traceback" not in result.output
-    assert not (tmp_path / "x" / "model.pt").exists()
+    assert not (tmp_path / "x").exists()
 
 
 def test_an_ensemble_of_one_model_or_an_ensemble_as_a_start_is_refused(members, ensemble, tmp_path):
@@ -134,6 +153,32 @@ def test_an_ensemble_of_one_model_or_an_ensemble_as_a_start_is_refused(members, 
     out, _ = ensemble
     one = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0])])
     assert one.exit_code == 2 and "at least two" in _text(one.output), one.output
+    twice = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0]),
+                                     "--ensemble-of", str(paths[0])])
+    assert twice.exit_code == 2 and "given twice" in _text(twice.output), twice.output
     start = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "y"), "--init-from",
                                      str(out / "model.pt"), *TINY_TRAIN_ARGS])
     assert start.exit_code == 2 and "cannot start a training" in _text(start.output), start.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_training_options_beside_ensemble_of_are_refused(members, tmp_path):
+    data, paths = members
+    result = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0]),
+                                      "--ensemble-of", str(paths[1]), "--steps", "10", "--device", "cpu"])
+    assert result.exit_code == 2 and "--steps does not apply" in _text(result.output), result.output
+    bad_device = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of",
+                                          str(paths[0]), "--ensemble-of", str(paths[1]), "--device", "gpu"])
+    assert bad_device.exit_code == 2 and "--device 'gpu'" in _text(bad_device.output), bad_device.output
+    assert not (tmp_path / "x").exists()
+
+
+class _Constant(torch.nn.Module):
+    """A 'network' answering one logit everywhere."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(image, self.value)

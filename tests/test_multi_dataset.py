@@ -200,6 +200,12 @@ def test_zero_steps_keep_the_stages_of_later_init_from_sources(two_run, two_sequ
     assert not (kept / "fold_0" / "fine" / "last.pt").exists()
     info = torch.load(kept / "model.pt", map_location="cpu", weights_only=True)["contract"]["info"]
     assert info["init_from"] == f"{(run / 'model.pt').resolve()} + {(other / 'fold_0' / 'coarse' / 'best.pt').resolve()}"
+    # The second run split the cases by another seed: some of this fold's held-out cases trained its localiser,
+    # which the run names (the first run's split is this run's).
+    held_out = json.loads((kept / "splits.json").read_text())["folds"][0]["val"]
+    other_train = json.loads((other / "splits.json").read_text())["folds"][0]["train"]
+    assert metrics["init_trained_on_held_out"] == sorted(set(held_out) & set(other_train))
+    assert metrics["init_trained_on_held_out"] and "overstate" in _text(result.output)
 
 
 def test_zero_steps_for_a_stage_no_source_holds_is_refused(two_run, two_sequences, tmp_path):
@@ -208,14 +214,14 @@ def test_zero_steps_for_a_stage_no_source_holds_is_refused(two_run, two_sequence
             "--init-from", str(run / "fold_0" / "fine" / "best.pt")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "0 training steps" in _text(result.output)
-    assert not (tmp_path / "x" / "model.pt").exists()
+    assert "Traceback" not in result.output and "--coarse-steps 0 keeps the localiser" in _text(result.output)
+    assert not (tmp_path / "x").exists()
 
 
 def test_zero_steps_without_init_from_is_refused_before_any_run_folder(two_sequences, tmp_path):
     result = CliRunner().invoke(app, [str(two_sequences[0]), "-o", str(tmp_path / "x"), *_tiny_args("0")])
     assert result.exit_code == 2, result.output
-    assert "--steps 0" in _text(result.output) and "--init-from" in _text(result.output)
+    assert "--coarse-steps 0" in _text(result.output) and "--init-from" in _text(result.output)
     assert not (tmp_path / "x").exists()
 
 

@@ -32,6 +32,11 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("HEARTSEG_CACHE", Path.home() / ".cache" / "heartseg"))
 
 
+def cache_root(option: str | None) -> Path | None:
+    """The cache folder a --cache value names: None for 'none', the default folder when not given."""
+    return None if option == "none" else Path(option) if option else default_cache_root()
+
+
 @dataclass
 class PreparedCase:
     """A case on the canonical grid, and on each stage's grid (images normalised, labels binary)."""

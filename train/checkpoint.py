@@ -17,6 +17,8 @@ from .unet import UNetConfig
 
 CHECKPOINT_FORMAT = "heartseg-model"
 CHECKPOINT_VERSION = 1
+# An ensemble's model.pt holds several networks per stage, which a version-1 reader cannot load.
+ENSEMBLE_VERSION = 2
 LAST_KEYS = ("model", "optimizer", "scheduler", "state")
 BEST_KEYS = ("model", "step", "dice")
 
@@ -114,7 +116,8 @@ def model_checkpoint(contract: ModelContract, networks: dict[str, list[tuple[dic
             return {"unet": members[0][0], "state_dict": members[0][1]}
         return {"members": [{"unet": unet, "state_dict": state} for unet, state in members]}
 
-    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind,
+    ensemble = any(len(members) > 1 for members in networks.values())
+    return {"format": CHECKPOINT_FORMAT, "version": ENSEMBLE_VERSION if ensemble else CHECKPOINT_VERSION, "kind": kind,
             "contract": contract.to_dict(),
             "networks": {name: entry(members) for name, members in networks.items()},
             "metrics": metrics, "versions": versions, "command": command}
@@ -140,8 +143,9 @@ def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
     if data["format"] != CHECKPOINT_FORMAT:
         raise HeartsegError(f"{path}: not a heartseg model (format {data['format']!r})")
     version = data.get("version", CHECKPOINT_VERSION)
-    if version != CHECKPOINT_VERSION:
-        raise HeartsegError(f"{path}: checkpoint version {version!r}, this heartseg reads version {CHECKPOINT_VERSION}")
+    if version not in (CHECKPOINT_VERSION, ENSEMBLE_VERSION):
+        raise HeartsegError(f"{path}: checkpoint version {version!r}, this heartseg reads versions "
+                            f"{CHECKPOINT_VERSION} and {ENSEMBLE_VERSION}")
     try:
         contract = ModelContract.from_dict(data["contract"]).require_thresholds()
     except ContractError as exc:

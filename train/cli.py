@@ -71,6 +71,7 @@ def _progress_factory(console):
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Optional[List[Path]] = typer.Argument(None, help="Dataset folder(s) in MSD layout (dataset.json, imagesTr/, labelsTr/). Several folders train one model: sampling is balanced per dataset, folds are stratified by dataset, and every report is broken down per dataset."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run folder to create (plan, splits, checkpoints, model.pt, logs, PNGs)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoints (other options are ignored)."),
@@ -124,7 +125,9 @@ def train(
         if recalibrate and resume is None:
             raise HeartsegError("--recalibrate goes with --resume RUN_FOLDER")
         if ensemble_of:
-            _ensemble(data, output, ensemble_of, cache, device, threads, console, torch)
+            if distributed:
+                raise HeartsegError("--ensemble-of trains nothing: run it without torchrun")
+            _ensemble(ctx, data, output, ensemble_of, cache, device, threads, console, torch)
             return
         if resume is not None:
             if not (resume / "config.json").is_file():
@@ -144,9 +147,6 @@ def train(
             for source in init_from or []:
                 if not source.is_file():
                     raise HeartsegError(f"--init-from {source}: no such file")
-            for option, value in (("--steps", steps), ("--coarse-steps", coarse_steps)):
-                if value == 0 and not init_from:
-                    raise HeartsegError(f"{option} 0 keeps a stage's --init-from weights untrained: give --init-from")
             if stage not in STAGE_KINDS:
                 raise HeartsegError(f"--stage {stage!r}: choose cascade, single, coarse or fine")
             if preset not in PRESETS:
@@ -177,8 +177,7 @@ def train(
         if config.threads:
             torch.set_num_threads(config.threads)
         run = Run(config, log=console.log, progress_factory=_progress_factory(console), recalibrate=recalibrate)
-        if config.init_from:
-            run.init_weights()  # refuse a model that does not fit before any work starts
+        run.check_init()  # weights that do not fit, or a 0-step stage without any, before any work starts
         rank = torch.distributed.get_rank() if distributed else 0
         if distributed:
             # Every rank has checked that the run folder is new before rank 0 writes config.json into it.
@@ -204,22 +203,33 @@ def train(
         raise typer.Exit(exc.exit_code)
 
 
-def _ensemble(data, output, members, cache, device, threads, console, torch) -> None:
+# What --ensemble-of uses; every other option is about training and is refused beside it.
+_ENSEMBLE_OPTIONS = ("data", "output", "ensemble_of", "cache", "device", "threads", "version")
+
+
+def _ensemble(ctx: typer.Context, data, output, members, cache, device, threads, console, torch) -> None:
     """heartseg-train DATA... -o OUT --ensemble-of M1 --ensemble-of M2 ...: build, calibrate and score an ensemble."""
     from heartseg.train.ensemble import build_ensemble
+    from heartseg.train.trainer import pick_device
 
+    # By name: typer may carry its own copy of click's ParameterSource.
+    given = [name for name in ctx.params if name not in _ENSEMBLE_OPTIONS
+             and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+    if given:
+        raise HeartsegError(f"--ensemble-of trains nothing: {', '.join('--' + n.replace('_', '-') for n in given)} "
+                            "does not apply to it")
     if not data or output is None:
         raise HeartsegError("--ensemble-of needs the dataset folders and -o OUT_FOLDER")
     for member in members:
         if not member.is_file():
             raise HeartsegError(f"--ensemble-of {member}: no such file")
-    if (output / "model.pt").exists():
-        raise HeartsegError(f"{output / 'model.pt'}: exists; choose a new -o folder")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise HeartsegError(f"{output}: exists and is not an empty folder; choose a new -o folder")
+    if device not in ("auto", "cpu", "cuda"):
+        raise HeartsegError(f"--device {device!r}: choose auto, cpu or cuda")
     if threads:
         torch.set_num_threads(threads)
     command = " ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]])
-    from heartseg.train.trainer import pick_device
-
     build_ensemble(list(data), list(members), output, cache, pick_device(device).type, log=console.log,
                    command=command)
 

@@ -112,3 +112,14 @@ def image_hash(path: Path) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(volume.data).tobytes())
     digest.update(str(volume.shape).encode())
     return digest.hexdigest()
+
+
+def dataset_info(datasets: list[DatasetInfo]) -> dict[str, str]:
+    """What the model's metadata says of its training data (each dataset named when there are several)."""
+    def joined(attr: str) -> str:
+        if len(datasets) == 1:
+            return str(getattr(datasets[0], attr))
+        return " | ".join(f"{d.name}: {getattr(d, attr)}" for d in datasets)
+
+    return {"dataset": " + ".join(d.name for d in datasets), "datasets": ",".join(d.cases[0].dataset for d in datasets),
+            "dataset_description": joined("description"), "licence": joined("licence"), "reference": joined("reference")}

@@ -36,6 +36,25 @@ class Evaluation:
     per_case: dict[str, dict]
     probs: list[np.ndarray]
 
+    def metrics(self) -> dict:
+        """What metrics.json records of it: the means (overall and per dataset), each case, the plausibility
+        the calibration checked masks against, the threshold sweeps and QC's score calibrations."""
+        plausibility = self.contract.plausibility
+        return {
+            "mean": {k: (None if v != v else v) for k, v in summarize_dicts(self.per_case).items()},
+            "per_dataset": summarize_by_dataset(self.per_case),
+            "per_case": self.per_case,
+            "plausibility": plausibility.to_dict() if plausibility is not None else None,
+            "calibration": {n: c.to_dict() for n, c in self.calibrations.items()},
+            **{name: getattr(self.contract, name).to_dict() for name in CALIBRATED_SCORES},
+        }
+
+    def summary_line(self) -> str:
+        """Held-out Dice overall and per dataset, and the threshold, for the log."""
+        by_dataset = ", ".join(f"{name} {m['dice']:.4f}" for name, m in summarize_by_dataset(self.per_case).items())
+        return (f"held-out Dice {summarize_dicts(self.per_case)['dice']:.4f} ({by_dataset}; threshold "
+                f"{self.contract.final_stage.threshold})")
+
 
 def learned_plausibility(train_cases: list[PreparedCase]) -> Plausibility:
     """What a plausible atrium and scan are, from training cases only."""
@@ -53,10 +72,10 @@ class MeanProbability(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Logits whose sigmoid is the members' mean probability."""
-        prob = torch.stack([torch.sigmoid(m(image)) for m in self.members]).mean(0)
-        # Clamped so that the round trip through the logit stays finite; the extremes move by under 1e-6.
-        prob = prob.clamp(1e-6, 1 - 1e-6)
-        return torch.log(prob) - torch.log1p(-prob)
+        logits = torch.stack([m(image) for m in self.members])
+        # log(mean p) - log(mean (1 - p)), from log-sigmoids: exact, and finite for any member logits.
+        return (torch.logsumexp(nn.functional.logsigmoid(logits), 0)
+                - torch.logsumexp(nn.functional.logsigmoid(-logits), 0))
 
 
 def stage_network(members: list[tuple[dict | UNetConfig, dict]]) -> nn.Module:
@@ -106,3 +125,22 @@ def calibrate_and_evaluate(contract: ModelContract, networks: dict[str, nn.Modul
         name: fit_score_calibration([m[score] for m in per_case.values()], [m[dice] for m in per_case.values()])
         for name, (score, dice) in CALIBRATED_SCORES.items()})
     return Evaluation(contract, calibrations, per_case, probs)
+
+
+def summarize_by_dataset(per_case: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """summarize_dicts per dataset (the 'dataset' entry of each case), with the case count."""
+    names = sorted({m.get("dataset", "") for m in per_case.values()})
+    return {name: {"cases": sum(m.get("dataset", "") == name for m in per_case.values()),
+                   **summarize_dicts({k: m for k, m in per_case.items() if m.get("dataset", "") == name})}
+            for name in names}
+
+
+def summarize_dicts(per_case: dict[str, dict]) -> dict[str, float]:
+    """Mean of each numeric metric over cases, ignoring missing values."""
+    # Folds calibrated by different releases may record different metrics: every key any case has.
+    keys = list(dict.fromkeys(k for v in per_case.values() for k in v if k != "dataset"))
+    out = {}
+    for key in keys:
+        values = [v[key] for v in per_case.values() if v.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out

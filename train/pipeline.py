@@ -12,14 +12,21 @@ import numpy as np
 import torch
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
 from heartseg.runtime.confidence import CALIBRATED_SCORES, pooled_score_calibration
-from heartseg.runtime.contract import LOCALISER, ModelContract
+from heartseg.runtime.contract import LOCALISER, SEGMENTER, ModelContract
 from heartseg.runtime.errors import HeartsegError
 
 from .augment import AugmentConfig
-from .cache import PreparedCase, default_cache_root, fingerprint, prepare_case
+from .cache import PreparedCase, cache_root, fingerprint, prepare_case
 from .checkpoint import model_checkpoint, read_best, read_model_checkpoint, save_atomic
-from .dataset import DatasetInfo, image_hash, read_datasets
-from .evaluate import calibrate_and_evaluate, learned_plausibility, stage_network
+from .dataset import DatasetInfo, dataset_info, image_hash, read_datasets
+from .evaluate import (
+    calibrate_and_evaluate,
+    learned_plausibility,
+    stage_network,
+    summarize_by_dataset,
+    summarize_dicts,
+)
+from .lineage import Lineage, trained_cases
 from .options import FOLDS, SEED, STAGE_KIND, ConfigError, integer_at_least, one_of
 from .plan import STAGE_KINDS, PlanOptions, TrainPlan, fingerprint_dict, plan_stages
 from .splits import Fold, given_folds, make_folds, read_splits, write_splits
@@ -190,9 +197,8 @@ class Run:
 
     def load_cases(self, contract: ModelContract, ids: list[str]) -> list[PreparedCase]:
         """Preprocess (or read from the cache) the given cases."""
-        cache = None if self.config.cache == "none" else Path(self.config.cache) if self.config.cache else default_cache_root()
         by_id = {c.case_id: c for c in self.cases}
-        return [prepare_case(by_id[i], contract, cache) for i in ids]
+        return [prepare_case(by_id[i], contract, cache_root(self.config.cache)) for i in ids]
 
     def folds_to_run(self, folds: list[Fold]) -> list[Fold]:
         """The folds selected by --fold ('all', one index, or a comma-separated list)."""
@@ -240,6 +246,16 @@ class Run:
         plausibility = learned_plausibility(train_cases)
         contract = replace(plan.contract, plausibility=plausibility)
         init = self.init_weights()
+        seen = self.init_lineage()
+        # Held-out means never trained on, by this run or by the weights it started from.
+        overlap = sorted(seen.trained & set(fold.val))
+        if overlap:
+            self.log(f"warning: fold {fold.index}: the --init-from weights were trained on {len(overlap)} of its "
+                     f"held-out cases ({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''}): its "
+                     "held-out metrics overstate the model")
+        if seen.untraced:
+            self.log(f"warning: fold {fold.index}: cannot tell which cases these --init-from weights were trained "
+                     f"on (unreadable): {', '.join(seen.untraced)}")
         rank = _rank()[0]
         writer = _tensorboard(fold_dir / "tb") if rank == 0 else None
         outcomes: dict[str, StageOutcome] = {}
@@ -262,22 +278,20 @@ class Run:
         networks = {name: stage_network([(o.unet, o.state_dict)]) for name, o in outcomes.items()}
         evaluation = calibrate_and_evaluate(contract, networks, pick_device(self.config.fine.device), val_cases,
                                             plausibility)
-        contract, per_case = evaluation.contract, evaluation.per_case
+        contract = evaluation.contract
         metrics = {
             "fold": fold.index, "train_cases": fold.train, "val_cases": fold.val,
-            "split": "held-out validation cases of this fold (never trained on)",
-            "mean": {k: (None if v != v else v) for k, v in summarize_dicts(per_case).items()},
-            "per_dataset": summarize_by_dataset(per_case),
-            "per_case": per_case,
-            "plausibility": plausibility.to_dict(),
+            "split": "held-out validation cases of this fold (never trained on)" if not overlap else
+                     f"held-out validation cases of this fold, {len(overlap)} of them trained on by the --init-from "
+                     "weights",
+            "init_trained_on_held_out": overlap, "init_untraced": seen.untraced,
+            **evaluation.metrics(),
             "stages": {n: {k: v for k, v in asdict(o).items() if k not in ("state_dict", "history")}
                        for n, o in outcomes.items()},
-            "calibration": {n: c.to_dict() for n, c in evaluation.calibrations.items()},
-            **{name: getattr(contract, name).to_dict() for name in CALIBRATED_SCORES},
         }
         write_text_atomic(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
         contract = replace(contract, info={
-            **_dataset_info(self.datasets),
+            **dataset_info(self.datasets),
             "fold": str(fold.index), "train_cases": ",".join(fold.train), "val_cases": ",".join(fold.val),
             "init_from": " + ".join(self.config.init_from),
         })
@@ -288,15 +302,16 @@ class Run:
         save_reports(fold_dir, outcomes, evaluation.calibrations, val_cases, evaluation.probs, contract)
         if writer:
             writer.close()
-        by_dataset = ", ".join(f"{name} {m['dice']:.4f}" for name, m in metrics["per_dataset"].items())
-        self.log(f"fold {fold.index}: held-out Dice {metrics['mean']['dice']:.4f} ({by_dataset}; threshold "
-                 f"{contract.final_stage.threshold}); wrote {fold_dir / 'model.pt'}")
+        self.log(f"fold {fold.index}: {evaluation.summary_line()}; wrote {fold_dir / 'model.pt'}")
         return metrics
 
     def init_weights(self) -> dict[str, dict]:
         """Per-stage weights of the --init-from sources (empty without one), a later source replacing the
         stages it holds: each a model.pt (every stage) or one stage's best.pt."""
-        weights = {}
+        return {name: state for name, (_, _, state) in self._init_sources().items()}
+
+    def _init_sources(self) -> InitWeights:
+        weights: InitWeights = {}
         for source in self.config.init_from:
             path = Path(source)
             found = _best_weights(path) if path.name == "best.pt" else _model_weights(path)
@@ -305,8 +320,28 @@ class Run:
                 if theirs != ours:
                     raise HeartsegError(f"{source}: its {name!r} network is not the one this run "
                                         f"trains ({theirs.to_dict()} vs {ours.to_dict()})")
-                weights[name] = state
+                weights[name] = (role, theirs, state)
         return weights
+
+    def init_lineage(self) -> Lineage:
+        """The cases the --init-from weights and their own starting weights were trained on."""
+        lineage = Lineage()
+        for source in self.config.init_from:
+            trained_cases(source, lineage)
+        return lineage
+
+    def check_init(self) -> None:
+        """Refuse, before any work, --init-from weights that do not fit and a stage given 0 steps without any."""
+        roles = {role for role, _, _ in self._init_sources().values()}
+        wanted = []
+        if self.config.kind in ("cascade", "coarse") and self.config.coarse.steps == 0:
+            wanted.append((LOCALISER, "--coarse-steps 0", "localiser"))
+        if self.config.kind != "coarse" and self.config.fine.steps == 0:
+            wanted.append((SEGMENTER, "--steps 0", "full-resolution network"))
+        for role, option, what in wanted:
+            if role not in roles:
+                raise HeartsegError(f"{option} keeps the {what}'s --init-from weights untrained, but no --init-from "
+                                    "source holds them")
 
     def summarize(self, results: dict[int, dict]) -> dict:
         """Write summary.json over the folds that were run."""
@@ -329,40 +364,10 @@ class Run:
         return summary
 
 
-def _dataset_info(datasets: list[DatasetInfo]) -> dict[str, str]:
-    """What the model's metadata says of its training data (each dataset named when there are several)."""
-    def joined(attr: str) -> str:
-        if len(datasets) == 1:
-            return str(getattr(datasets[0], attr))
-        return " | ".join(f"{d.name}: {getattr(d, attr)}" for d in datasets)
-
-    return {"dataset": " + ".join(d.name for d in datasets), "datasets": ",".join(d.cases[0].dataset for d in datasets),
-            "dataset_description": joined("description"), "licence": joined("licence"), "reference": joined("reference")}
-
-
 def _count_by_dataset(cases, ids: list[str]) -> str:
     wanted = set(ids)
     names = [c.dataset for c in cases if c.case_id in wanted]
     return ", ".join(f"{name} {names.count(name)}" for name in sorted(set(names)))
-
-
-def summarize_by_dataset(per_case: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """summarize_dicts per dataset (the 'dataset' entry of each case), with the case count."""
-    names = sorted({m.get("dataset", "") for m in per_case.values()})
-    return {name: {"cases": sum(m.get("dataset", "") == name for m in per_case.values()),
-                   **summarize_dicts({k: m for k, m in per_case.items() if m.get("dataset", "") == name})}
-            for name in names}
-
-
-def summarize_dicts(per_case: dict[str, dict]) -> dict[str, float]:
-    """Mean of each numeric metric over cases, ignoring missing values."""
-    # Folds calibrated by different releases may record different metrics: every key any case has.
-    keys = list(dict.fromkeys(k for v in per_case.values() for k in v if k != "dataset"))
-    out = {}
-    for key in keys:
-        values = [v[key] for v in per_case.values() if v.get(key) is not None]
-        out[key] = float(np.mean(values)) if values else None
-    return out
 
 
 def _tensorboard(path: Path):
