@@ -57,17 +57,22 @@ def test_csv_dash_is_a_cohort_table(tmp_path: Path, single_model: Path, run_cli)
 
 def test_ensemble_is_the_shipped_ensemble_and_refuses_another_model(tmp_path: Path, run_cli) -> None:
     scan, _ = make_scan(tmp_path / "in" / "scan.nii.gz")
+    result = run_cli(infer_app, scan, "-o", tmp_path / "ens", "--ensemble", "--threads", 1, "--json", "-")
+    assert result.exit_code in (0, 3), result.output
+    report = json.loads(result.stdout)
+    assert Path(report["model"]).name == "heartseg-la.ensemble.onnx"
     result = run_cli(infer_app, scan, "-o", tmp_path / "out", "--ensemble", "--model", "fp32")
     assert result.exit_code == 2 and "without --model" in " ".join(result.output.split()), result.output
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("variant", ["int8", "fp16", "fp32"])
+@pytest.mark.parametrize("variant", ["int8", "fp16", "fp32", "ensemble"])
 def test_model_variant_by_name(tmp_path: Path, run_cli, variant: str) -> None:
     scan, _ = make_scan(tmp_path / "in" / "scan.nii.gz")
     result = run_cli(infer_app, scan, "-o", tmp_path / "out", "--model", variant, "--threads", 1, "--json", "-")
     assert result.exit_code in (0, 3), result.output  # a synthetic blob may be flagged by the real model's QC
-    expected = {"fp32": "heartseg-la.onnx", "fp16": "heartseg-la.fp16.onnx", "int8": "heartseg-la.int8.onnx"}
+    expected = {"fp32": "heartseg-la.onnx", "fp16": "heartseg-la.fp16.onnx", "int8": "heartseg-la.int8.onnx",
+                "ensemble": "heartseg-la.ensemble.onnx"}
     assert Path(json.loads(result.stdout)["model"]).name == expected[variant]
 
 
