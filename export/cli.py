@@ -19,12 +19,12 @@ app = new_app(help="Export model.pt to ONNX with the calibrated threshold and th
 def export(
     checkpoint: Path = typer.Argument(..., help="A training run's model.pt (loaded with weights_only=True: no pickled code runs)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="ONNX file to write (default: model.onnx beside the checkpoint)."),
-    scan: Optional[List[Path]] = typer.Option(None, help="Real scan(s) for the end-to-end parity check (repeatable)."),
+    scan: Optional[List[Path]] = typer.Option(None, metavar="SCAN", help="Real scan(s) for the end-to-end parity check (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output file."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads for the parity check."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write <output stem>.fp16.onnx (float16 weights) with its held-out Dice change."),
     int8: bool = typer.Option(False, "--int8", help="Also write <output stem>.int8.onnx (ONNX Runtime static quantisation, calibrated on training patches) with its held-out Dice change."),
-    data: Optional[List[Path]] = typer.Option(None, help="The training dataset(s) (MSD layout; repeat --data for a model trained on several); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
+    data: Optional[List[Path]] = typer.Option(None, metavar="DATASET", help="The training dataset(s) (MSD layout; repeat --data for a model trained on several); needed by --fp16/--int8 to measure them on the fold's held-out cases."),
     score_calibration: Optional[Path] = typer.Option(
         None, "--score-calibration", metavar="JSON",
         help="Replace the fold's QC score calibrations by those in this file: a run's summary.json (pooled over "

@@ -223,7 +223,7 @@ GFLOP/s achieved in the network stage, and this machine's measured float32 matmu
 2048x2048 sgemm, best of 3, with the same thread count) with the achieved fraction of it.
 
 SCANS are what heartseg-infer takes: scan files, DICOM folders or zips, folders of scan files;
---model a file or a shipped variant (fp32, fp16, int8). Exit codes: 0 done; 1 a worker crashed; 2 usage, model or
+--model a file or a shipped variant (fp32, fp16, int8, ensemble). Exit codes: 0 done; 1 a worker crashed; 2 usage, model or
 input error (missing or unreadable model, no scans, an unusable scan, --device cuda without CUDA).
 """
 

@@ -212,7 +212,8 @@ probabilities), --overlay X_overlay.png, --mesh X_mesh.stl or X_mesh.vtk: the at
 scanner coordinates (LPS unless --mesh-space ras). Files are written atomically; existing outputs
 are skipped unless --overwrite; an output that would replace an input file is refused.
 
---model takes a file or the name of a shipped variant: fp32 (the default), fp16 or int8.
+--model takes a file or the name of a shipped variant: fp32 (the default), fp16, int8 or ensemble
+(the fold ensemble, also --ensemble).
 Preprocessing, spacing, patch size, threshold and postprocessing all come from the contract stored
 in the model file; nothing here can change them (see --info).
 
