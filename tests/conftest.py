@@ -80,6 +80,11 @@ def run_cli():
 # --- Training and export tests (tests/test_train.py, tests/test_export.py) ---
 
 # The tiny cascade: ~7 s on one CPU thread, held-out Dice ~0.96 on the synthetic ellipsoids.
+def unwrapped(output: str) -> str:
+    """CLI output with rich's line wrapping undone."""
+    return " ".join(output.split())
+
+
 TINY_TRAIN_ARGS = ["--folds", "3", "--steps", "60", "--coarse-steps", "40", "--val-every", "30", "--width", "4",
                    "--patch", "16,16,16", "--coarse-spacing", "4", "--margin-mm", "6", "--cache", "none",
                    "--threads", "1"]

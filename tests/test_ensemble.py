@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import TINY_TRAIN_ARGS  # noqa: E402
+from conftest import TINY_TRAIN_ARGS, unwrapped  # noqa: E402
 from heartseg.export.cli import app as export_app  # noqa: E402
 from heartseg.export.model_file import load_trained_model  # noqa: E402
 from heartseg.runtime.segmenter import Segmenter  # noqa: E402
@@ -23,10 +23,6 @@ from synthetic_dataset import make_msd_dataset  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 TEST_CASES = ["a_004", "a_005", "b_004", "b_005"]
-
-
-def _text(output: str) -> str:
-    return " ".join(output.split())
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +70,7 @@ def test_ensemble_is_calibrated_and_scored_on_the_cases_no_member_trained_on(ens
     assert set(metrics["per_dataset"]) == {"seqA", "seqB"}
     assert metrics["mean"]["dice"] == pytest.approx(np.mean([m["dice"] for m in metrics["per_case"].values()]))
     assert metrics["score_calibration"]["cases"] == 4 and metrics["init_untraced"] == []
-    assert "calibrating on the 4 none of them saw" in _text(output)
+    assert "calibrating on the 4 none of them saw" in unwrapped(output)
 
 
 def test_ensemble_keeps_every_distinct_member_network_once(ensemble):
@@ -133,7 +129,7 @@ def test_an_ensemble_without_the_members_training_data_is_refused(members, tmp_p
     result = CliRunner().invoke(app, [str(data[0]), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0]),
                                       "--ensemble-of", str(paths[1]), "--cache", "none"])
     assert result.exit_code == 2, result.output
-    assert "the given datasets lack" in _text(result.output) and "Traceback" not in result.output
+    assert "the given datasets lack" in unwrapped(result.output) and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
 
 
@@ -144,7 +140,7 @@ def test_an_ensemble_with_no_case_left_that_its_members_never_saw_is_refused(mem
     result = CliRunner().invoke(app, [*map(str, seen), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0]),
                                       "--ensemble-of", str(paths[1]), "--cache", "none"])
     assert result.exit_code == 2, result.output
-    assert "none of its members saw" in _text(result.output) and "Traceback" not in result.output
+    assert "none of its members saw" in unwrapped(result.output) and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
 
 
@@ -152,13 +148,13 @@ def test_an_ensemble_of_one_model_or_an_ensemble_as_a_start_is_refused(members, 
     data, paths = members
     out, _ = ensemble
     one = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0])])
-    assert one.exit_code == 2 and "at least two" in _text(one.output), one.output
+    assert one.exit_code == 2 and "at least two" in unwrapped(one.output), one.output
     twice = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0]),
                                      "--ensemble-of", str(paths[0])])
-    assert twice.exit_code == 2 and "given twice" in _text(twice.output), twice.output
+    assert twice.exit_code == 2 and "given twice" in unwrapped(twice.output), twice.output
     start = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "y"), "--init-from",
                                      str(out / "model.pt"), *TINY_TRAIN_ARGS])
-    assert start.exit_code == 2 and "cannot start a training" in _text(start.output), start.output
+    assert start.exit_code == 2 and "cannot start a training" in unwrapped(start.output), start.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -166,10 +162,10 @@ def test_training_options_beside_ensemble_of_are_refused(members, tmp_path):
     data, paths = members
     result = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0]),
                                       "--ensemble-of", str(paths[1]), "--steps", "10", "--device", "cpu"])
-    assert result.exit_code == 2 and "--steps does not apply" in _text(result.output), result.output
+    assert result.exit_code == 2 and "--steps does not apply" in unwrapped(result.output), result.output
     bad_device = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of",
                                           str(paths[0]), "--ensemble-of", str(paths[1]), "--device", "gpu"])
-    assert bad_device.exit_code == 2 and "--device 'gpu'" in _text(bad_device.output), bad_device.output
+    assert bad_device.exit_code == 2 and "--device 'gpu'" in unwrapped(bad_device.output), bad_device.output
     assert not (tmp_path / "x").exists()
 
 

@@ -21,6 +21,7 @@ pytest.importorskip("torch", reason="the training side needs PyTorch: pip instal
 import onnx
 import pytest
 import torch
+from conftest import unwrapped
 from heartseg.export.cli import app
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
@@ -33,17 +34,12 @@ SCAN = "syn_001.nii.gz"
 HELD_OUT = "syn_000"  # fold 0 validates on syn_000 and syn_005
 
 
-def _text(output: str) -> str:
-    """CLI output with rich's line wrapping undone."""
-    return " ".join(output.split())
-
-
 def _export(checkpoint: Path, output: Path, *extra: str):
     return CliRunner().invoke(app, [str(checkpoint), "-o", str(output), "--threads", "1", *extra])
 
 
 def _assert_refused(result, needles: list[str]) -> None:
-    text = _text(result.output)
+    text = unwrapped(result.output)
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output and "error:" in text, text
@@ -440,7 +436,7 @@ def test_fp16_and_int8_variants_are_measured_on_held_out_cases(trained_run, tmp_
         meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         assert meta["heartseg.variant"] == report["variant"]
         assert read_contract(path)[0] == read_contract(out)[0]
-        assert report["variant"] in _text(result.output)
+        assert report["variant"] in unwrapped(result.output)
     # The int8 file stores int8 weights: it must be markedly smaller than the fp32 one.
     assert Path(reports[1]["path"]).stat().st_size < 0.6 * out.stat().st_size
 

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
-from conftest import TINY_TRAIN_ARGS
+from conftest import TINY_TRAIN_ARGS, unwrapped
 from heartseg.runtime.image import load_volume
 from heartseg.runtime.plausibility import learn_plausibility, mask_measures
 from heartseg.train.augment import AugmentConfig
@@ -21,10 +21,6 @@ from heartseg.train.sampler import PatchSampler, SamplerConfig
 from heartseg.runtime.contract import StageContract
 from synthetic_dataset import make_msd_dataset
 from typer.testing import CliRunner
-
-
-def _text(output: str) -> str:
-    return " ".join(output.split())
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +61,7 @@ def test_reports_are_broken_down_per_dataset(two_run):
         assert metrics["per_dataset"][name]["dice"] > 0.7, metrics["per_dataset"]
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["per_dataset"]) == {"seqA", "seqB"}
-    text = _text(output)
+    text = unwrapped(output)
     assert "validation Dice" in text and "seqA" in text and "seqB" in text
     plan = json.loads((run / "plan.json").read_text())
     assert set(plan["fingerprint"]) == {"seqA", "seqB"} and "fine_spacing" in plan["why"]
@@ -194,7 +190,7 @@ def test_zero_steps_keep_the_stages_of_later_init_from_sources(two_run, two_sequ
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     assert _same(_stage_weights(kept / "model.pt", "fine"), _stage_weights(run / "model.pt", "fine"))
     assert _same(_stage_weights(kept / "model.pt", "coarse"), _stage_weights(other / "model.pt", "coarse"))
-    assert "kept its --init-from weights" in _text(result.output)
+    assert "kept its --init-from weights" in unwrapped(result.output)
     metrics = json.loads((kept / "fold_0" / "metrics.json").read_text())
     assert metrics["stages"]["fine"]["steps"] == 0 and 0.0 <= metrics["stages"]["fine"]["best_dice"] <= 1.0
     assert not (kept / "fold_0" / "fine" / "last.pt").exists()
@@ -205,7 +201,7 @@ def test_zero_steps_keep_the_stages_of_later_init_from_sources(two_run, two_sequ
     held_out = json.loads((kept / "splits.json").read_text())["folds"][0]["val"]
     other_train = json.loads((other / "splits.json").read_text())["folds"][0]["train"]
     assert metrics["init_trained_on_held_out"] == sorted(set(held_out) & set(other_train))
-    assert metrics["init_trained_on_held_out"] and "overstate" in _text(result.output)
+    assert metrics["init_trained_on_held_out"] and "overstate" in unwrapped(result.output)
 
 
 def test_zero_steps_for_a_stage_no_source_holds_is_refused(two_run, two_sequences, tmp_path):
@@ -214,14 +210,14 @@ def test_zero_steps_for_a_stage_no_source_holds_is_refused(two_run, two_sequence
             "--init-from", str(run / "fold_0" / "fine" / "best.pt")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "--coarse-steps 0 keeps the localiser" in _text(result.output)
+    assert "Traceback" not in result.output and "--coarse-steps 0 keeps the localiser" in unwrapped(result.output)
     assert not (tmp_path / "x").exists()
 
 
 def test_zero_steps_without_init_from_is_refused_before_any_run_folder(two_sequences, tmp_path):
     result = CliRunner().invoke(app, [str(two_sequences[0]), "-o", str(tmp_path / "x"), *_tiny_args("0")])
     assert result.exit_code == 2, result.output
-    assert "--coarse-steps 0" in _text(result.output) and "--init-from" in _text(result.output)
+    assert "--coarse-steps 0" in unwrapped(result.output) and "--init-from" in unwrapped(result.output)
     assert not (tmp_path / "x").exists()
 
 
@@ -233,7 +229,7 @@ def test_init_from_a_best_checkpoint_outside_its_run_is_refused(two_run, two_seq
     result = CliRunner().invoke(app, [str(two_sequences[0]), "-o", str(tmp_path / "x"), "--init-from", str(lone),
                                       *TINY_TRAIN_ARGS])
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "inside its run folder" in _text(result.output)
+    assert "Traceback" not in result.output and "inside its run folder" in unwrapped(result.output)
     assert not (tmp_path / "x").exists()
 
 
@@ -243,7 +239,7 @@ def test_init_from_a_different_network_is_refused_before_training(two_run, two_s
     args[args.index("--width") + 1] = "8"
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "is not the one this run trains" in _text(result.output)
+    assert "Traceback" not in result.output and "is not the one this run trains" in unwrapped(result.output)
     assert not (tmp_path / "x" / "fold_0").exists()
 
 
@@ -264,4 +260,4 @@ def test_given_splits_fix_the_held_out_cases(two_sequences, tmp_path):
     bad.write_text(json.dumps({"seed": 0, "folds": [{"fold": 0, "train": ["a_000"], "val": ["nope"]}]}))
     result = CliRunner().invoke(app, [*map(str, two_sequences), "-o", str(tmp_path / "y"), "--splits", str(bad),
                                       *TINY_TRAIN_ARGS])
-    assert result.exit_code == 2 and "nope" in _text(result.output)
+    assert result.exit_code == 2 and "nope" in unwrapped(result.output)

@@ -19,6 +19,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
+from conftest import unwrapped
 from heartseg.runtime.errors import InputError
 from heartseg.runtime.metrics import degenerate_reason
 from heartseg.train.calibrate import (
@@ -36,11 +37,6 @@ SMALL = ["--folds", "3", "--width", "4", "--patch", "16,16,16", "--coarse-spacin
          "--cache", "none", "--threads", "1"]
 CASES = [f"syn_{i:03d}" for i in range(6)]
 DUPLICATE = ("syn_000", "syn_005")  # make_msd_dataset(duplicate=True): the last case repeats the first image
-
-
-def _text(output: str) -> str:
-    """CLI output with rich's line wrapping undone."""
-    return " ".join(output.split())
 
 
 def _load(path: Path) -> dict:
@@ -336,7 +332,7 @@ def test_fold_out_of_range_is_clear(synthetic_data, tmp_path):
 
 
 def _assert_clear_error(result, needles: list[str]) -> None:
-    text = _text(result.output)
+    text = unwrapped(result.output)
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
@@ -469,7 +465,7 @@ def test_recalibrate_redoes_calibration_and_metrics_without_training(trained_run
             assert torch.equal(after["networks"][name]["state_dict"][key], value), (name, key)
     assert json.loads((run / "fold_0" / "fine" / "done.json").read_text())["steps"] == 60
     refused = CliRunner().invoke(app, ["--recalibrate"])
-    assert refused.exit_code == 2 and "--resume" in _text(refused.output)
+    assert refused.exit_code == 2 and "--resume" in unwrapped(refused.output)
 
 
 def test_a_case_flagged_at_every_threshold_does_not_block_calibration():

@@ -124,6 +124,8 @@ def train(
         distributed = _init_distributed(torch)
         if recalibrate and resume is None:
             raise HeartsegError("--recalibrate goes with --resume RUN_FOLDER")
+        if device not in ("auto", "cpu", "cuda"):
+            raise HeartsegError(f"--device {device!r}: choose auto, cpu or cuda")
         if ensemble_of:
             if distributed:
                 raise HeartsegError("--ensemble-of trains nothing: run it without torchrun")
@@ -153,8 +155,6 @@ def train(
                 raise HeartsegError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
             if output.exists() and (output / "config.json").exists():
                 raise HeartsegError(f"{output}: a run already exists there (use --resume {output} or a new folder)")
-            if device not in ("auto", "cpu", "cuda"):
-                raise HeartsegError(f"--device {device!r}: choose auto, cpu or cuda")
             unet = PRESETS[preset]
             try:
                 unet = replace(unet, base_channels=unet.base_channels if width is None else width,
@@ -225,8 +225,6 @@ def _ensemble(ctx: typer.Context, data, output, members, cache, device, threads,
             raise HeartsegError(f"--ensemble-of {member}: no such file")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise HeartsegError(f"{output}: exists and is not an empty folder; choose a new -o folder")
-    if device not in ("auto", "cpu", "cuda"):
-        raise HeartsegError(f"--device {device!r}: choose auto, cpu or cuda")
     if threads:
         torch.set_num_threads(threads)
     command = " ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]])

@@ -71,7 +71,7 @@ def build_ensemble(data: list[Path], members: list[Path], output: Path, cache: s
     own: set[str] = set()
     validated: set[str] = set()
     for checkpoint in checkpoints:
-        trained_cases(checkpoint.path, lineage)
+        trained_cases(checkpoint, lineage)
         own.update(c for c in checkpoint.contract.info.get("train_cases", "").split(",") if c)
         validated.update(c for c in checkpoint.contract.info.get("val_cases", "").split(",") if c)
     if lineage.untraced:

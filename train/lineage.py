@@ -9,31 +9,34 @@ from pathlib import Path
 
 from heartseg.runtime.errors import HeartsegError
 
-from .checkpoint import read_model_checkpoint
+from .checkpoint import ModelCheckpoint, read_model_checkpoint
 
 
 @dataclass
 class Lineage:
-    """Cases trained on by a checkpoint and its ancestors, and the ancestors that could not be read."""
+    """Cases trained on by checkpoints and their ancestors, the ancestors that could not be read, and every file
+    already traced (an ancestor that several checkpoints share is read once)."""
 
     trained: set[str] = field(default_factory=set)
     untraced: list[str] = field(default_factory=list)
+    visited: set[str] = field(default_factory=set, repr=False)
 
 
 def _sources(text: str) -> list[str]:
     return [part.strip() for part in text.split(" + ") if part.strip()]
 
 
-def trained_cases(path: str | Path, lineage: Lineage | None = None, _seen: set[str] | None = None) -> Lineage:
-    """The training cases of a model.pt (its contract's info) or of a RUN/fold_K/STAGE/best.pt (its run's
-    splits.json), and of every --init-from source before it, as far as those files can still be read."""
+def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None = None) -> Lineage:
+    """The training cases of a model.pt (its contract's info; a checkpoint already read is not read again) or of a
+    RUN/fold_K/STAGE/best.pt (its run's splits.json), and of every --init-from source before it, as far as those
+    files can still be read."""
     lineage = lineage if lineage is not None else Lineage()
-    seen = _seen if _seen is not None else set()
-    path = Path(path)
+    checkpoint = source if isinstance(source, ModelCheckpoint) else None
+    path = Path(checkpoint.path if checkpoint is not None else source)
     key = str(path.resolve())
-    if key in seen:
+    if key in lineage.visited:
         return lineage
-    seen.add(key)
+    lineage.visited.add(key)
     try:
         if path.name == "best.pt":
             run, fold = path.resolve().parents[2], path.resolve().parents[1].name
@@ -43,12 +46,12 @@ def trained_cases(path: str | Path, lineage: Lineage | None = None, _seen: set[s
             parents = json.loads((run / "config.json").read_text()).get("init_from") or []
             parents = [parents] if isinstance(parents, str) else parents
         else:
-            info = read_model_checkpoint(path).contract.info
+            info = (checkpoint or read_model_checkpoint(path)).contract.info
             lineage.trained.update(c for c in info.get("train_cases", "").split(",") if c)
             parents = _sources(info.get("init_from", ""))
     except (HeartsegError, OSError, ValueError, KeyError, TypeError, IndexError, StopIteration):
         lineage.untraced.append(str(path))
         return lineage
     for parent in parents:
-        trained_cases(parent, lineage, seen)
+        trained_cases(parent, lineage)
     return lineage

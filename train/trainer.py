@@ -170,9 +170,12 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler = PatchSampler(train_cases, stage, SamplerConfig(config.batch_size, config.foreground_fraction),
-                           augment_config, seed=config.seed * 1000003 + state["step"] * 31 + rank)
-    batches = BackgroundBatches(sampler)
+    batches = None
+    # A stage with no steps left (weights kept as given, a finished stage recalibrated) samples no patches.
+    if state["step"] < config.steps:
+        sampler = PatchSampler(train_cases, stage, SamplerConfig(config.batch_size, config.foreground_fraction),
+                               augment_config, seed=config.seed * 1000003 + state["step"] * 31 + rank)
+        batches = BackgroundBatches(sampler)
     started = time.perf_counter() - state["seconds"]
 
     def save_last() -> None:
@@ -240,7 +243,8 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
             if progress and rank == 0:
                 progress(state["step"], config.steps, value, score)
     finally:
-        batches.close()
+        if batches is not None:
+            batches.close()
     if rank == 0 and not val_cases:
         save_atomic({"model": model.state_dict(), "step": state["step"], "dice": float("nan")}, stage_dir / "best.pt")
     if world > 1:
