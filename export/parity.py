@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,10 +62,14 @@ def _compare(what: str, ref: np.ndarray, got: np.ndarray, ref_mask: np.ndarray, 
 
 def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), threads: int | None = None,
                  max_abs_diff: float = MAX_ABS_DIFF,
-                 max_abs_diff_scan: float = MAX_ABS_DIFF_SCAN) -> list[ParityResult]:
-    """Compare ONNX Runtime (CPU) with PyTorch per stage on a real-size random input, and end to end on scans."""
+                 max_abs_diff_scan: float = MAX_ABS_DIFF_SCAN, torch_device: str = "cpu") -> list[ParityResult]:
+    """Compare ONNX Runtime (CPU) with PyTorch (float32 on torch_device) per stage on a real-size random input,
+    and end to end on scans."""
     session = OnnxSession(onnx_path, device="cpu", threads=threads)
-    torch_predict = torch_predictor(model.networks, torch.device("cpu"))
+    device = torch.device(torch_device)
+    networks = {name: copy.deepcopy(net).to(device) for name, net in model.networks.items()} \
+        if device.type != "cpu" else model.networks
+    torch_predict = torch_predictor(networks, device, amp=False)
     results = []
     for stage in model.contract.stages:
         x = random_input(stage.patch_size, seed=len(results))

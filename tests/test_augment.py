@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,26 @@ def test_rejects_bad_inputs() -> None:
         augment(image, label[:, :-1], AugmentConfig(), _rng(0))
     with pytest.raises(ValueError):
         AugmentConfig(flip_axes=(3,))
+
+
+def test_inversion_negates_the_intensities_and_keeps_the_label() -> None:
+    image, label = _sample()
+    config = replace(AugmentConfig.identity(), p_invert=1.0)
+    out_image, out_label = augment(image, label, config, _rng(0))
+    assert torch.equal(out_image, -image) and torch.equal(out_label, label)
+
+
+def test_inversion_off_keeps_the_random_streams_of_earlier_configurations() -> None:
+    image, label = _sample()
+    before = augment(image, label, ALL_ON, _rng(4))
+    after = augment(image, label, replace(ALL_ON, p_invert=0.0), _rng(4))
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    inverted = augment(image, label, replace(ALL_ON, p_invert=1.0), _rng(4))
+    assert not torch.equal(before[0], inverted[0])
+
+
+def test_inversion_probability_is_checked() -> None:
+    from heartseg.train.options import ConfigError
+
+    with pytest.raises(ConfigError, match="p_invert"):
+        AugmentConfig(p_invert=1.5)

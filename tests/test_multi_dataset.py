@@ -17,7 +17,7 @@ from heartseg.runtime.plausibility import learn_plausibility, mask_measures
 from heartseg.train.augment import AugmentConfig
 from heartseg.train.cache import PreparedCase
 from heartseg.train.cli import app
-from heartseg.train.sampler import PatchSampler, SamplerConfig
+from heartseg.train.sampler import PatchSampler, SamplerConfig, WorkerBatches
 from heartseg.runtime.contract import StageContract
 from synthetic_dataset import make_msd_dataset
 from typer.testing import CliRunner
@@ -261,3 +261,30 @@ def test_given_splits_fix_the_held_out_cases(two_sequences, tmp_path):
     result = CliRunner().invoke(app, [*map(str, two_sequences), "-o", str(tmp_path / "y"), "--splits", str(bad),
                                       *TINY_TRAIN_ARGS])
     assert result.exit_code == 2 and "nope" in unwrapped(result.output)
+
+
+def test_worker_processes_draw_batches_of_their_own():
+    cases = [_case("a0", "A", 0), _case("b0", "B", 1)]
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 8, 8))
+    sampler = PatchSampler(cases, stage, SamplerConfig(batch_size=3), AugmentConfig(), seed=5)
+    batches = WorkerBatches(sampler, workers=2, seed=5)
+    try:
+        drawn = [batches.next() for _ in range(6)]
+    finally:
+        batches.close()
+    for images, labels in drawn:
+        assert tuple(images.shape) == (3, 1, 8, 8, 8) and tuple(labels.shape) == (3, 1, 8, 8, 8)
+        assert set(labels.unique().tolist()) <= {0.0, 1.0}
+    # Each worker reseeds its copy of the sampler: no two batches repeat.
+    flat = [images.flatten() for images, _ in drawn]
+    assert all(not torch.equal(flat[i], flat[j]) for i in range(6) for j in range(i + 1, 6))
+
+
+def test_reseeded_sampler_is_repeatable_and_leaves_the_original_alone():
+    cases = [_case("a0", "A", 0)]
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 8, 8))
+    sampler = PatchSampler(cases, stage, SamplerConfig(batch_size=2), AugmentConfig(), seed=5)
+    reference = PatchSampler(cases, stage, SamplerConfig(batch_size=2), AugmentConfig(), seed=5).sample()[0]
+    first, second = sampler.reseeded(9).sample()[0], sampler.reseeded(9).sample()[0]
+    assert torch.equal(first, second) and not torch.equal(first, reference)
+    assert torch.equal(sampler.sample()[0], reference)

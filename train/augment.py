@@ -108,6 +108,10 @@ def augment(
     if factor != 1.0 or shift != 0.0:
         image = image * factor + shift
 
+    # Drawn only when enabled, so that configurations without it keep their random streams.
+    if config.p_invert > 0 and _chance(rng, config.p_invert):
+        image = -image
+
     if _chance(rng, config.p_gamma):
         # Log-uniform so that (0.8, 1.25) is symmetric between darkening and brightening.
         lo, hi = config.gamma_range

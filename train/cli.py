@@ -96,8 +96,10 @@ def train(
     foreground_fraction: float = typer.Option(_FINE.foreground_fraction, help="Share of patches centred on a foreground voxel."),
     flip_prob: float = typer.Option(_AUGMENT.p_flip, help="Probability of mirroring each axis of a training patch (orientation robustness; with --permute-prob 0, 0 trains the stored orientation only)."),
     permute_prob: float = typer.Option(_AUGMENT.p_permute, help="Probability of permuting the axes of a training patch."),
+    invert_prob: float = typer.Option(_AUGMENT.p_invert, help="Probability of negating a training patch's intensities (a blood pool darker than the atrial wall, as in some LGE scans)."),
     device: str = typer.Option(_FINE.device, help="auto (CUDA when available), cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
+    workers: int = typer.Option(_FINE.workers, help="Processes that draw and augment training patches (0: one background thread, repeatable step for step). On a GPU, give several: one CPU thread cannot keep up."),
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
     splits: Optional[Path] = typer.Option(None, "--splits", help="Use the folds of this file (the format of a run's splits.json) instead of making them: a fixed split, or a subset of the cases (cases no fold names are not used)."),
     init_from: Optional[List[Path]] = typer.Option(None, "--init-from", metavar="MODEL.pt", help="Start from existing weights (fine-tuning): a heartseg model.pt (every stage), or one stage's RUN/fold_K/STAGE/best.pt (that stage only); the networks must match this run's presets. Given again, a later source replaces the stages it holds (e.g. a model.pt, then another run's coarse/best.pt)."),
@@ -166,14 +168,14 @@ def train(
                 raise HeartsegError(f"--patch {patch}: every size must be a multiple of {2**unet.depth} "
                                     f"(the network pools {unet.depth} times)")
             config = _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits,
-                                 dict(p_flip=flip_prob, p_permute=permute_prob),
+                                 dict(p_flip=flip_prob, p_permute=permute_prob, p_invert=invert_prob),
                                  dict(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
                                       fine_patch=patch_size, crop_margin_mm=margin_mm),
                                  dict(steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
                                       checkpoint_every=checkpoint_every, seed=seed, device=device,
-                                      foreground_fraction=foreground_fraction),
+                                      foreground_fraction=foreground_fraction, workers=workers),
                                  dict(steps=coarse_steps, batch_size=batch_size, val_every=val_every,
-                                      checkpoint_every=checkpoint_every, seed=seed, device=device))
+                                      checkpoint_every=checkpoint_every, seed=seed, device=device, workers=workers))
         if config.threads:
             torch.set_num_threads(config.threads)
         run = Run(config, log=console.log, progress_factory=_progress_factory(console), recalibrate=recalibrate)

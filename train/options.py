@@ -12,7 +12,7 @@ from heartseg.runtime.errors import HeartsegError
 
 # Config fields whose command-line option has another name.
 OPTION_NAMES = {"crop_margin_mm": "margin-mm", "n_folds": "folds", "fine_patch": "patch", "kind": "stage",
-                "p_flip": "flip-prob", "p_permute": "permute-prob"}
+                "p_flip": "flip-prob", "p_permute": "permute-prob", "p_invert": "invert-prob"}
 
 
 class ConfigError(HeartsegError):
@@ -76,10 +76,13 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    # Processes that draw and augment patches; 0: one background thread (repeatable step for step).
+    workers: int = 0
 
     def __post_init__(self) -> None:
         # 0 steps: the stage keeps the weights it starts from (--init-from).
         integer_at_least(self.steps, 0, "steps")
+        integer_at_least(self.workers, 0, "workers")
         for name in ("batch_size", "val_every", "checkpoint_every"):
             integer_at_least(getattr(self, name), 1, name)
         integer_at_least(self.warmup_steps, 0, "warmup_steps")
@@ -125,6 +128,8 @@ class AugmentConfig:
     # Largest log-gain of the bias field across a patch (0.4: up to about 1.5x brighter or darker).
     bias_field: float = 0.4
     p_bias: float = 0.3
+    # Negated intensities: a blood pool darker than the atrial wall (some LGE scans) must not hide the atrium.
+    p_invert: float = 0.0
 
     def __post_init__(self) -> None:
         self.flip_axes = tuple(int(a) for a in self.flip_axes)
@@ -133,7 +138,7 @@ class AugmentConfig:
         self.gamma_range = (float(self.gamma_range[0]), float(self.gamma_range[1]))
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ValueError(f"flip_axes must be spatial axes in (0, 1, 2), got {self.flip_axes}")
-        for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias"):
+        for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias", "p_invert"):
             number_in(getattr(self, name), 0.0, 1.0, name)
         for name in ("scale_range", "intensity_scale", "gamma_range"):
             lo, hi = getattr(self, name)

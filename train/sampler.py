@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ class PatchSampler:
         # Balanced per dataset: pick a dataset uniformly, then one of its cases.
         names = sorted({c.dataset for c in cases})
         self.by_dataset = [[i for i, c in enumerate(cases) if c.dataset == name] for name in names]
+
+    def reseeded(self, seed: int) -> "PatchSampler":
+        """The same sampler with its own random streams (one per worker process)."""
+        other = copy.copy(self)
+        other.rng = np.random.default_rng(seed)
+        other.torch_rng = torch.Generator().manual_seed(seed)
+        return other
 
     def _case_index(self) -> int:
         members = self.by_dataset[int(self.rng.integers(len(self.by_dataset)))]
@@ -124,3 +132,40 @@ class BackgroundBatches:
         """Stop the producer thread."""
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class _Patches(torch.utils.data.IterableDataset):
+    """An endless stream of one sampler's batches, reseeded in each worker process."""
+
+    def __init__(self, sampler: PatchSampler, seed: int) -> None:
+        self.sampler, self.seed = sampler, seed
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        sampler = self.sampler.reseeded(self.seed * 7919 + worker.id) if worker else self.sampler
+        while True:
+            yield sampler.sample()
+
+
+class WorkerBatches:
+    """Prepares batches in worker processes: a GPU takes patches faster than one CPU thread augments them.
+
+    The order in which the workers' batches arrive is not fixed, so runs with workers are not repeatable
+    step for step.
+    """
+
+    def __init__(self, sampler: PatchSampler, workers: int, seed: int, pin_memory: bool = False) -> None:
+        loader = torch.utils.data.DataLoader(_Patches(sampler, seed), batch_size=None, num_workers=workers,
+                                             prefetch_factor=4, pin_memory=pin_memory)
+        self._iterator = iter(loader)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch."""
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop the worker processes (the iterator's own shutdown; dropping it would wait for the collector)."""
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iterator = None

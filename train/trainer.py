@@ -25,7 +25,7 @@ from .cache import PreparedCase
 from .checkpoint import read_best, read_last, save_atomic
 from .losses import DiceBCELoss
 from .options import COARSE_TRAIN, TrainConfig  # noqa: F401  (TrainConfig is part of this module's API)
-from .sampler import BackgroundBatches, PatchSampler, SamplerConfig
+from .sampler import BackgroundBatches, PatchSampler, SamplerConfig, WorkerBatches
 from .unet import UNetConfig, build_unet
 
 
@@ -173,9 +173,11 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
     batches = None
     # A stage with no steps left (weights kept as given, a finished stage recalibrated) samples no patches.
     if state["step"] < config.steps:
+        seed = config.seed * 1000003 + state["step"] * 31 + rank
         sampler = PatchSampler(train_cases, stage, SamplerConfig(config.batch_size, config.foreground_fraction),
-                               augment_config, seed=config.seed * 1000003 + state["step"] * 31 + rank)
-        batches = BackgroundBatches(sampler)
+                               augment_config, seed=seed)
+        batches = (WorkerBatches(sampler, config.workers, seed, pin_memory=device.type == "cuda") if config.workers
+                   else BackgroundBatches(sampler))
     started = time.perf_counter() - state["seconds"]
 
     def save_last() -> None:
