@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,6 +71,23 @@ def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), t
     networks = {name: copy.deepcopy(net).to(device) for name, net in model.networks.items()} \
         if device.type != "cpu" else model.networks
     torch_predict = torch_predictor(networks, device, amp=False)
+    with _float32_on_cuda() if device.type == "cuda" else nullcontext():
+        return _parity(model, session, torch_predict, scans, max_abs_diff, max_abs_diff_scan)
+
+
+@contextmanager
+def _float32_on_cuda():
+    """PyTorch computes float32 convolutions and products on CUDA as TF32 unless told not to."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _parity(model: TrainedModel, session: OnnxSession, torch_predict, scans: list[Path], max_abs_diff: float,
+            max_abs_diff_scan: float) -> list[ParityResult]:
     results = []
     for stage in model.contract.stages:
         x = random_input(stage.patch_size, seed=len(results))

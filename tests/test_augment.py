@@ -150,13 +150,19 @@ def test_inversion_negates_the_intensities_and_keeps_the_label() -> None:
     assert torch.equal(out_image, -image) and torch.equal(out_label, label)
 
 
-def test_inversion_off_keeps_the_random_streams_of_earlier_configurations() -> None:
+def test_inversion_off_keeps_the_random_streams_of_earlier_configurations(monkeypatch) -> None:
+    from heartseg.train import augment as module
+
     image, label = _sample()
-    before = augment(image, label, ALL_ON, _rng(4))
-    after = augment(image, label, replace(ALL_ON, p_invert=0.0), _rng(4))
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
-    inverted = augment(image, label, replace(ALL_ON, p_invert=1.0), _rng(4))
-    assert not torch.equal(before[0], inverted[0])
+    draws: list[float] = []
+    real = module._chance
+    monkeypatch.setattr(module, "_chance", lambda rng, p: draws.append(p) or real(rng, p))
+    augment(image, label, ALL_ON, _rng(4))
+    without = len(draws)
+    draws.clear()
+    augment(image, label, replace(ALL_ON, p_invert=1e-9), _rng(4))
+    # Off, no number is drawn for it (so earlier runs repeat); on, exactly one.
+    assert ALL_ON.p_invert == 0.0 and len(draws) == without + 1 and 1e-9 in draws
 
 
 def test_inversion_probability_is_checked() -> None:

@@ -76,7 +76,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    # Processes that draw and augment patches; 0: one background thread (repeatable step for step).
+    # Processes that draw and augment patches; 0: one background thread. Each number draws other patches.
     workers: int = 0
 
     def __post_init__(self) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from heartseg.runtime.contract import StageContract
+from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.preprocess import crop_padded, mask_box
 
 from .augment import AugmentConfig, augment
@@ -47,6 +49,7 @@ class PatchSampler:
     def reseeded(self, seed: int) -> "PatchSampler":
         """The same sampler with its own random streams (one per worker process)."""
         other = copy.copy(self)
+        seed %= 2**63
         other.rng = np.random.default_rng(seed)
         other.torch_rng = torch.Generator().manual_seed(seed)
         return other
@@ -140,7 +143,7 @@ class _Patches(torch.utils.data.IterableDataset):
     def __init__(self, sampler: PatchSampler, seed: int) -> None:
         self.sampler, self.seed = sampler, seed
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()
         sampler = self.sampler.reseeded(self.seed * 7919 + worker.id) if worker else self.sampler
         while True:
@@ -150,22 +153,27 @@ class _Patches(torch.utils.data.IterableDataset):
 class WorkerBatches:
     """Prepares batches in worker processes: a GPU takes patches faster than one CPU thread augments them.
 
-    The order in which the workers' batches arrive is not fixed, so runs with workers are not repeatable
-    step for step.
+    Repeatable for a given number of workers (each reseeded, their batches taken in turn), but the
+    patches differ from those of one background thread or of another number of workers.
     """
 
     def __init__(self, sampler: PatchSampler, workers: int, seed: int, pin_memory: bool = False) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         loader = torch.utils.data.DataLoader(_Patches(sampler, seed), batch_size=None, num_workers=workers,
-                                             prefetch_factor=4, pin_memory=pin_memory)
+                                             prefetch_factor=2, pin_memory=pin_memory)
         self._iterator = iter(loader)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch."""
-        return next(self._iterator)
+        try:
+            return next(self._iterator)
+        except RuntimeError as exc:  # a worker died: out of memory, or a small /dev/shm in a container
+            raise HeartsegError(f"the patch workers failed ({str(exc).splitlines()[0][:200]}); train with fewer "
+                                "--workers, --workers 0, or a larger /dev/shm") from None
 
     def close(self) -> None:
         """Stop the worker processes (the iterator's own shutdown; dropping it would wait for the collector)."""
         shutdown = getattr(self._iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-        self._iterator = None

@@ -24,6 +24,7 @@ from heartseg.train.trainer import TrainConfig
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, required=True, help="fine.pt from train_packed.py")
     parser.add_argument("--record", type=Path, required=True, help="run.json from train_packed.py")

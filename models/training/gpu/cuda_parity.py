@@ -1,7 +1,7 @@
 """PyTorch on CUDA against the shipped ONNX file on ONNX Runtime's CPU provider, through the runtime's pipeline.
 
-Float32 with TF32 convolutions off (what calibration on CUDA must compute), float32 with PyTorch's
-default TF32 convolutions, and bfloat16 autocast (what training on CUDA runs), each against ONNX
+Float32 with TF32 off (export's parity check), float32 with PyTorch's default TF32 convolutions, and
+autocast (bfloat16, or float16 where the GPU lacks it: what training on CUDA runs), each against ONNX
 Runtime; the pipeline's time per scan on each.
 
     python models/training/gpu/cuda_parity.py --model model.pt --onnx models/heartseg-la.onnx --scan S --out OUT.json
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from heartseg.export.model_file import load_trained_model
-from heartseg.export.parity import check_parity
+from heartseg.export.parity import ParityError, check_parity
 from heartseg.runtime.image import load_volume
 from heartseg.runtime.inference import infer_canonical, mask_from_prob
 from heartseg.runtime.metrics import dice_score
@@ -27,6 +27,7 @@ from heartseg.train.trainer import torch_predictor
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--onnx", type=Path, required=True)
@@ -38,9 +39,11 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = load_trained_model(args.model)
     record: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    record["fp32"] = [r.to_dict() for r in check_parity(model, args.onnx, args.scan, torch_device=args.device)]
+    try:
+        record["fp32"] = [r.to_dict() for r in check_parity(model, args.onnx, args.scan, torch_device=args.device)]
+    except ParityError as exc:
+        record["fp32"] = str(exc)
+    record["autocast_dtype"] = str(torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16)
     session = OnnxSession(args.onnx, device="cpu")
     networks = {name: net.to(args.device) for name, net in model.networks.items()}
     for scan in args.scan:

@@ -1,9 +1,11 @@
-"""Pack fold 0's prepared fine-stage training cases for a GPU machine that cannot hold the datasets.
+"""Pack a fold's prepared fine-stage training cases for a GPU machine that cannot hold the datasets.
 
 Each case keeps the region of its fine-stage grid that the patch sampler can read (the atrium's box
-plus 48 voxels on every side, inside the scan), quantised to uint8 over its own range (256 levels, as
-the uint8 scans it was resampled from; error at most 1/510 of the range), in one xz-compressed npz with
-the plan, the network and the augmentation.
+plus the sampler's reach on every side, inside the scan: 48 voxels for a 64^3 patch), quantised to
+uint8 over its own range (256 levels, as the uint8 scans it was resampled from; error at most 1/510 of
+the range), in one xz-compressed npz with the plan, the network and the augmentation. One difference
+remains: a patch reaching past the scan's edge is padded with the region's darkest value rather than
+the whole scan's.
 
     python models/training/gpu/pack.py --run-config runs/la8/config.json --out .gpu/pack.npz.xz
 """
@@ -17,15 +19,25 @@ import lzma
 from pathlib import Path
 
 import numpy as np
+from heartseg.runtime.contract import StageContract
 from heartseg.runtime.preprocess import mask_box
 from heartseg.train.pipeline import Run, RunConfig
+from heartseg.train.sampler import SamplerConfig
 
-# The sampler reads at most 3/4 of a 64-voxel patch beyond a foreground voxel (centre jitter of a
-# quarter patch), and 20 voxels beyond the box (15 mm margin + 10 mm jitter at 1.25 mm).
-REACH = 48
+
+def sampler_reach(stage: StageContract) -> np.ndarray:
+    """Per axis, how far beyond the label's box PatchSampler can read (any axis may take the longest side)."""
+    if stage.crop_margin_mm <= 0:
+        raise SystemExit(f"error: stage {stage.name!r} has no crop margin: its patches come from the whole scan")
+    side = max(stage.patch_size)
+    # Around a foreground voxel: half a patch plus a quarter of jitter. Around the box: the margin and
+    # its jitter, or, when box and margin are smaller than a patch, what a patch covering them reaches.
+    box = np.ceil((stage.crop_margin_mm + SamplerConfig().box_jitter_mm) / np.asarray(stage.spacing)).astype(int)
+    return np.maximum.reduce([np.full(3, side // 2 + side // 4), box, side - box - 1])
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-config", type=Path, required=True, help="config.json of the run whose plan and fold to pack")
     parser.add_argument("--fold", type=int, default=0)
@@ -35,11 +47,14 @@ def main() -> None:
     plan, folds = run.prepare()
     fold = folds[args.fold]
     stage = plan.contract.final_stage
+    reach = sampler_reach(stage)
     arrays, meta = {}, []
     for case in run.load_cases(plan.contract, fold.train):
         image, label = (np.asarray(a) for a in case.stages[stage.name])
-        lo, hi = mask_box(label)
-        lo, hi = np.maximum(lo - REACH, 0), np.minimum(hi + REACH, label.shape)
+        box = mask_box(label)
+        if box is None:
+            raise SystemExit(f"error: {case.case_id}: empty label (the pack keeps the region around the atrium)")
+        lo, hi = np.maximum(box[0] - reach, 0), np.minimum(box[1] + reach, label.shape)
         region = tuple(slice(a, b) for a, b in zip(lo, hi))
         crop = image[region].astype(np.float64)
         offset, scale = float(crop.min()), float(crop.max() - crop.min()) / 255 or 1.0

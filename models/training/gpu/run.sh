@@ -6,7 +6,7 @@
 # OUT names the folder for the results (8 files); DEVICE=cpu WORKERS=1 runs it anywhere, slowly.
 set -u
 OUT=${OUT:?} SECONDS_EACH=${1:-380} WORKERS=${WORKERS:-6} DEVICE=${DEVICE:-cuda} EXTRA=${EXTRA:-}
-mkdir -p /tmp/pkg/heartseg && cp heartseg/__init__.py /tmp/pkg/heartseg/
+mkdir -p "$OUT" /tmp/pkg/heartseg && cp heartseg/__init__.py /tmp/pkg/heartseg/
 for d in runtime train export models; do ln -sfn "$PWD/$d" /tmp/pkg/heartseg/$d; done
 export PYTHONPATH=/tmp/pkg:$PWD/.gpu/site PYTHONUNBUFFERED=1
 {

@@ -25,7 +25,7 @@ import torch
 from heartseg.runtime.contract import ModelContract
 from heartseg.train.augment import AugmentConfig
 from heartseg.train.cache import PreparedCase
-from heartseg.train.checkpoint import read_model_checkpoint
+from heartseg.train.checkpoint import read_last, read_model_checkpoint
 from heartseg.train.trainer import TrainConfig, train_stage
 from heartseg.train.unet import UNetConfig
 
@@ -38,12 +38,13 @@ def load_pack(path: Path) -> tuple[dict, list[PreparedCase]]:
     for m in meta["cases"]:
         image = (pack[f"{m['case_id']}.image"].astype(np.float32) * np.float32(m["scale"]) + np.float32(m["offset"]))
         label = pack[f"{m['case_id']}.label"]
-        spacing = tuple(meta["contract"]["stages"][-1]["spacing"])
+        spacing = tuple(next(s for s in meta["contract"]["stages"] if s["name"] == meta["stage"])["spacing"])
         cases.append(PreparedCase(m["case_id"], image, label, spacing, {meta["stage"]: (image, label)}, m["dataset"]))
     return meta, cases
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pack", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder for fine.pt (the weights) and run.json")
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--stop-after", type=float, help="seconds after the start at which to stop and keep the last "
                         "checkpoint (default: --seconds + 150)")
     args = parser.parse_args()
+    if args.probe_steps < 4:
+        parser.error("--probe-steps must be at least 4 (the second half of the probe is timed)")
     started = time.time()
     torch.backends.cudnn.benchmark = True
     meta, cases = load_pack(args.pack)
@@ -117,7 +120,7 @@ def main() -> None:
             if not (Path(tmp) / stage.name / "last.pt").is_file():
                 raise
             stopped = str(exc)
-            last = torch.load(Path(tmp) / stage.name / "last.pt", map_location="cpu", weights_only=False)
+            last = read_last(Path(tmp) / stage.name / "last.pt")
             state, steps, seconds = last["model"], last["state"]["step"], last["state"]["seconds"]
             print(f"{stopped}; kept the checkpoint of step {steps}", flush=True)
     torch.save({"model": state, "step": steps, "dice": float("nan")}, args.out / "fine.pt")
@@ -125,7 +128,7 @@ def main() -> None:
               "probe_ms_per_step": step_seconds * 1000, "steps": steps, "seconds": seconds, "stopped": stopped,
               "seconds_per_step": seconds / max(1, steps), "patches": steps * config.batch_size,
               "loss_per_100_steps": [float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)],
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "cases": len(cases), "fold": meta["fold"],
               "train_cases": meta["train_cases"]}
     (args.out / "run.json").write_text(json.dumps(record, indent=1))
