@@ -288,3 +288,24 @@ def test_reseeded_sampler_is_repeatable_and_leaves_the_original_alone():
     first, second = sampler.reseeded(9).sample()[0], sampler.reseeded(9).sample()[0]
     assert torch.equal(first, second) and not torch.equal(first, reference)
     assert torch.equal(sampler.sample()[0], reference)
+
+
+def test_dataset_weights_set_how_often_each_dataset_is_drawn():
+    cases = [_case("a0", "A", 0)] + [_case(f"b{i}", "B", i + 1) for i in range(3)]
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 8, 8))
+    sampler = PatchSampler(cases, stage, SamplerConfig(batch_size=1, dataset_weights={"B": 3.0}),
+                           AugmentConfig.identity(), seed=3)
+    picks = [cases[sampler._case_index()].dataset for _ in range(4000)]
+    share_b = picks.count("B") / len(picks)
+    assert 0.72 < share_b < 0.78, share_b
+
+
+def test_without_dataset_weights_the_draws_are_those_of_earlier_runs():
+    cases = [_case("a0", "A", 0), _case("b0", "B", 1)]
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 8, 8))
+    sampler = PatchSampler(cases, stage, SamplerConfig(batch_size=1), AugmentConfig.identity(), seed=3)
+    reference = np.random.default_rng(3)
+    for _ in range(50):
+        expected = int(reference.integers(2))
+        reference.integers(1)  # the case within the dataset
+        assert sampler._case_index() == expected

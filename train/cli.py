@@ -23,6 +23,20 @@ _FINE, _COARSE, _PLAN, _AUGMENT = TrainConfig(), TrainConfig(**COARSE_TRAIN), Pl
 app = new_app(help="Train a left-atrium 3D U-Net with cross-validation and a calibrated threshold.")
 
 
+def _weights(items: list[str] | None) -> dict[str, float]:
+    """--dataset-weight NAME=W options as a dict."""
+    weights: dict[str, float] = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise HeartsegError(f"--dataset-weight {item!r}: give NAME=W, e.g. LA2018=3") from None
+        if not name.strip():
+            raise HeartsegError(f"--dataset-weight {item!r}: give NAME=W, e.g. LA2018=3")
+    return weights
+
+
 def _triple(text: str | None, kind=float):
     if text is None:
         return None
@@ -97,6 +111,7 @@ def train(
     flip_prob: float = typer.Option(_AUGMENT.p_flip, help="Probability of mirroring each axis of a training patch (orientation robustness; with --permute-prob 0, 0 trains the stored orientation only)."),
     permute_prob: float = typer.Option(_AUGMENT.p_permute, help="Probability of permuting the axes of a training patch."),
     invert_prob: float = typer.Option(_AUGMENT.p_invert, help="Probability of negating a training patch's intensities (air and blood pool swap brightness), so that a blood pool darker than the atrial wall, as in some LGE scans, is seen in training."),
+    dataset_weight: Optional[List[str]] = typer.Option(None, "--dataset-weight", metavar="NAME=W", help="Draw training patches from dataset NAME (its folder's name) W times as often as from a dataset given no weight (default: every dataset equally often). Repeat it for several."),
     device: str = typer.Option(_FINE.device, help="auto (CUDA when available), cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="PyTorch CPU threads (default: all cores)."),
     workers: int = typer.Option(_FINE.workers, help="Processes that draw and augment training patches (0: one background thread). On a GPU, give several: one CPU thread cannot keep up. Repeatable for a given number, but other patches than with another."),
@@ -173,9 +188,11 @@ def train(
                                       fine_patch=patch_size, crop_margin_mm=margin_mm),
                                  dict(steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
                                       checkpoint_every=checkpoint_every, seed=seed, device=device,
-                                      foreground_fraction=foreground_fraction, workers=workers),
+                                      foreground_fraction=foreground_fraction, workers=workers,
+                                      dataset_weights=_weights(dataset_weight)),
                                  dict(steps=coarse_steps, batch_size=batch_size, val_every=val_every,
-                                      checkpoint_every=checkpoint_every, seed=seed, device=device, workers=workers))
+                                      checkpoint_every=checkpoint_every, seed=seed, device=device, workers=workers,
+                                      dataset_weights=_weights(dataset_weight)))
         if config.threads:
             torch.set_num_threads(config.threads)
         run = Run(config, log=console.log, progress_factory=_progress_factory(console), recalibrate=recalibrate)

@@ -4,7 +4,7 @@ and the command line (which names the offending option)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from heartseg.runtime.errors import HeartsegError
@@ -12,7 +12,8 @@ from heartseg.runtime.errors import HeartsegError
 
 # Config fields whose command-line option has another name.
 OPTION_NAMES = {"crop_margin_mm": "margin-mm", "n_folds": "folds", "fine_patch": "patch", "kind": "stage",
-                "p_flip": "flip-prob", "p_permute": "permute-prob", "p_invert": "invert-prob"}
+                "p_flip": "flip-prob", "p_permute": "permute-prob", "p_invert": "invert-prob",
+                "dataset_weights": "dataset-weight"}
 
 
 class ConfigError(HeartsegError):
@@ -78,11 +79,18 @@ class TrainConfig:
     amp: bool = True
     # Processes that draw and augment patches; 0: one background thread. Each number draws other patches.
     workers: int = 0
+    # How often each dataset is drawn, relative to the others (a dataset not named: 1).
+    dataset_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # 0 steps: the stage keeps the weights it starts from (--init-from).
         integer_at_least(self.steps, 0, "steps")
         integer_at_least(self.workers, 0, "workers")
+        if not isinstance(self.dataset_weights, dict) or not all(isinstance(k, str) for k in self.dataset_weights):
+            raise ConfigError("dataset_weights", self.dataset_weights, "give dataset names and weights")
+        for name, weight in self.dataset_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
+                raise ConfigError("dataset_weights", f"{name}={weight}", "a weight must be in (0, 1e+06]")
         for name in ("batch_size", "val_every", "checkpoint_every"):
             integer_at_least(getattr(self, name), 1, name)
         integer_at_least(self.warmup_steps, 0, "warmup_steps")

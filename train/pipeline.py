@@ -163,6 +163,10 @@ class Run:
         self.progress_factory = progress_factory
         self.datasets: list[DatasetInfo] = read_datasets(config.data)
         self.cases = [case for info in self.datasets for case in info.cases]
+        names = sorted({case.dataset for case in self.cases})
+        for unknown in sorted(set(config.fine.dataset_weights) | set(config.coarse.dataset_weights)):
+            if unknown not in names:
+                raise HeartsegError(f"--dataset-weight {unknown}: no such dataset among {', '.join(names)}")
 
     def prepare(self) -> tuple[TrainPlan, list[Fold]]:
         """Write (or reread) plan.json and splits.json (under DDP, rank 0 writes them and the others read them)."""

@@ -24,6 +24,8 @@ class SamplerConfig:
 
     batch_size: int = 2
     foreground_fraction: float = 0.5
+    # Relative weights of the datasets (None: each equally often).
+    dataset_weights: dict[str, float] | None = None
     # A fine stage only ever sees the region the localiser boxed: other patches come from there.
     box_jitter_mm: float = 10.0
 
@@ -42,9 +44,13 @@ class PatchSampler:
         self.patch = np.asarray(stage.patch_size)
         self.foreground = [np.argwhere(c.stages[stage.name][1]) for c in cases]
         self.boxes = [mask_box(c.stages[stage.name][1]) for c in cases]
-        # Balanced per dataset: pick a dataset uniformly, then one of its cases.
+        # Balanced per dataset: pick a dataset uniformly (or by its weight), then one of its cases.
         names = sorted({c.dataset for c in cases})
         self.by_dataset = [[i for i, c in enumerate(cases) if c.dataset == name] for name in names]
+        self.dataset_p = None
+        if config.dataset_weights:
+            weights = np.array([config.dataset_weights.get(name, 1.0) for name in names], float)
+            self.dataset_p = weights / weights.sum()
 
     def reseeded(self, seed: int) -> "PatchSampler":
         """The same sampler with its own random streams (one per worker process)."""
@@ -55,7 +61,10 @@ class PatchSampler:
         return other
 
     def _case_index(self) -> int:
-        members = self.by_dataset[int(self.rng.integers(len(self.by_dataset)))]
+        # Without weights, the same draw as before weights existed, so earlier runs repeat.
+        pick = self.rng.choice(len(self.by_dataset), p=self.dataset_p) if self.dataset_p is not None \
+            else self.rng.integers(len(self.by_dataset))
+        members = self.by_dataset[int(pick)]
         return members[int(self.rng.integers(len(members)))]
 
     def _permutation(self) -> np.ndarray:
