@@ -29,11 +29,12 @@ def _weights(items: list[str] | None) -> dict[str, float]:
     for item in items or []:
         name, _, value = item.partition("=")
         try:
-            weights[name.strip()] = float(value)
+            weight = float(value)
         except ValueError:
-            raise HeartsegError(f"--dataset-weight {item!r}: give NAME=W, e.g. LA2018=3") from None
-        if not name.strip():
+            weight = None
+        if not name.strip() or weight is None:
             raise HeartsegError(f"--dataset-weight {item!r}: give NAME=W, e.g. LA2018=3")
+        weights[name.strip()] = weight
     return weights
 
 
