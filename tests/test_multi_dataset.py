@@ -17,7 +17,7 @@ from heartseg.runtime.plausibility import learn_plausibility, mask_measures
 from heartseg.train.augment import AugmentConfig
 from heartseg.train.cache import PreparedCase
 from heartseg.train.cli import app
-from heartseg.train.sampler import PatchSampler, SamplerConfig, WorkerBatches
+from heartseg.train.sampler import PatchSampler, SamplerConfig, WorkerBatches, sampler_reach
 from heartseg.runtime.contract import StageContract
 from synthetic_dataset import make_msd_dataset
 from typer.testing import CliRunner
@@ -309,3 +309,24 @@ def test_without_dataset_weights_the_draws_are_those_of_earlier_runs():
         expected = int(reference.integers(2))
         reference.integers(1)  # the case within the dataset
         assert sampler._case_index() == expected
+
+
+@pytest.mark.parametrize("spacing,patch,box", [(1.25, (16, 16, 16), (3, 3, 3)), (1.25, (16, 16, 16), (10, 12, 14)),
+                                               (0.625, (24, 16, 8), (4, 6, 8))])
+def test_sampler_reach_bounds_every_patch_drawn(spacing, patch, box):
+    stage = StageContract("fine", (spacing,) * 3, patch, crop_margin_mm=6.0)
+    shape = (120, 120, 120)
+    lo = np.array([50, 45, 40])
+    label = np.zeros(shape, np.uint8)
+    label[tuple(slice(a, a + b) for a, b in zip(lo, box))] = 1
+    case = PreparedCase("a0", label.astype(np.float32), label, (spacing,) * 3, {"fine": (label, label)}, "A")
+    sampler = PatchSampler([case], stage, SamplerConfig(batch_size=1), AugmentConfig(p_permute=0.5), seed=0)
+    below = above = 0
+    for _ in range(3000):
+        crop = sampler.patch[np.argsort(sampler._permutation())]
+        origin = sampler._origin(0, crop)
+        below = max(below, int((lo - origin).max()))
+        above = max(above, int((origin + crop - (lo + np.array(box))).max()))
+    reach = sampler_reach(stage)
+    assert below <= reach.min() and above <= reach.min()
+    assert max(below, above) >= reach.max() - 1  # and no wider than needed

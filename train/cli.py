@@ -183,6 +183,7 @@ def train(
             if patch_size and any(p % 2**unet.depth for p in patch_size):
                 raise HeartsegError(f"--patch {patch}: every size must be a multiple of {2**unet.depth} "
                                     f"(the network pools {unet.depth} times)")
+            weights = _weights(dataset_weight)
             config = _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits,
                                  dict(p_flip=flip_prob, p_permute=permute_prob, p_invert=invert_prob),
                                  dict(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
@@ -190,10 +191,10 @@ def train(
                                  dict(steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
                                       checkpoint_every=checkpoint_every, seed=seed, device=device,
                                       foreground_fraction=foreground_fraction, workers=workers,
-                                      dataset_weights=_weights(dataset_weight)),
+                                      dataset_weights=weights),
                                  dict(steps=coarse_steps, batch_size=batch_size, val_every=val_every,
                                       checkpoint_every=checkpoint_every, seed=seed, device=device, workers=workers,
-                                      dataset_weights=_weights(dataset_weight)))
+                                      dataset_weights=dict(weights)))
         if config.threads:
             torch.set_num_threads(config.threads)
         run = Run(config, log=console.log, progress_factory=_progress_factory(console), recalibrate=recalibrate)

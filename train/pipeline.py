@@ -202,7 +202,8 @@ class Run:
     def load_cases(self, contract: ModelContract, ids: list[str]) -> list[PreparedCase]:
         """Preprocess (or read from the cache) the given cases."""
         by_id = {c.case_id: c for c in self.cases}
-        return [prepare_case(by_id[i], contract, cache_root(self.config.cache)) for i in ids]
+        root = cache_root(self.config.cache)
+        return [prepare_case(by_id[i], contract, root) for i in ids]
 
     def folds_to_run(self, folds: list[Fold]) -> list[Fold]:
         """The folds selected by --fold ('all', one index, or a comma-separated list)."""

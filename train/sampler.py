@@ -30,6 +30,17 @@ class SamplerConfig:
     box_jitter_mm: float = 10.0
 
 
+def sampler_reach(stage: StageContract, config: SamplerConfig | None = None) -> np.ndarray:
+    """Per axis, how far beyond a case's label box PatchSampler may read (the longest patch side may fall on
+    any axis): what a copy of a case must keep around its atrium to train the same."""
+    config = config or SamplerConfig()
+    side = max(stage.patch_size)
+    # Around a foreground voxel: half a patch plus a quarter of jitter. Around the box: the margin and its
+    # jitter, or, when box and margin are smaller than a patch, what a patch covering them reaches.
+    box = np.ceil((stage.crop_margin_mm + config.box_jitter_mm) / np.asarray(stage.spacing)).astype(int)
+    return np.maximum.reduce([np.full(3, side // 2 + side // 4), box, side - box - 1])
+
+
 class PatchSampler:
     """Draws augmented (image, label) batches of one stage from prepared cases."""
 
@@ -44,6 +55,8 @@ class PatchSampler:
         self.patch = np.asarray(stage.patch_size)
         self.foreground = [np.argwhere(c.stages[stage.name][1]) for c in cases]
         self.boxes = [mask_box(c.stages[stage.name][1]) for c in cases]
+        # What a patch reaching past the scan is padded with: once per case, not per patch.
+        self.fills = [float(np.min(c.stages[stage.name][0])) for c in cases]
         # Balanced per dataset: pick a dataset uniformly (or by its weight), then one of its cases.
         names = sorted({c.dataset for c in cases})
         self.by_dataset = [[i for i, c in enumerate(cases) if c.dataset == name] for name in names]
@@ -99,7 +112,7 @@ class PatchSampler:
             crop = self.patch[np.argsort(perm)]
             lo = self._origin(index, crop)
             hi = lo + crop
-            img_np = crop_padded(np.asarray(image), lo, hi, fill=float(np.min(image))).transpose(perm)
+            img_np = crop_padded(np.asarray(image), lo, hi, fill=self.fills[index]).transpose(perm)
             lbl_np = crop_padded(np.asarray(label), lo, hi, fill=0).astype(np.float32).transpose(perm)
             img = torch.from_numpy(np.ascontiguousarray(img_np))[None]
             lbl = torch.from_numpy(np.ascontiguousarray(lbl_np))[None]

@@ -37,7 +37,7 @@ def main() -> None:
         raise SystemExit(f"error: {args.output} exists")
     record = json.loads(args.record.read_text())
     packed = RunConfig.load(args.run_config)
-    augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["augment"].items()})
+    augment = AugmentConfig(**record["augment"])
     config = replace(packed, output=str(args.output), fine=TrainConfig(**record["config"]), augment=augment,
                      init_from=[str(args.init_from or record["init_from"])] if record["init_from"] else [],
                      command=f"models/training/gpu/train_packed.py ({record['device']}, {record['steps']} steps)")

@@ -16,24 +16,21 @@ import argparse
 import io
 import json
 import lzma
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from heartseg.runtime.contract import StageContract
 from heartseg.runtime.preprocess import mask_box
 from heartseg.train.pipeline import Run, RunConfig
-from heartseg.train.sampler import SamplerConfig
+from heartseg.train.sampler import sampler_reach
 
 
-def sampler_reach(stage: StageContract) -> np.ndarray:
-    """Per axis, how far beyond the label's box PatchSampler can read (any axis may take the longest side)."""
+def sampler_reach_of(stage: StageContract) -> np.ndarray:
+    """The sampler's reach around the box; a stage without a crop margin draws patches from the whole scan."""
     if stage.crop_margin_mm <= 0:
         raise SystemExit(f"error: stage {stage.name!r} has no crop margin: its patches come from the whole scan")
-    side = max(stage.patch_size)
-    # Around a foreground voxel: half a patch plus a quarter of jitter. Around the box: the margin and
-    # its jitter, or, when box and margin are smaller than a patch, what a patch covering them reaches.
-    box = np.ceil((stage.crop_margin_mm + SamplerConfig().box_jitter_mm) / np.asarray(stage.spacing)).astype(int)
-    return np.maximum.reduce([np.full(3, side // 2 + side // 4), box, side - box - 1])
+    return sampler_reach(stage)
 
 
 def main() -> None:
@@ -47,7 +44,7 @@ def main() -> None:
     plan, folds = run.prepare()
     fold = folds[args.fold]
     stage = plan.contract.final_stage
-    reach = sampler_reach(stage)
+    reach = sampler_reach_of(stage)
     arrays, meta = {}, []
     for case in run.load_cases(plan.contract, fold.train):
         image, label = (np.asarray(a) for a in case.stages[stage.name])
@@ -65,7 +62,7 @@ def main() -> None:
     arrays["meta"] = np.frombuffer(json.dumps({
         "cases": meta, "fold": fold.index, "train_cases": fold.train, "stage": stage.name,
         "contract": json.loads((run.dir / "plan.json").read_text())["contract"],
-        "fine_unet": run.config.fine_unet.to_dict(), "augment": json.loads(json.dumps(run.config.augment.__dict__)),
+        "fine_unet": run.config.fine_unet.to_dict(), "augment": asdict(run.config.augment),
     }).encode(), np.uint8)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()

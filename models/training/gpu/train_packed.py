@@ -72,7 +72,7 @@ def main() -> None:
     contract = ModelContract.from_dict(meta["contract"])
     stage = next(s for s in contract.stages if s.name == meta["stage"])
     unet = UNetConfig.from_dict(meta["fine_unet"])
-    augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["augment"].items()})
+    augment = AugmentConfig(**meta["augment"])
     augment = replace(augment, **{k: v for k, v in (("p_flip", args.flip_prob), ("p_permute", args.permute_prob))
                                   if v is not None})
     init = None
