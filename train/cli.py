@@ -119,7 +119,8 @@ def train(
     cache: Optional[str] = typer.Option(None, help="Folder for preprocessed volumes (default $HEARTSEG_CACHE or ~/.cache/heartseg; 'none' disables)."),
     splits: Optional[Path] = typer.Option(None, "--splits", help="Use the folds of this file (the format of a run's splits.json) instead of making them: a fixed split, or a subset of the cases (cases no fold names are not used)."),
     init_from: Optional[List[Path]] = typer.Option(None, "--init-from", metavar="MODEL.pt", help="Start from existing weights (fine-tuning): a heartseg model.pt (every stage), or one stage's RUN/fold_K/STAGE/best.pt (that stage only); the networks must match this run's presets. Given again, a later source replaces the stages it holds (e.g. a model.pt, then another run's coarse/best.pt)."),
-    ensemble_of: Optional[List[Path]] = typer.Option(None, "--ensemble-of", metavar="MODEL.pt", help="No training: average these models (repeat it; fold models of one plan) into -o RUN/model.pt, its thresholds and QC calibrations fitted on the cases of DATA that neither they nor the weights they started from trained on, and none of them validated on (e.g. fold 0's held-out cases, for members trained on sub-folds of fold 0's training cases)."),
+    ensemble_of: Optional[List[Path]] = typer.Option(None, "--ensemble-of", metavar="MODEL.pt", help="No training: average the probabilities of these models (repeat it; fold models of one plan) into -o RUN/model.pt, its thresholds and QC calibrations fitted on the cases of DATA that neither they nor the weights they started from trained on, and none of them validated on (e.g. fold 0's held-out cases, for members trained on sub-folds of fold 0's training cases)."),
+    average_weights: Optional[List[Path]] = typer.Option(None, "--average-weights", metavar="MODEL.pt", help="No training: average the weights of these models (repeat it; models fine-tuned from one model on the same fold, e.g. with other augmentation or seeds) into one network per stage, as fast as one of them, in -o RUN/model.pt, its thresholds and QC calibrations fitted on the fold's held-out cases as a training run fits them."),
     version: bool = version_option(),
 ) -> None:
     """Train, calibrate the threshold on held-out cases, and write RUN/model.pt.
@@ -144,10 +145,14 @@ def train(
             raise HeartsegError("--recalibrate goes with --resume RUN_FOLDER")
         if device not in ("auto", "cpu", "cuda"):
             raise HeartsegError(f"--device {device!r}: choose auto, cpu or cuda")
-        if ensemble_of:
+        if ensemble_of and average_weights:
+            raise HeartsegError("--ensemble-of and --average-weights combine models in two ways: choose one")
+        if ensemble_of or average_weights:
+            option = "--ensemble-of" if ensemble_of else "--average-weights"
             if distributed:
-                raise HeartsegError("--ensemble-of trains nothing: run it without torchrun")
-            _ensemble(ctx, data, output, ensemble_of, cache, device, threads, console, torch)
+                raise HeartsegError(f"{option} trains nothing: run it without torchrun")
+            _combine(ctx, option, data, output, ensemble_of or average_weights, cache, device, threads, console,
+                     torch)
             return
         if resume is not None:
             if not (resume / "config.json").is_file():
@@ -224,33 +229,35 @@ def train(
         raise typer.Exit(exc.exit_code)
 
 
-# What --ensemble-of uses; every other option is about training and is refused beside it.
-_ENSEMBLE_OPTIONS = ("data", "output", "ensemble_of", "cache", "device", "threads", "version")
+# What --ensemble-of and --average-weights use; every other option is about training and is refused beside them.
+_COMBINE_OPTIONS = ("data", "output", "ensemble_of", "average_weights", "cache", "device", "threads", "version")
 
 
-def _ensemble(ctx: typer.Context, data, output, members, cache, device, threads, console, torch) -> None:
-    """heartseg-train DATA... -o OUT --ensemble-of M1 --ensemble-of M2 ...: build, calibrate and score an ensemble."""
+def _combine(ctx: typer.Context, option: str, data, output, members, cache, device, threads, console, torch) -> None:
+    """heartseg-train DATA... -o OUT --ensemble-of M1 --ensemble-of M2 ... (or --average-weights): build, calibrate
+    and score one model from several."""
     from heartseg.train.ensemble import build_ensemble
     from heartseg.train.trainer import pick_device
+    from heartseg.train.weight_average import build_weight_average
 
     # By name: typer may carry its own copy of click's ParameterSource.
-    given = [name for name in ctx.params if name not in _ENSEMBLE_OPTIONS
+    given = [name for name in ctx.params if name not in _COMBINE_OPTIONS
              and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
     if given:
-        raise HeartsegError(f"--ensemble-of trains nothing: {', '.join('--' + n.replace('_', '-') for n in given)} "
+        raise HeartsegError(f"{option} trains nothing: {', '.join('--' + n.replace('_', '-') for n in given)} "
                             "does not apply to it")
     if not data or output is None:
-        raise HeartsegError("--ensemble-of needs the dataset folders and -o OUT_FOLDER")
+        raise HeartsegError(f"{option} needs the dataset folders and -o OUT_FOLDER")
     for member in members:
         if not member.is_file():
-            raise HeartsegError(f"--ensemble-of {member}: no such file")
+            raise HeartsegError(f"{option} {member}: no such file")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise HeartsegError(f"{output}: exists and is not an empty folder; choose a new -o folder")
     if threads:
         torch.set_num_threads(threads)
     command = " ".join(shlex.quote(a) for a in ["heartseg-train", *sys.argv[1:]])
-    build_ensemble(list(data), list(members), output, cache, pick_device(device).type, log=console.log,
-                   command=command)
+    build = build_ensemble if option == "--ensemble-of" else build_weight_average
+    build(list(data), list(members), output, cache, pick_device(device).type, log=console.log, command=command)
 
 
 def _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits, augment: dict,

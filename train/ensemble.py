@@ -30,7 +30,8 @@ def _plan_of(checkpoint: ModelCheckpoint) -> dict:
     return plan
 
 
-def _same(a: StageWeights, b: StageWeights) -> bool:
+def same_weights(a: StageWeights, b: StageWeights) -> bool:
+    """Whether two networks are the same network with the same weights."""
     return (a.unet == b.unet and a.state_dict.keys() == b.state_dict.keys()
             and all(torch.equal(a.state_dict[n], b.state_dict[n]) for n in a.state_dict))
 
@@ -39,21 +40,17 @@ def _distinct(members: list[StageWeights]) -> list[StageWeights]:
     """Members whose weights differ: a stage the members share (e.g. one localiser kept by all) runs once."""
     kept: list[StageWeights] = []
     for m in members:
-        if not any(_same(k, m) for k in kept):
+        if not any(same_weights(k, m) for k in kept):
             kept.append(m)
     return kept
 
 
-def build_ensemble(data: list[Path], members: list[Path], output: Path, cache: str | None = None,
-                   device: str = "cpu", log: Callable[[str], None] = print, command: str = "") -> dict:
-    """Write output/model.pt averaging the members' probabilities per stage, with thresholds and QC calibrations
-    fitted on the cases of data that neither the members nor the weights they started from were trained on,
-    nor the members validated on (nor any image equal to one of those); returns the metrics also written to
-    output/metrics.json."""
+def read_members(members: list[Path], what: str) -> list[ModelCheckpoint]:
+    """The member models of what is built from them: at least two distinct files, none an ensemble, one plan."""
     if len({str(Path(p).resolve()) for p in members}) != len(members):
         raise HeartsegError("a member model is given twice")
     if len(members) < 2:
-        raise HeartsegError("an ensemble needs at least two member models")
+        raise HeartsegError(f"{what} needs at least two member models")
     checkpoints = [read_model_checkpoint(p) for p in members]
     for checkpoint in checkpoints:
         if any(len(w) > 1 for w in checkpoint.networks.values()):
@@ -62,6 +59,16 @@ def build_ensemble(data: list[Path], members: list[Path], output: Path, cache: s
             raise HeartsegError(f"{checkpoint.path}: prepares scans otherwise than {checkpoints[0].path}, or its "
                                 "networks differ (stages, spacing, patch, normalisation or U-Net): members must come "
                                 "from one plan")
+    return checkpoints
+
+
+def build_ensemble(data: list[Path], members: list[Path], output: Path, cache: str | None = None,
+                   device: str = "cpu", log: Callable[[str], None] = print, command: str = "") -> dict:
+    """Write output/model.pt averaging the members' probabilities per stage, with thresholds and QC calibrations
+    fitted on the cases of data that neither the members nor the weights they started from were trained on,
+    nor the members validated on (nor any image equal to one of those); returns the metrics also written to
+    output/metrics.json."""
+    checkpoints = read_members(members, "an ensemble")
     weights = {stage.name: _distinct([w for checkpoint in checkpoints for w in checkpoint.networks[stage.name]])
                for stage in checkpoints[0].contract.stages}
     final = checkpoints[0].contract.final_stage.name

@@ -1,0 +1,119 @@
+"""Models fine-tuned from one model on one fold, averaged weight by weight into one network per stage (a "model
+soup"): as fast as one of them, calibrated and scored on the fold's held-out cases as a training run is."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from heartseg.runtime.atomic import write_text_atomic
+from heartseg.runtime.errors import HeartsegError
+
+from .cache import cache_root, prepare_case
+from .checkpoint import ModelCheckpoint, StageWeights, model_checkpoint, save_atomic
+from .dataset import dataset_info, read_datasets
+from .ensemble import read_members, same_weights
+from .evaluate import calibrate_and_evaluate, stage_network
+from .lineage import Lineage, trained_cases
+from .pipeline import versions
+from .report import save_calibration
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of each floating-point tensor (computed in float64, stored in its own type); other tensors
+    (e.g. BatchNorm's step counter) are taken from the first."""
+    return {name: (sum(s[name].double() for s in states) / len(states)).to(t.dtype) if t.is_floating_point() else t
+            for name, t in states[0].items()}
+
+
+def _averaged(members: list[StageWeights]) -> StageWeights:
+    """One stage's averaged network; a network every member shares (e.g. one localiser kept by all) unchanged."""
+    if all(same_weights(members[0], m) for m in members[1:]):
+        return members[0]
+    return StageWeights(members[0].unet, average_state_dicts([m.state_dict for m in members]))
+
+
+def _fold_cases(checkpoint: ModelCheckpoint) -> tuple[list[str], list[str]]:
+    info = checkpoint.contract.info
+    return ([c for c in info.get("train_cases", "").split(",") if c],
+            [c for c in info.get("val_cases", "").split(",") if c])
+
+
+def _common_ancestors(checkpoints: list[ModelCheckpoint]) -> set[str]:
+    """Files that every member is, or started from through --init-from (at any depth)."""
+    shared: set[str] | None = None
+    for checkpoint in checkpoints:
+        visited = trained_cases(checkpoint, Lineage()).visited
+        shared = visited if shared is None else shared & visited
+    return shared or set()
+
+
+def build_weight_average(data: list[Path], members: list[Path], output: Path, cache: str | None = None,
+                         device: str = "cpu", log: Callable[[str], None] = print, command: str = "") -> dict:
+    """Write output/model.pt whose every stage averages the members' weights (members fine-tuned from one model
+    on the same fold), with thresholds and QC calibrations fitted on that fold's held-out cases; returns the metrics
+    also written to output/metrics.json."""
+    checkpoints = read_members(members, "an average of weights")
+    folds = {(tuple(_fold_cases(c)[0]), tuple(_fold_cases(c)[1])) for c in checkpoints}
+    if len(folds) != 1:
+        raise HeartsegError("the members were trained or validated on different cases: weights are averaged over "
+                            "models trained on one fold (use --ensemble-of to combine fold models)")
+    train, val = (list(cases) for cases in folds.pop())
+    if not val:
+        raise HeartsegError(f"{checkpoints[0].path}: names no held-out cases to calibrate on")
+    if not _common_ancestors(checkpoints):
+        raise HeartsegError("the members do not start from one model (--init-from): the weights of networks trained "
+                            "apart do not average into a working network (use --ensemble-of to average their "
+                            "probabilities)")
+    lineage = Lineage()
+    for checkpoint in checkpoints:
+        trained_cases(checkpoint, lineage)
+    if lineage.untraced:
+        log(f"warning: cannot tell which cases these starting weights were trained on (unreadable): "
+            f"{', '.join(lineage.untraced)}")
+    overlap = sorted(lineage.trained & set(val))
+    if overlap:
+        log(f"warning: the members or the weights they started from were trained on {len(overlap)} of the held-out "
+            f"cases ({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''}): the metrics overstate the model")
+    datasets = read_datasets(data)
+    cases = {c.case_id: c for info in datasets for c in info.cases}
+    missing = sorted(c for c in train + val if c not in cases)
+    if missing:
+        raise HeartsegError(f"the members' fold names cases that the given datasets lack ({', '.join(missing[:5])}"
+                            f"{', ...' if len(missing) > 5 else ''}): give every dataset they trained on")
+    base = checkpoints[0].contract
+    weights = {stage.name: _averaged([c.networks[stage.name][0] for c in checkpoints]) for stage in base.stages}
+    if weights[base.final_stage.name] is checkpoints[0].networks[base.final_stage.name][0]:
+        raise HeartsegError("the members' final-stage networks are identical: nothing to average")
+    log(f"average of {len(members)} models' weights: calibrating on their fold's {len(val)} held-out cases")
+    root = cache_root(cache)
+    val_cases = [prepare_case(cases[c], base, root) for c in val]
+    # Every member learned its plausibility from the same training cases.
+    contract = replace(base, info={})
+    networks = {name: stage_network([(w.unet, w.state_dict)]) for name, w in weights.items()}
+    evaluation = calibrate_and_evaluate(contract, networks, torch.device(device), val_cases, base.plausibility)
+    fold = base.info.get("fold", "")
+    metrics = {
+        "fold": fold, "members": [str(Path(p).resolve()) for p in members],
+        "train_cases": train, "val_cases": val,
+        "split": "held-out validation cases of the members' fold" + (
+            f", {len(overlap)} of them trained on by the members or their starting weights" if overlap else
+            " (never trained on)"),
+        "init_trained_on_held_out": overlap, "init_untraced": lineage.untraced,
+        **evaluation.metrics(),
+    }
+    contract = replace(evaluation.contract, info={
+        **dataset_info(datasets), "fold": fold, "train_cases": ",".join(train), "val_cases": ",".join(val),
+        "init_from": " + ".join(str(Path(p).resolve()) for p in members)})
+    output.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output / "metrics.json", json.dumps(metrics, indent=1))
+    save_atomic(model_checkpoint(contract, {n: [(w.unet.to_dict(), w.state_dict)] for n, w in weights.items()},
+                                 kind=checkpoints[0].kind, metrics=json.loads(json.dumps(metrics)),
+                                 versions=versions(), command=command), output / "model.pt")
+    save_calibration(output / "calibration.png", evaluation.calibrations)
+    log(f"average of weights: {evaluation.summary_line()} on fold {fold}'s {len(val)} held-out cases; "
+        f"wrote {output / 'model.pt'}")
+    return metrics
