@@ -15,6 +15,7 @@ from heartseg.export.cli import app as export_app  # noqa: E402
 from heartseg.runtime.segmenter import Segmenter  # noqa: E402
 from heartseg.train.checkpoint import read_model_checkpoint  # noqa: E402
 from heartseg.train.cli import app  # noqa: E402
+from heartseg.train.lineage import trained_cases  # noqa: E402
 from heartseg.train.weight_average import average_state_dicts  # noqa: E402
 from synthetic_dataset import make_msd_dataset  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
@@ -107,6 +108,64 @@ def test_average_exports_to_a_file_the_runtime_reads(runs, averaged, tmp_path):
     assert prediction.mask.shape == (32, 32, 24) and prediction.report is not None
 
 
+def test_members_started_from_a_copy_given_by_relative_paths_in_another_case_order_are_averaged(
+        runs, tmp_path, monkeypatch):
+    root, data, members = runs
+    # RUN/model.pt is the run's copy of RUN/fold_0/model.pt: the same weights under another path.
+    _train(data, tmp_path / "from_copy", root / "splits.json", "--init-from", str(root / "base" / "model.pt"),
+           "--seed", "3", args=TUNE_ARGS)
+    reordered = torch.load(members[1], map_location="cpu", weights_only=True)
+    info = reordered["contract"]["info"]
+    info["val_cases"] = ",".join(reversed(info["val_cases"].split(",")))
+    info["train_cases"] = ",".join(reversed(info["train_cases"].split(",")))
+    (tmp_path / "reordered").mkdir()
+    torch.save(reordered, tmp_path / "reordered" / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*map(str, data), "-o", "soup", "--average-weights", str(members[0]),
+                                      "--average-weights", "from_copy/fold_0/model.pt", "--average-weights",
+                                      "reordered/model.pt", "--threads", "1", "--cache", "none"])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    # The lineage runs through the members (named by absolute paths) to the base they started from.
+    lineage = trained_cases(tmp_path / "soup" / "model.pt")
+    assert str((tmp_path / "from_copy" / "fold_0" / "model.pt").resolve()) in lineage.visited
+    assert str((root / "base" / "model.pt").resolve()) in lineage.visited and lineage.untraced == []
+    assert json.loads((tmp_path / "soup" / "metrics.json").read_text())["fold"] == 0
+
+
+def test_a_stage_trained_apart_or_with_other_batchnorm_statistics_is_refused(runs, tmp_path):
+    root, data, members = runs
+    splits = root / "splits.json"
+    # Only the localiser is shared (its best.pt, kept as it is); the fine stage is trained from scratch.
+    _train(data, tmp_path / "fine_apart", splits, "--init-from", str(root / "base" / "fold_0" / "coarse" / "best.pt"),
+           "--seed", "5", args=TUNE_ARGS)
+    apart = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--average-weights",
+                                     str(root / "base" / "fold_0" / "model.pt"), "--average-weights",
+                                     str(tmp_path / "fine_apart" / "fold_0" / "model.pt"), "--cache", "none"])
+    assert apart.exit_code == 2 and "'fine' networks do not start from one network" in unwrapped(apart.output), \
+        apart.output
+    # The localiser (BatchNorm) trained on from the base: one start, but its statistics moved.
+    _train(data, tmp_path / "coarse_tuned", splits, "--init-from", str(root / "base" / "fold_0" / "model.pt"))
+    stats = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--average-weights", str(members[0]),
+                                     "--average-weights", str(tmp_path / "coarse_tuned" / "fold_0" / "model.pt"),
+                                     "--cache", "none"])
+    assert stats.exit_code == 2 and "'coarse' networks differ in BatchNorm statistics" in unwrapped(stats.output), \
+        stats.output
+    assert "Traceback" not in apart.output + stats.output and not (tmp_path / "x").exists()
+
+
+def test_a_failed_write_leaves_no_output_folder(monkeypatch, tmp_path):
+    from heartseg.train import ensemble
+
+    def fail(obj, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ensemble, "save_atomic", fail)
+    monkeypatch.setattr(ensemble, "save_calibration", lambda path, calibrations: path.write_bytes(b"png"))
+    with pytest.raises(OSError):
+        ensemble.write_model_folder(tmp_path / "out", {"mean": {}}, {}, {})
+    assert not (tmp_path / "out").exists()
+
+
 def test_members_trained_apart_or_on_other_folds_are_refused(runs, tmp_path):
     root, data, members = runs
     splits = root / "splits.json"
@@ -115,7 +174,7 @@ def test_members_trained_apart_or_on_other_folds_are_refused(runs, tmp_path):
     apart = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--average-weights",
                                      str(root / "base" / "fold_0" / "model.pt"), "--average-weights",
                                      str(tmp_path / "apart" / "fold_0" / "model.pt"), "--cache", "none"])
-    assert apart.exit_code == 2 and "do not start from one model" in unwrapped(apart.output), apart.output
+    assert apart.exit_code == 2 and "do not start from one network" in unwrapped(apart.output), apart.output
     other = tmp_path / "other_splits.json"
     other.write_text(json.dumps({"seed": 0, "folds": [{"fold": 0, "train": TRAIN[1:] + VAL[:1],
                                                        "val": TRAIN[:1] + VAL[1:]}]}))

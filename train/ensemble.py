@@ -45,6 +45,26 @@ def _distinct(members: list[StageWeights]) -> list[StageWeights]:
     return kept
 
 
+def write_model_folder(output: Path, metrics: dict, checkpoint: dict, calibrations: dict) -> None:
+    """Write output/metrics.json, model.pt and calibration.png; on failure remove what was written (and the folder
+    when it was made here), so that the same command can simply be run again."""
+    created = not output.exists()
+    written: list[Path] = []
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        written.append(write_text_atomic(output / "metrics.json", json.dumps(metrics, indent=1)))
+        written.append(output / "calibration.png")
+        save_calibration(output / "calibration.png", calibrations)
+        written.append(output / "model.pt")
+        save_atomic(checkpoint, output / "model.pt")
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
+        raise
+
+
 def read_members(members: list[Path], what: str) -> list[ModelCheckpoint]:
     """The member models of what is built from them: at least two distinct files, none an ensemble, one plan."""
     if len({str(Path(p).resolve()) for p in members}) != len(members):
@@ -120,12 +140,9 @@ def build_ensemble(data: list[Path], members: list[Path], output: Path, cache: s
     contract = replace(evaluation.contract, info={
         **dataset_info(datasets), "fold": "ensemble", "members": str(len(weights[final])),
         "train_cases": ",".join(trained), "val_cases": ",".join(unseen), "init_from": ""})
-    output.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output / "metrics.json", json.dumps(metrics, indent=1))
-    save_atomic(model_checkpoint(contract, {n: [(w.unet.to_dict(), w.state_dict) for w in ws]
-                                            for n, ws in weights.items()},
-                                 kind=checkpoints[0].kind, metrics=json.loads(json.dumps(metrics)),
-                                 versions=versions(), command=command), output / "model.pt")
-    save_calibration(output / "calibration.png", evaluation.calibrations)
+    write_model_folder(output, metrics, model_checkpoint(
+        contract, {n: [(w.unet.to_dict(), w.state_dict) for w in ws] for n, ws in weights.items()},
+        kind=checkpoints[0].kind, metrics=json.loads(json.dumps(metrics)), versions=versions(), command=command),
+        evaluation.calibrations)
     log(f"ensemble: {evaluation.summary_line()} on the {len(unseen)} unseen cases; wrote {output / 'model.pt'}")
     return metrics

@@ -1,15 +1,16 @@
-"""Which cases a checkpoint's weights were trained on, through the --init-from weights they started from:
-what held-out metrics must not be measured on."""
+"""Which cases a checkpoint's weights were trained on, through the --init-from weights they started from (what
+held-out metrics must not be measured on), and which weights each of its stages started from."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from heartseg.runtime.errors import HeartsegError
 
-from .checkpoint import ModelCheckpoint, read_model_checkpoint
+from .checkpoint import ModelCheckpoint, read_best, read_model_checkpoint
 
 
 @dataclass
@@ -55,3 +56,55 @@ def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None 
     for parent in parents:
         trained_cases(parent, lineage)
     return lineage
+
+
+def weights_fingerprint(state: dict) -> str:
+    """SHA-256 of a state dict's names and tensor values: equal for copies of one network's weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stage_source(parents: list[str], stage: str) -> str | None:
+    """The --init-from source a stage started from: the last one holding it (a model.pt holds every stage, a
+    RUN/fold_K/STAGE/best.pt only its own)."""
+    for parent in reversed(parents):
+        if Path(parent).name != "best.pt" or Path(parent).parent.name == stage:
+            return parent
+    return None
+
+
+def stage_origins(source: str | Path | ModelCheckpoint, stage: str) -> set[str]:
+    """Fingerprints of one stage's weights in a checkpoint and in each --init-from source that stage started from,
+    back to the first; a file that cannot be read counts by its resolved path and ends the trace."""
+    origins: set[str] = set()
+    current: str | Path | ModelCheckpoint | None = source
+    seen: set[str] = set()
+    while current is not None:
+        checkpoint = current if isinstance(current, ModelCheckpoint) else None
+        path = Path(checkpoint.path if checkpoint is not None else current)
+        key = str(path.resolve())
+        if key in seen:
+            break
+        seen.add(key)
+        try:
+            if path.name == "best.pt":
+                state = read_best(path)["model"]
+                config = json.loads((path.resolve().parents[2] / "config.json").read_text())
+                parents = config.get("init_from") or []
+                parents = [parents] if isinstance(parents, str) else parents
+            else:
+                checkpoint = checkpoint or read_model_checkpoint(path)
+                weights = checkpoint.networks.get(stage)
+                if not weights or len(weights) != 1:
+                    break
+                state = weights[0].state_dict
+                parents = _sources(checkpoint.contract.info.get("init_from", ""))
+        except (HeartsegError, OSError, ValueError, KeyError, TypeError, IndexError):
+            origins.add(key)
+            break
+        origins.add(weights_fingerprint(state))
+        current = _stage_source(parents, stage)
+    return origins

@@ -9,17 +9,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from heartseg.runtime.atomic import write_text_atomic
 from heartseg.runtime.errors import HeartsegError
 
 from .cache import cache_root, prepare_case
-from .checkpoint import ModelCheckpoint, StageWeights, model_checkpoint, save_atomic
+from .checkpoint import ModelCheckpoint, StageWeights, model_checkpoint
 from .dataset import dataset_info, read_datasets
-from .ensemble import read_members, same_weights
+from .ensemble import read_members, same_weights, write_model_folder
 from .evaluate import calibrate_and_evaluate, stage_network
-from .lineage import Lineage, trained_cases
+from .lineage import Lineage, stage_origins, trained_cases
 from .pipeline import versions
-from .report import save_calibration
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -29,26 +27,35 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
             for name, t in states[0].items()}
 
 
-def _averaged(members: list[StageWeights]) -> StageWeights:
-    """One stage's averaged network; a network every member shares (e.g. one localiser kept by all) unchanged."""
+# BatchNorm's running statistics: their mean is not the statistics of the averaged network.
+_RUNNING_STATS = ("running_mean", "running_var")
+
+
+def _averaged(stage: str, members: list[StageWeights], checkpoints: list[ModelCheckpoint]) -> StageWeights:
+    """One stage's averaged network; a network every member shares (e.g. one localiser kept by all) unchanged.
+    Refused when the members' networks of the stage did not start from one network, or differ in BatchNorm
+    statistics."""
     if all(same_weights(members[0], m) for m in members[1:]):
         return members[0]
-    return StageWeights(members[0].unet, average_state_dicts([m.state_dict for m in members]))
+    shared = set.intersection(*(stage_origins(c, stage) for c in checkpoints))
+    if not shared:
+        raise HeartsegError(f"the members' {stage!r} networks do not start from one network (--init-from): "
+                            "the weights of networks trained apart do not average into a working network (use "
+                            "--ensemble-of to average their probabilities)")
+    states = [m.state_dict for m in members]
+    moved = sorted(n for n in states[0] if n.endswith(_RUNNING_STATS)
+                   and any(not torch.equal(states[0][n], s[n]) for s in states[1:]))
+    if moved:
+        raise HeartsegError(f"the members' {stage!r} networks differ in BatchNorm statistics ({moved[0]}, ...): "
+                            "their mean is not the averaged network's; keep that stage the same in every member "
+                            "(e.g. --coarse-steps 0) or combine them with --ensemble-of")
+    return StageWeights(members[0].unet, average_state_dicts(states))
 
 
-def _fold_cases(checkpoint: ModelCheckpoint) -> tuple[list[str], list[str]]:
+def _fold_cases(checkpoint: ModelCheckpoint) -> tuple[tuple[str, ...], tuple[str, ...]]:
     info = checkpoint.contract.info
-    return ([c for c in info.get("train_cases", "").split(",") if c],
-            [c for c in info.get("val_cases", "").split(",") if c])
-
-
-def _common_ancestors(checkpoints: list[ModelCheckpoint]) -> set[str]:
-    """Files that every member is, or started from through --init-from (at any depth)."""
-    shared: set[str] | None = None
-    for checkpoint in checkpoints:
-        visited = trained_cases(checkpoint, Lineage()).visited
-        shared = visited if shared is None else shared & visited
-    return shared or set()
+    return (tuple(sorted(c for c in info.get("train_cases", "").split(",") if c)),
+            tuple(sorted(c for c in info.get("val_cases", "").split(",") if c)))
 
 
 def build_weight_average(data: list[Path], members: list[Path], output: Path, cache: str | None = None,
@@ -57,17 +64,13 @@ def build_weight_average(data: list[Path], members: list[Path], output: Path, ca
     on the same fold), with thresholds and QC calibrations fitted on that fold's held-out cases; returns the metrics
     also written to output/metrics.json."""
     checkpoints = read_members(members, "an average of weights")
-    folds = {(tuple(_fold_cases(c)[0]), tuple(_fold_cases(c)[1])) for c in checkpoints}
+    folds = {_fold_cases(c) for c in checkpoints}
     if len(folds) != 1:
         raise HeartsegError("the members were trained or validated on different cases: weights are averaged over "
                             "models trained on one fold (use --ensemble-of to combine fold models)")
     train, val = (list(cases) for cases in folds.pop())
     if not val:
         raise HeartsegError(f"{checkpoints[0].path}: names no held-out cases to calibrate on")
-    if not _common_ancestors(checkpoints):
-        raise HeartsegError("the members do not start from one model (--init-from): the weights of networks trained "
-                            "apart do not average into a working network (use --ensemble-of to average their "
-                            "probabilities)")
     lineage = Lineage()
     for checkpoint in checkpoints:
         trained_cases(checkpoint, lineage)
@@ -85,19 +88,20 @@ def build_weight_average(data: list[Path], members: list[Path], output: Path, ca
         raise HeartsegError(f"the members' fold names cases that the given datasets lack ({', '.join(missing[:5])}"
                             f"{', ...' if len(missing) > 5 else ''}): give every dataset they trained on")
     base = checkpoints[0].contract
-    weights = {stage.name: _averaged([c.networks[stage.name][0] for c in checkpoints]) for stage in base.stages}
+    weights = {stage.name: _averaged(stage.name, [c.networks[stage.name][0] for c in checkpoints], checkpoints)
+               for stage in base.stages}
     if weights[base.final_stage.name] is checkpoints[0].networks[base.final_stage.name][0]:
         raise HeartsegError("the members' final-stage networks are identical: nothing to average")
     log(f"average of {len(members)} models' weights: calibrating on their fold's {len(val)} held-out cases")
     root = cache_root(cache)
     val_cases = [prepare_case(cases[c], base, root) for c in val]
-    # Every member learned its plausibility from the same training cases.
+    # Every member learned its plausibility from the same training cases: it is kept, not learned again.
     contract = replace(base, info={})
     networks = {name: stage_network([(w.unet, w.state_dict)]) for name, w in weights.items()}
     evaluation = calibrate_and_evaluate(contract, networks, torch.device(device), val_cases, base.plausibility)
     fold = base.info.get("fold", "")
     metrics = {
-        "fold": fold, "members": [str(Path(p).resolve()) for p in members],
+        "fold": int(fold) if fold.isdigit() else fold, "members": [str(Path(p).resolve()) for p in members],
         "train_cases": train, "val_cases": val,
         "split": "held-out validation cases of the members' fold" + (
             f", {len(overlap)} of them trained on by the members or their starting weights" if overlap else
@@ -108,12 +112,9 @@ def build_weight_average(data: list[Path], members: list[Path], output: Path, ca
     contract = replace(evaluation.contract, info={
         **dataset_info(datasets), "fold": fold, "train_cases": ",".join(train), "val_cases": ",".join(val),
         "init_from": " + ".join(str(Path(p).resolve()) for p in members)})
-    output.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output / "metrics.json", json.dumps(metrics, indent=1))
-    save_atomic(model_checkpoint(contract, {n: [(w.unet.to_dict(), w.state_dict)] for n, w in weights.items()},
-                                 kind=checkpoints[0].kind, metrics=json.loads(json.dumps(metrics)),
-                                 versions=versions(), command=command), output / "model.pt")
-    save_calibration(output / "calibration.png", evaluation.calibrations)
+    write_model_folder(output, metrics, model_checkpoint(
+        contract, {n: [(w.unet.to_dict(), w.state_dict)] for n, w in weights.items()}, kind=checkpoints[0].kind,
+        metrics=json.loads(json.dumps(metrics)), versions=versions(), command=command), evaluation.calibrations)
     log(f"average of weights: {evaluation.summary_line()} on fold {fold}'s {len(val)} held-out cases; "
         f"wrote {output / 'model.pt'}")
     return metrics
