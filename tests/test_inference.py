@@ -1,4 +1,5 @@
-"""The inference path's geometry: separable resampling, the box's native footprint, when the localiser runs."""
+"""The inference path's geometry: separable resampling, the box's native footprint, when the localiser runs, and the
+largest component kept inside the foreground's box."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from heartseg.runtime.contract import LOCALISER, ModelContract, StageContract
 import heartseg.runtime.inference as inference
 from heartseg.runtime.inference import fits_final_stage, grown_box, infer_canonical, stage_box_footprint
 from heartseg.runtime.plausibility import Plausibility
+from heartseg.runtime.postprocess import largest_component
 from heartseg.runtime.preprocess import CanonicalVolume, resample_to_shape
 
 
@@ -144,3 +146,29 @@ def test_the_final_stage_follows_a_mask_that_the_localisers_box_cuts(monkeypatch
     monkeypatch.setattr(inference, "MAX_BOX_GROWTH", 2)
     given = infer_canonical(volume, CASCADE, predict, box=tight).prob > 0.5
     assert np.array_equal(given, cut)
+
+
+def _largest_on_the_whole_grid(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask.astype(np.uint8)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return (labels == sizes.argmax()).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_largest_component_inside_the_foreground_box_equals_the_whole_grid(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(4, 24, size=3))
+    # Sparse to dense masks: several components, ties, components on the faces of the grid.
+    mask = (rng.random(shape) < rng.uniform(0.02, 0.4)).astype(np.uint8)
+    if seed == 0:
+        mask[:] = 0
+    elif seed == 1:
+        mask[:] = 0
+        mask[-1, -1, -1] = 1
+    got = largest_component(mask)
+    assert got.dtype == np.uint8 and got.shape == mask.shape
+    np.testing.assert_array_equal(got, _largest_on_the_whole_grid(mask))
+    np.testing.assert_array_equal(largest_component(mask.astype(bool)), got)
