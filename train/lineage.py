@@ -27,6 +27,12 @@ def _sources(text: str) -> list[str]:
     return [part.strip() for part in text.split(" + ") if part.strip()]
 
 
+def _run_init_from(best: Path) -> list[str]:
+    """The --init-from sources of the run that a RUN/fold_K/STAGE/best.pt belongs to."""
+    parents = json.loads((best.resolve().parents[2] / "config.json").read_text()).get("init_from") or []
+    return [parents] if isinstance(parents, str) else parents
+
+
 def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None = None) -> Lineage:
     """The training cases of a model.pt (its contract's info; a checkpoint already read is not read again) or of a
     RUN/fold_K/STAGE/best.pt (its run's splits.json), and of every --init-from source before it, as far as those
@@ -44,8 +50,7 @@ def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None 
             index = int(fold.removeprefix("fold_"))
             splits = json.loads((run / "splits.json").read_text())["folds"]
             lineage.trained.update(next(f["train"] for f in splits if f["fold"] == index))
-            parents = json.loads((run / "config.json").read_text()).get("init_from") or []
-            parents = [parents] if isinstance(parents, str) else parents
+            parents = _run_init_from(path)
         else:
             info = (checkpoint or read_model_checkpoint(path)).contract.info
             lineage.trained.update(c for c in info.get("train_cases", "").split(",") if c)
@@ -92,9 +97,7 @@ def stage_origins(source: str | Path | ModelCheckpoint, stage: str) -> set[str]:
         try:
             if path.name == "best.pt":
                 state = read_best(path)["model"]
-                config = json.loads((path.resolve().parents[2] / "config.json").read_text())
-                parents = config.get("init_from") or []
-                parents = [parents] if isinstance(parents, str) else parents
+                parents = _run_init_from(path)
             else:
                 checkpoint = checkpoint or read_model_checkpoint(path)
                 weights = checkpoint.networks.get(stage)

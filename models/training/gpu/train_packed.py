@@ -34,11 +34,11 @@ def load_pack(path: Path) -> tuple[dict, list[PreparedCase]]:
     """The pack's metadata and its cases (fine-stage grids only, dequantised to float32)."""
     pack = np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())))
     meta = json.loads(bytes(pack["meta"]).decode())
+    spacing = tuple(next(s for s in meta["contract"]["stages"] if s["name"] == meta["stage"])["spacing"])
     cases = []
     for m in meta["cases"]:
         image = (pack[f"{m['case_id']}.image"].astype(np.float32) * np.float32(m["scale"]) + np.float32(m["offset"]))
         label = pack[f"{m['case_id']}.label"]
-        spacing = tuple(next(s for s in meta["contract"]["stages"] if s["name"] == meta["stage"])["spacing"])
         cases.append(PreparedCase(m["case_id"], image, label, spacing, {meta["stage"]: (image, label)}, m["dataset"]))
     return meta, cases
 
