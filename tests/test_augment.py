@@ -170,3 +170,51 @@ def test_inversion_probability_is_checked() -> None:
 
     with pytest.raises(ConfigError, match="p_invert"):
         AugmentConfig(p_invert=1.5)
+
+
+def _box_sample(shape: tuple[int, int, int] = (20, 20, 20)) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bright cube (the blood pool) on a dark, noisy background."""
+    gen = torch.Generator().manual_seed(7)
+    label = torch.zeros(1, *shape)
+    label[:, 4:16, 4:16, 4:16] = 1.0
+    return label * 2.0 + 0.1 * torch.randn(1, *shape, generator=gen), label
+
+
+def test_dark_pool_darkens_the_interior_keeps_the_edge_the_outside_and_the_label() -> None:
+    image, label = _box_sample()
+    darkening = 1.5
+    config = replace(AugmentConfig.identity(), p_dark_pool=1.0, dark_pool_sd=(darkening, darkening), dark_pool_depth=2)
+    out_image, out_label = augment(image, label, config, _rng(0))
+    change = (out_image - image)[0]
+    spread = float(image.std())
+    assert torch.equal(out_label, label)
+    # Outside the label nothing changes; its outermost layer (the wall) darkens far less than the pool.
+    assert float(change[label[0] == 0].abs().max()) == 0.0
+    assert float(change[4, 4:16, 4:16].abs().max()) < 0.25 * darkening * spread
+    # Deep inside, the full darkening; in between, less.
+    assert float(change[8:12, 8:12, 8:12].min()) == pytest.approx(-darkening * spread, rel=1e-5)
+    assert float(change[8:12, 8:12, 8:12].max()) == pytest.approx(-darkening * spread, rel=1e-5)
+    assert -darkening * spread < float(change[5, 10, 10]) < 0.0
+    # The pool ends up darker than its edge, which stays brighter than the background.
+    assert float(out_image[0, 8:12, 8:12, 8:12].mean()) < float(out_image[0, 4, 4:16, 4:16].mean())
+
+
+def test_dark_pool_off_keeps_the_random_streams_and_is_checked(monkeypatch) -> None:
+    from heartseg.train import augment as module
+    from heartseg.train.options import ConfigError
+
+    image, label = _sample()
+    draws: list[float] = []
+    real = module._chance
+    monkeypatch.setattr(module, "_chance", lambda rng, p: draws.append(p) or real(rng, p))
+    augment(image, label, ALL_ON, _rng(4))
+    without = len(draws)
+    draws.clear()
+    augment(image, label, replace(ALL_ON, p_dark_pool=1e-9), _rng(4))
+    assert ALL_ON.p_dark_pool == 0.0 and len(draws) == without + 1 and 1e-9 in draws
+    with pytest.raises(ConfigError, match="p_dark_pool"):
+        AugmentConfig(p_dark_pool=-0.1)
+    with pytest.raises(ConfigError, match="dark_pool_depth"):
+        AugmentConfig(dark_pool_depth=0)
+    with pytest.raises(ValueError, match="dark_pool_sd"):
+        AugmentConfig(dark_pool_sd=(2.0, 1.0))

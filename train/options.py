@@ -13,6 +13,7 @@ from heartseg.runtime.errors import HeartsegError
 # Config fields whose command-line option has another name.
 OPTION_NAMES = {"crop_margin_mm": "margin-mm", "n_folds": "folds", "fine_patch": "patch", "kind": "stage",
                 "p_flip": "flip-prob", "p_permute": "permute-prob", "p_invert": "invert-prob",
+                "p_dark_pool": "dark-pool-prob",
                 "dataset_weights": "dataset-weight"}
 
 
@@ -138,17 +139,25 @@ class AugmentConfig:
     p_bias: float = 0.3
     # Negated intensities: a blood pool darker than the atrial wall (some LGE scans) must not hide the atrium.
     p_invert: float = 0.0
+    # A blood pool darker than the wall around it, as in LGE scans whose contrast has washed out: the
+    # label's interior (from dark_pool_depth voxels inside its edge) is darkened by a share of the patch's
+    # standard deviation drawn from dark_pool_sd, its outermost voxels little and the outside not at all.
+    p_dark_pool: float = 0.0
+    dark_pool_sd: tuple[float, float] = (0.5, 2.0)
+    dark_pool_depth: int = 2
 
     def __post_init__(self) -> None:
         self.flip_axes = tuple(int(a) for a in self.flip_axes)
         self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
         self.intensity_scale = (float(self.intensity_scale[0]), float(self.intensity_scale[1]))
         self.gamma_range = (float(self.gamma_range[0]), float(self.gamma_range[1]))
+        self.dark_pool_sd = (float(self.dark_pool_sd[0]), float(self.dark_pool_sd[1]))
+        integer_at_least(self.dark_pool_depth, 1, "dark_pool_depth")
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ValueError(f"flip_axes must be spatial axes in (0, 1, 2), got {self.flip_axes}")
-        for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias", "p_invert"):
+        for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias", "p_invert", "p_dark_pool"):
             number_in(getattr(self, name), 0.0, 1.0, name)
-        for name in ("scale_range", "intensity_scale", "gamma_range"):
+        for name in ("scale_range", "intensity_scale", "gamma_range", "dark_pool_sd"):
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
