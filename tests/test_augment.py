@@ -150,7 +150,8 @@ def test_inversion_negates_the_intensities_and_keeps_the_label() -> None:
     assert torch.equal(out_image, -image) and torch.equal(out_label, label)
 
 
-def test_inversion_off_keeps_the_random_streams_of_earlier_configurations(monkeypatch) -> None:
+@pytest.mark.parametrize("option", ["p_invert", "p_dark_pool"])
+def test_an_option_off_keeps_the_random_streams_of_earlier_configurations(monkeypatch, option: str) -> None:
     from heartseg.train import augment as module
 
     image, label = _sample()
@@ -160,9 +161,9 @@ def test_inversion_off_keeps_the_random_streams_of_earlier_configurations(monkey
     augment(image, label, ALL_ON, _rng(4))
     without = len(draws)
     draws.clear()
-    augment(image, label, replace(ALL_ON, p_invert=1e-9), _rng(4))
+    augment(image, label, replace(ALL_ON, **{option: 1e-9}), _rng(4))
     # Off, no number is drawn for it (so earlier runs repeat); on, exactly one.
-    assert ALL_ON.p_invert == 0.0 and len(draws) == without + 1 and 1e-9 in draws
+    assert getattr(ALL_ON, option) == 0.0 and len(draws) == without + 1 and 1e-9 in draws
 
 
 def test_inversion_probability_is_checked() -> None:
@@ -180,7 +181,7 @@ def _box_sample(shape: tuple[int, int, int] = (20, 20, 20)) -> tuple[torch.Tenso
     return label * 2.0 + 0.1 * torch.randn(1, *shape, generator=gen), label
 
 
-def test_dark_pool_darkens_the_interior_keeps_the_edge_the_outside_and_the_label() -> None:
+def test_dark_pool_darkens_the_interior_spares_the_edge_and_the_outside_keeps_the_label() -> None:
     image, label = _box_sample()
     darkening = 1.5
     config = replace(AugmentConfig.identity(), p_dark_pool=1.0, dark_pool_sd=(darkening, darkening), dark_pool_depth=2)
@@ -199,19 +200,9 @@ def test_dark_pool_darkens_the_interior_keeps_the_edge_the_outside_and_the_label
     assert float(out_image[0, 8:12, 8:12, 8:12].mean()) < float(out_image[0, 4, 4:16, 4:16].mean())
 
 
-def test_dark_pool_off_keeps_the_random_streams_and_is_checked(monkeypatch) -> None:
-    from heartseg.train import augment as module
+def test_dark_pool_options_are_checked() -> None:
     from heartseg.train.options import ConfigError
 
-    image, label = _sample()
-    draws: list[float] = []
-    real = module._chance
-    monkeypatch.setattr(module, "_chance", lambda rng, p: draws.append(p) or real(rng, p))
-    augment(image, label, ALL_ON, _rng(4))
-    without = len(draws)
-    draws.clear()
-    augment(image, label, replace(ALL_ON, p_dark_pool=1e-9), _rng(4))
-    assert ALL_ON.p_dark_pool == 0.0 and len(draws) == without + 1 and 1e-9 in draws
     with pytest.raises(ConfigError, match="p_dark_pool"):
         AugmentConfig(p_dark_pool=-0.1)
     with pytest.raises(ConfigError, match="dark_pool_depth"):

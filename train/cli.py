@@ -111,7 +111,7 @@ def train(
     foreground_fraction: float = typer.Option(_FINE.foreground_fraction, help="Share of patches centred on a foreground voxel."),
     flip_prob: float = typer.Option(_AUGMENT.p_flip, help="Probability of mirroring each axis of a training patch (orientation robustness; with --permute-prob 0, 0 trains the stored orientation only)."),
     permute_prob: float = typer.Option(_AUGMENT.p_permute, help="Probability of permuting the axes of a training patch."),
-    dark_pool_prob: float = typer.Option(_AUGMENT.p_dark_pool, help="Probability of darkening the atrium's interior in a training patch, its edge kept (a blood pool darker than the wall around it, as in LGE scans whose contrast has washed out)."),
+    dark_pool_prob: float = typer.Option(_AUGMENT.p_dark_pool, help="Probability of darkening the atrium's interior in a training patch, its edge little and the outside not at all (a blood pool darker than the wall around it, as in LGE scans whose contrast has washed out)."),
     invert_prob: float = typer.Option(_AUGMENT.p_invert, help="Probability of negating a training patch's intensities (air and blood pool swap brightness), so that a blood pool darker than the atrial wall, as in some LGE scans, is seen in training."),
     dataset_weight: Optional[List[str]] = typer.Option(None, "--dataset-weight", metavar="NAME=W", help="Draw training patches from dataset NAME (its folder's name) W times as often as from a dataset given no weight (default: every dataset equally often). Repeat it for several."),
     device: str = typer.Option(_FINE.device, help="auto (CUDA when available), cpu or cuda."),
