@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from heartseg.runtime.atomic import write_text_atomic
@@ -13,9 +13,9 @@ from heartseg.runtime.errors import HeartsegError
 
 from .cache import cache_root, prepare_case
 from .checkpoint import ModelCheckpoint, StageWeights, model_checkpoint, read_model_checkpoint, save_atomic
-from .dataset import dataset_info, image_hash, read_datasets
+from .dataset import Case, DatasetInfo, dataset_info, image_hash, read_datasets
 from .evaluate import calibrate_and_evaluate, learned_plausibility, stage_network
-from .lineage import Lineage, trained_cases
+from .lineage import info_cases, members_lineage
 from .pipeline import versions
 from .report import save_calibration
 
@@ -82,6 +82,17 @@ def read_members(members: list[Path], what: str) -> list[ModelCheckpoint]:
     return checkpoints
 
 
+def members_cases(data: list[Path], needed: Iterable[str]) -> tuple[list[DatasetInfo], dict[str, Case]]:
+    """The datasets and their cases by id, refused when the members' cases are not all among them."""
+    datasets = read_datasets(data)
+    cases = {c.case_id: c for info in datasets for c in info.cases}
+    missing = sorted(c for c in needed if c not in cases)
+    if missing:
+        raise HeartsegError(f"the members name cases that the given datasets lack ({', '.join(missing[:5])}"
+                            f"{', ...' if len(missing) > 5 else ''}): give every dataset they trained on")
+    return datasets, cases
+
+
 def build_ensemble(data: list[Path], members: list[Path], output: Path, cache: str | None = None,
                    device: str = "cpu", log: Callable[[str], None] = print, command: str = "") -> dict:
     """Write output/model.pt averaging the members' probabilities per stage, with thresholds and QC calibrations
@@ -94,23 +105,11 @@ def build_ensemble(data: list[Path], members: list[Path], output: Path, cache: s
     final = checkpoints[0].contract.final_stage.name
     if len(weights[final]) < 2:
         raise HeartsegError("the members' final-stage networks are identical: nothing to average")
-    lineage = Lineage()
-    own: set[str] = set()
-    validated: set[str] = set()
-    for checkpoint in checkpoints:
-        trained_cases(checkpoint, lineage)
-        own.update(c for c in checkpoint.contract.info.get("train_cases", "").split(",") if c)
-        validated.update(c for c in checkpoint.contract.info.get("val_cases", "").split(",") if c)
-    if lineage.untraced:
-        log(f"warning: cannot tell which cases these starting weights were trained on (unreadable): "
-            f"{', '.join(lineage.untraced)}")
-    datasets = read_datasets(data)
-    cases = {c.case_id: c for info in datasets for c in info.cases}
+    lineage = members_lineage(checkpoints, log)
+    own = {c for checkpoint in checkpoints for c in info_cases(checkpoint.contract.info, "train_cases")}
+    validated = {c for checkpoint in checkpoints for c in info_cases(checkpoint.contract.info, "val_cases")}
+    datasets, cases = members_cases(data, own)
     used = lineage.trained | validated
-    missing = sorted(c for c in own if c not in cases)
-    if missing:
-        raise HeartsegError(f"the members trained on cases that the given datasets lack ({', '.join(missing[:5])}"
-                            f"{', ...' if len(missing) > 5 else ''}): give every dataset they trained on")
     used_images = {image_hash(cases[c].image) for c in used if c in cases}
     unseen = [c for c in cases if c not in used and image_hash(cases[c].image) not in used_images]
     if not unseen:

@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from heartseg.runtime.errors import HeartsegError
 
@@ -25,6 +26,11 @@ class Lineage:
 
 def _sources(text: str) -> list[str]:
     return [part.strip() for part in text.split(" + ") if part.strip()]
+
+
+def info_cases(info: dict, key: str) -> list[str]:
+    """A contract info's comma-separated case list (train_cases or val_cases), in its order."""
+    return [c for c in info.get(key, "").split(",") if c]
 
 
 def _run_init_from(best: Path) -> list[str]:
@@ -53,13 +59,24 @@ def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None 
             parents = _run_init_from(path)
         else:
             info = (checkpoint or read_model_checkpoint(path)).contract.info
-            lineage.trained.update(c for c in info.get("train_cases", "").split(",") if c)
+            lineage.trained.update(info_cases(info, "train_cases"))
             parents = _sources(info.get("init_from", ""))
     except (HeartsegError, OSError, ValueError, KeyError, TypeError, IndexError, StopIteration):
         lineage.untraced.append(str(path))
         return lineage
     for parent in parents:
         trained_cases(parent, lineage)
+    return lineage
+
+
+def members_lineage(checkpoints: list[ModelCheckpoint], log: Callable[[str], None]) -> Lineage:
+    """The cases the members and every --init-from source before them trained on; warns of sources it cannot read."""
+    lineage = Lineage()
+    for checkpoint in checkpoints:
+        trained_cases(checkpoint, lineage)
+    if lineage.untraced:
+        log(f"warning: cannot tell which cases these starting weights were trained on (unreadable): "
+            f"{', '.join(lineage.untraced)}")
     return lineage
 
 

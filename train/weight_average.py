@@ -13,10 +13,10 @@ from heartseg.runtime.errors import HeartsegError
 
 from .cache import cache_root, prepare_case
 from .checkpoint import ModelCheckpoint, StageWeights, model_checkpoint
-from .dataset import dataset_info, read_datasets
-from .ensemble import read_members, same_weights, write_model_folder
+from .dataset import dataset_info
+from .ensemble import members_cases, read_members, same_weights, write_model_folder
 from .evaluate import calibrate_and_evaluate, stage_network
-from .lineage import Lineage, stage_origins, trained_cases
+from .lineage import info_cases, members_lineage, stage_origins
 from .pipeline import versions
 
 
@@ -54,8 +54,7 @@ def _averaged(stage: str, members: list[StageWeights], checkpoints: list[ModelCh
 
 def _fold_cases(checkpoint: ModelCheckpoint) -> tuple[tuple[str, ...], tuple[str, ...]]:
     info = checkpoint.contract.info
-    return (tuple(sorted(c for c in info.get("train_cases", "").split(",") if c)),
-            tuple(sorted(c for c in info.get("val_cases", "").split(",") if c)))
+    return tuple(sorted(info_cases(info, "train_cases"))), tuple(sorted(info_cases(info, "val_cases")))
 
 
 def build_weight_average(data: list[Path], members: list[Path], output: Path, cache: str | None = None,
@@ -71,22 +70,12 @@ def build_weight_average(data: list[Path], members: list[Path], output: Path, ca
     train, val = (list(cases) for cases in folds.pop())
     if not val:
         raise HeartsegError(f"{checkpoints[0].path}: names no held-out cases to calibrate on")
-    lineage = Lineage()
-    for checkpoint in checkpoints:
-        trained_cases(checkpoint, lineage)
-    if lineage.untraced:
-        log(f"warning: cannot tell which cases these starting weights were trained on (unreadable): "
-            f"{', '.join(lineage.untraced)}")
+    lineage = members_lineage(checkpoints, log)
     overlap = sorted(lineage.trained & set(val))
     if overlap:
         log(f"warning: the members or the weights they started from were trained on {len(overlap)} of the held-out "
             f"cases ({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''}): the metrics overstate the model")
-    datasets = read_datasets(data)
-    cases = {c.case_id: c for info in datasets for c in info.cases}
-    missing = sorted(c for c in train + val if c not in cases)
-    if missing:
-        raise HeartsegError(f"the members' fold names cases that the given datasets lack ({', '.join(missing[:5])}"
-                            f"{', ...' if len(missing) > 5 else ''}): give every dataset they trained on")
+    datasets, cases = members_cases(data, train + val)
     base = checkpoints[0].contract
     weights = {stage.name: _averaged(stage.name, [c.networks[stage.name][0] for c in checkpoints], checkpoints)
                for stage in base.stages}
