@@ -8,7 +8,9 @@ passes over the probability map.
 The calibration maps the score to an estimated Dice with an interval, fitted on held-out cases
 (score, true Dice): a straight line when the held-out scores spread enough to fit a slope, else the
 score shifted by the median residual; the interval is the residuals' quantiles, never narrower than
-a floor.
+a floor. The line is never flatter than the score itself (slope 1): the score is already a Dice
+estimate, and a flatter line, which one hard case among a few easy ones can produce, would promise a
+good Dice for a low score and let through the masks QC is there to catch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 SCORE_NAME = "soft_dice"
 # A slope is only fitted when the held-out scores spread this much (sd); otherwise it is 1.
 MIN_SCORE_SD = 0.02
+# A fitted slope is never below this: a drop of the score never means a smaller drop of the estimated Dice.
+MIN_SLOPE = 1.0
 MIN_CASES_FOR_SLOPE = 8
 # The interval is never narrower than this on either side: a handful of held-out cases cannot show
 # the tails of the error distribution.
@@ -94,7 +98,7 @@ def fit_score_calibration(scores: Sequence[float], dices: Sequence[float], cover
         raise ValueError("scores and Dice values must be finite")
     if s.size >= MIN_CASES_FOR_SLOPE and s.std() >= MIN_SCORE_SD:
         slope, intercept = np.polyfit(s, d, 1)
-        slope = max(float(slope), 0.0)  # a higher score never means a lower Dice
+        slope = max(float(slope), MIN_SLOPE)
         intercept = float(np.median(d - slope * s))
     else:
         slope, intercept = 1.0, float(np.median(d - s))

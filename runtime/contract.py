@@ -21,10 +21,11 @@ from .plausibility import DEFAULT_INPUT_MARGIN, Plausibility
 
 # 1: a fixed largest foreground fraction; 2: plausibility learned from the training labels;
 # 3: an explicit role per stage; 4: the QC blocks a format-3 reader does not know (tta_score_calibration,
-# edge_sharpness), so that it asks for an upgrade instead of naming an unknown field. The QC blocks
-# (score_calibration, tta_score_calibration, and in plausibility the training scans' voxel sizes, fields of
-# view, skewness and edge sharpness) are optional in every format from 2: a file without them loads as before.
-FORMAT_VERSION = 4
+# edge_sharpness), so that it asks for an upgrade instead of naming an unknown field; 5: plausibility's
+# interior_rank, likewise. The QC blocks (score_calibration, tta_score_calibration, and in plausibility the
+# training scans' voxel sizes, fields of view, skewness, edge sharpness and interior rank) are optional in every
+# format from 2: a file without them loads as before.
+FORMAT_VERSION = 5
 CONTRACT_KEY = "heartseg.contract"
 
 LOCALISER = "localiser"
@@ -151,6 +152,9 @@ def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility |
                                                                    -math.inf, math.inf),
         edge_sharpness=None if value.get("edge_sharpness") is None else _range(value["edge_sharpness"],
                                                                                f"{name}.edge_sharpness"),
+        interior_rank=None if value.get("interior_rank") is None else _range(value["interior_rank"],
+                                                                             f"{name}.interior_rank", 0.0, 1.0,
+                                                                             closed=True),
         **optional,
     )
 

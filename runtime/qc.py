@@ -7,9 +7,9 @@ The verdict is "ok", "review" (look at this mask) or "fail" (do not use it), wit
   below the calibration's fail_below.
 * review: volume or extents outside the range learned from the training labels; a fragmented
   mask (the kept component holds too little of the thresholded foreground); the mask cut by the
-  fine stage's box or by the edge of the scan; a voxel size, field of view, intensity skewness or
-  edge sharpness around the mask outside those the model trained on; or an estimated Dice below the
-  calibration's review_below.
+  fine stage's box or by the edge of the scan; a voxel size, field of view, intensity skewness,
+  edge sharpness around the mask or a mask interior darker among its surroundings than those the model
+  trained on; or an estimated Dice below the calibration's review_below.
 
 Models without learned plausibility (format 1) get the degenerate-mask rules only; models without
 a score calibration report the raw score and no estimated Dice.
@@ -31,6 +31,7 @@ from .plausibility import (
     image_sharpness,
     input_reasons,
     intensity_skewness,
+    interior_rank,
     mask_measures,
     measure_reasons,
     scan_geometry,
@@ -157,7 +158,8 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
 
     box is where the final stage looked, on the same grid (None: the whole scan); volumes use
     voxel_volume_mm3 when given (|det| of the affine, exact for sheared grids), else the product of spacing;
-    image (the scan on the same grid) lets its intensity skewness and its edge sharpness around the mask be checked.
+    image (the scan on the same grid) lets its intensity skewness, its edge sharpness around the mask and the
+    brightness of the mask's interior among its surroundings be checked.
     """
     start = time.perf_counter()
     fails: list[str] = []
@@ -200,9 +202,11 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
         skewness = intensity_skewness(image) if image is not None and plausibility.skewness is not None else None
         edges = (image_sharpness(image, mask) if image is not None and plausibility.edge_sharpness is not None
                  else None)
+        rank = (interior_rank(image, mask, spacing) if image is not None and plausibility.interior_rank is not None
+                else None)
         measures.update(spacing_mm=list(spacing_sorted), fov_mm=list(fov_sorted), skewness=skewness,
-                        edge_sharpness=edges)
-        reviews += input_reasons(mask.shape, spacing, plausibility, skewness, edges)
+                        edge_sharpness=edges, interior_rank=rank)
+        reviews += input_reasons(mask.shape, spacing, plausibility, skewness, edges, rank)
     report = QCReport("ok", score=score, measures=measures)
     calibration = contract.score_calibration
     if calibration is not None:

@@ -13,7 +13,7 @@ pytest.importorskip("torch", reason="the training side needs PyTorch: pip instal
 import torch
 from conftest import TINY_TRAIN_ARGS, unwrapped
 from heartseg.runtime.image import load_volume
-from heartseg.runtime.plausibility import learn_plausibility, mask_measures
+from heartseg.runtime.plausibility import interior_rank, learn_plausibility, mask_measures
 from heartseg.train.augment import AugmentConfig
 from heartseg.train.cache import PreparedCase
 from heartseg.train.cli import app
@@ -72,14 +72,18 @@ def test_plausibility_is_learned_from_the_training_labels_in_physical_units(two_
     model = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     stored = model["contract"]["plausibility"]
     train_ids = set(model["metrics"]["train_cases"])
-    labels = []
+    labels, ranks = [], []
     for root in two_sequences:
         for path in sorted((root / "labelsTr").glob("*.nii.gz")):
             if path.name.removesuffix(".nii.gz") in train_ids:
                 volume = load_volume(path)
                 labels.append((volume.data > 0.5, volume.spacing))
-    expected = learn_plausibility(labels)
+                ranks.append(interior_rank(load_volume(root / "imagesTr" / path.name).data, labels[-1][0],
+                                           volume.spacing))
+    expected = learn_plausibility(labels, interior_ranks=ranks)
     assert stored["volume_ml"] == pytest.approx(list(expected.volume_ml))
+    # How bright the atrium's interior is among its surroundings, from the training scans under their labels.
+    assert stored["interior_rank"] == pytest.approx(list(expected.interior_rank))
     assert np.allclose(stored["extent_mm"], expected.extent_mm)
     volumes = [mask_measures(m, s)[0] for m, s in labels]
     # Sequence B's atria are several times larger: the range spans both, with the margin around it.

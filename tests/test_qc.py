@@ -7,13 +7,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from heartseg.runtime.confidence import ScoreCalibration, fit_score_calibration, soft_dice_score
+from heartseg.runtime.confidence import REVIEW_BELOW, ScoreCalibration, fit_score_calibration, soft_dice_score
 from heartseg.runtime.contract import ModelContract, StageContract
 from heartseg.runtime.plausibility import (
     Plausibility,
     image_sharpness,
     input_reasons,
     intensity_skewness,
+    interior_rank,
     learn_plausibility,
 )
 from heartseg.runtime.postprocess import largest_component
@@ -168,6 +169,39 @@ def test_an_inverted_scan_asks_for_review_and_a_familiar_one_passes() -> None:
     assert assess(mask, confident(mask), SPACING, CONTRACT, image=-scan).verdict == "ok"
 
 
+def test_interior_rank_is_high_for_a_bright_pool_and_unchanged_by_monotone_intensities() -> None:
+    mask = ellipsoid()
+    scan = bright_blood_scan(mask)
+    rank = interior_rank(scan, mask, SPACING)
+    assert rank == pytest.approx(1.0, abs=1e-3)
+    assert interior_rank(-scan, mask, SPACING) == pytest.approx(0.0, abs=1e-3)
+    # A rank: the same for the scan stored as int16 at another scale, or with a gamma applied.
+    assert interior_rank(np.exp(scan), mask, SPACING) == rank
+    assert interior_rank(40.0 * scan + 300.0, mask, SPACING) == rank
+    # A pool of middling brightness: darker than the bright half of its surroundings.
+    around = ellipsoid(radii_mm=(34.0, 34.0, 34.0)).astype(bool) & ~mask.astype(bool)
+    half = np.where(mask, 2.0, np.where(around & (np.indices(SHAPE)[0] < SHAPE[0] // 2), 3.0, 1.0)).astype(np.float32)
+    assert 0.2 < interior_rank(half, mask, SPACING) < 0.8
+    assert interior_rank(scan, np.zeros(SHAPE, np.uint8), SPACING) is None
+    assert interior_rank(scan, np.ones(SHAPE, np.uint8), SPACING) is None
+
+
+def test_a_mask_darker_than_its_surroundings_asks_for_review() -> None:
+    mask = ellipsoid()
+    scan = bright_blood_scan(mask)
+    contract = replace(CONTRACT, plausibility=replace(PLAUSIBLE, interior_rank=(0.5, 1.0)))
+    familiar = assess(mask, confident(mask), SPACING, contract, image=scan)
+    assert familiar.verdict == "ok" and familiar.measures["interior_rank"] == pytest.approx(1.0, abs=1e-3)
+    inverted = assess(mask, confident(mask), SPACING, contract, image=-scan)
+    assert inverted.verdict == "review" and inverted.measures["interior_rank"] < 0.01
+    assert any(r.startswith("the mask's interior is brighter than only 0 % of its surroundings, below the trained "
+                            "50 %") for r in inverted.reasons), inverted.reasons
+    # Without an image, or with a model that never learned the range, the rule does not apply.
+    assert assess(mask, confident(mask), SPACING, contract).verdict == "ok"
+    unlearned = assess(mask, confident(mask), SPACING, CONTRACT, image=-scan)
+    assert unlearned.verdict == "ok" and unlearned.measures["interior_rank"] is None
+
+
 def textured_scan(mask: np.ndarray) -> np.ndarray:
     """Bright blood among tissue patches of other intensities with sharp borders, as around a real atrium."""
     rng = np.random.default_rng(2)
@@ -243,6 +277,17 @@ def test_learn_plausibility_widens_the_training_skewness() -> None:
     assert back.plausibility.skewness == pytest.approx(wide.skewness)
 
 
+def test_learn_plausibility_widens_the_training_interior_ranks() -> None:
+    labels = [(ellipsoid(), SPACING)] * 3
+    narrow = learn_plausibility(labels, interior_ranks=[0.8, 0.82, None])
+    assert narrow.interior_rank == pytest.approx((0.75, 0.87))  # widened by the floor (0.05) on each side
+    wide = learn_plausibility(labels, interior_ranks=[0.56, 0.98, 0.9])
+    assert wide.interior_rank == pytest.approx((0.56 - 0.105, 1.0))  # by a quarter of the width, within [0, 1]
+    assert learn_plausibility(labels).interior_rank is None
+    back = ModelContract.from_json(replace(CONTRACT, plausibility=wide).to_json())
+    assert back.plausibility.interior_rank == pytest.approx(wide.interior_rank)
+
+
 def test_uncertain_probabilities_ask_for_review_or_fail() -> None:
     mask = ellipsoid()
     shell = ellipsoid(radii_mm=(28.0, 28.0, 28.0)) & ~mask.astype(bool)
@@ -284,14 +329,32 @@ def test_helpers() -> None:
 
 def test_calibration_fits_a_line_and_covers_the_held_out_cases() -> None:
     rng = np.random.default_rng(0)
-    scores = rng.uniform(0.6, 0.98, 40)
-    dices = 0.1 + 0.85 * scores + rng.normal(0, 0.01, 40)
+    scores = rng.uniform(0.7, 0.98, 40)
+    dices = -0.5 + 1.5 * scores + rng.normal(0, 0.01, 40)
     calibration = fit_score_calibration(scores, dices)
-    assert calibration.slope == pytest.approx(0.85, abs=0.05) and calibration.cases == 40
+    assert calibration.slope == pytest.approx(1.5, abs=0.05) and calibration.cases == 40
     estimates = np.array([calibration.estimate(s) for s in scores])
     inside = np.mean((estimates[:, 1] <= dices) & (dices <= estimates[:, 2]))
     assert inside >= 0.85
     assert np.all(np.diff(estimates[np.argsort(scores), 0]) >= 0)  # monotone
+
+
+def test_calibration_is_never_flatter_than_the_score() -> None:
+    # Nineteen easy cases and one hard case whose Dice is far better than its low score: a least-squares line
+    # through them is flat, and would call a low-scoring mask good.
+    rng = np.random.default_rng(1)
+    easy = rng.uniform(0.88, 0.93, 19)
+    scores = np.append(easy, 0.57)
+    dices = np.append(easy + 0.02 + rng.normal(0, 0.01, 19), 0.78)
+    flat_slope, flat_intercept = np.polyfit(scores, dices, 1)
+    assert flat_slope < 0.6 and flat_intercept + flat_slope * 0.79 > REVIEW_BELOW
+    calibration = fit_score_calibration(scores, dices)
+    assert calibration.slope == 1.0 and calibration.intercept == pytest.approx(float(np.median(dices - scores)))
+    assert calibration.estimate(0.79)[0] < REVIEW_BELOW
+    assert calibration.estimate(0.91)[0] == pytest.approx(0.91 + calibration.intercept)
+    # A steeper line stays as fitted.
+    spread = np.linspace(0.7, 0.95, 12)
+    assert fit_score_calibration(spread, 2.0 * spread - 0.9).slope == pytest.approx(2.0)
 
 
 def test_calibration_with_few_cases_shifts_the_score() -> None:

@@ -15,6 +15,7 @@ from heartseg.runtime.plausibility import (
     Plausibility,
     image_sharpness,
     intensity_skewness,
+    interior_rank,
     learn_plausibility,
     mask_flag,
 )
@@ -60,7 +61,8 @@ def learned_plausibility(train_cases: list[PreparedCase]) -> Plausibility:
     """What a plausible atrium and scan are, from training cases only."""
     return learn_plausibility(((np.asarray(c.label), c.spacing) for c in train_cases),
                               skewness=[intensity_skewness(c.image) for c in train_cases],
-                              edge_sharpness=[image_sharpness(c.image, c.label) for c in train_cases])
+                              edge_sharpness=[image_sharpness(c.image, c.label) for c in train_cases],
+                              interior_ranks=[interior_rank(c.image, c.label, c.spacing) for c in train_cases])
 
 
 class MeanProbability(nn.Module):
