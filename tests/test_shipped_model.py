@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from heartseg.runtime.image import load_mask, load_volume
+from heartseg.runtime.image import Volume, load_mask, load_volume
 from heartseg.runtime.metrics import compute_metrics
 from heartseg.runtime.segmenter import DEFAULT_MODEL_NAME, Segmenter, default_model_path
 from heartseg.runtime.session import read_contract
@@ -42,6 +42,9 @@ def test_shipped_model_is_small_and_carries_its_contract(shipped):
     assert cv["mean"]["dice"] >= 0.8
     assert set(contract.info["datasets"].split(",")) == {"Task02_Heart", "LA2018"}
     assert contract.plausibility is not None and contract.score_calibration is not None
+    assert contract.plausibility.interior_rank is not None
+    # Never flatter than the score: a low score never reads as a good estimated Dice.
+    assert contract.score_calibration.slope >= 1.0
     assert "CC-BY-SA" in meta["heartseg.licence"]
     assert "torch" in json.loads(meta["heartseg.versions"])
 
@@ -51,6 +54,18 @@ def test_shipped_model_segments_the_bundled_example(shipped):
     prediction = Segmenter(shipped, device="cpu").segment(scan)
     assert prediction.mask.shape == scan.shape
     assert compute_metrics(prediction.mask, label.data, scan.spacing).dice >= 0.85
+
+
+def test_shipped_model_sends_an_intensity_inverted_scan_to_review(shipped):
+    scan = load_volume(EXAMPLE)
+    segmenter = Segmenter(shipped, device="cpu")
+    plain = segmenter.segment(scan).report
+    inverted = segmenter.segment(Volume(float(scan.data.max()) + float(scan.data.min()) - scan.data,
+                                        scan.affine)).report
+    low = read_contract(shipped)[0].plausibility.interior_rank[0]
+    assert plain.verdict == "ok" and plain.measures["interior_rank"] > low
+    assert inverted.verdict != "ok" and inverted.measures["interior_rank"] < low
+    assert any(reason.startswith("the mask's interior is brighter than only") for reason in inverted.reasons)
 
 
 def test_infer_without_model_option_uses_the_shipped_model(data_dir, tmp_path):
