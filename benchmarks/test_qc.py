@@ -56,7 +56,7 @@ def _tiny_setup(folder: Path) -> tuple[Path, list[qclib.QCCase]]:
     plausibility = learn_plausibility(((c.label, c.volume.spacing) for c in cases),
                                       skewness=[intensity_skewness(c.volume.data) for c in cases],
                                       edge_sharpness=[image_sharpness(c.volume.data, c.label) for c in cases],
-                                      interior_ranks=[interior_rank(c.volume.data, c.label, c.volume.spacing)
+                                      interior_rank=[interior_rank(c.volume.data, c.label, c.volume.spacing)
                                                       for c in cases])
     plain = build_test_model(folder / "plain.onnx", bias=TEST_MODEL_BIAS, contract_fields={"plausibility": plausibility})
     rows = [qclib.run_case(Segmenter(plain, device="cpu", threads=1), c) for c in cases]

@@ -42,9 +42,11 @@ MIN_SKEWNESS_MARGIN = 0.5
 # outside it within this reach of its box.
 INTERIOR_DEPTH_MM = 3.0
 SURROUNDINGS_MM = 12.0
-# ... measured on every n-th voxel along an axis, n the nearest whole number of voxels to this many mm.
+# ... measured on every n-th voxel along an axis, n about this many mm over the voxel size (at least 1); the depth
+# is measured on those sparser voxels too, the same way in training and in QC.
 RANK_VOXEL_MM = 2.0
-# The learned interior-rank range is widened on each side by this share of its width, and at least by the floor.
+# The learned interior-rank range is widened on each side by this share of its width, and at least by the floor;
+# only its lower end is checked.
 RANK_MARGIN = 0.25
 MIN_RANK_MARGIN = 0.05
 
@@ -160,10 +162,11 @@ def image_sharpness(data: np.ndarray, mask: np.ndarray) -> float | None:
 
 
 def interior_rank(data: np.ndarray, mask: np.ndarray, spacing: Iterable[float]) -> float | None:
-    """Share of the voxels around a mask (outside it, within SURROUNDINGS_MM of its box) that are darker than the
-    median of its interior (deeper than INTERIOR_DEPTH_MM); None for an empty mask or one that fills its surroundings."""
-    # A rank, not a difference of means: unchanged by any monotone change of the intensities (uint8, int16, float,
-    # z-scored, gamma), and not swayed by a few bright or dark voxels.
+    """Share of the voxels around a mask that are darker than the median of its interior (ties count half), or None."""
+    # Around: outside the mask, within SURROUNDINGS_MM of its box; interior: deeper than INTERIOR_DEPTH_MM. A rank,
+    # not a difference of means: unchanged by any monotone change of the intensities (uint8, int16, float, z-scored,
+    # gamma), and not swayed by a few bright or dark voxels. Ties count half, so that a clipped or 8-bit scan, where
+    # much of the surroundings can equal the blood's value, reads like the same scan stored as float.
     box = mask_box(mask)
     if box is None:
         return None
@@ -180,8 +183,21 @@ def interior_rank(data: np.ndarray, mask: np.ndarray, spacing: Iterable[float]) 
     if around.size == 0 or not inside.any():
         return None
     deep = ndimage.distance_transform_edt(inside, sampling=spacing * step) > INTERIOR_DEPTH_MM
-    core = values[deep] if deep.any() else values[inside]
-    return float(np.count_nonzero(around < np.median(core))) / around.size
+    median = np.median(values[deep] if deep.any() else values[inside])
+    darker = np.count_nonzero(around < median) + 0.5 * np.count_nonzero(around == median)
+    return float(darker) / around.size
+
+
+def _spread(values: Iterable[float | None] | None, share: float, floor: float,
+            lo: float = -np.inf, hi: float = np.inf) -> tuple[float, float] | None:
+    """min..max of the values given (None skipped) widened on each side by max(floor, share x width), clipped to
+    [lo, hi]; None without any value."""
+    kept = [float(v) for v in values if v is not None] if values is not None else []
+    if not kept:
+        return None
+    low, high = min(kept), max(kept)
+    widen = max(floor, share * (high - low))
+    return max(lo, low - widen), min(hi, high + widen)
 
 
 def _widened(rows: np.ndarray, margin: float) -> Ranges3:
@@ -193,9 +209,9 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
                        input_margin: float = DEFAULT_INPUT_MARGIN,
                        skewness: Iterable[float] | None = None,
                        edge_sharpness: Iterable[float | None] | None = None,
-                       interior_ranks: Iterable[float | None] | None = None) -> Plausibility:
+                       interior_rank: Iterable[float | None] | None = None) -> Plausibility:
     """Ranges from (label, spacing) pairs of training cases, widened by margin (input_margin for the scans);
-    skewness, edge_sharpness and interior_ranks: the training scans' own, when their ranges are to be learned too."""
+    skewness, edge_sharpness and interior_rank: the training scans' own, when their ranges are to be learned too."""
     measures, geometry = [], []
     for label, spacing in labels:
         spacing = tuple(spacing)
@@ -204,19 +220,9 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
     measures = [m for m in measures if m[0] > 0]
     if not measures:
         raise ValueError("no labelled foreground to learn a plausible atrium from")
-    skew_range = None
-    if skewness is not None and len(values := [float(v) for v in skewness]):
-        lo, hi = min(values), max(values)
-        widen = max(MIN_SKEWNESS_MARGIN, SKEWNESS_MARGIN * (hi - lo))
-        skew_range = (lo - widen, hi + widen)
     sharp_range = None
     if edge_sharpness is not None and len(values := [float(v) for v in edge_sharpness if v is not None]):
         sharp_range = (min(values) / input_margin, max(values) * input_margin)
-    rank_range = None
-    if interior_ranks is not None and len(values := [float(v) for v in interior_ranks if v is not None]):
-        lo, hi = min(values), max(values)
-        widen = max(MIN_RANK_MARGIN, RANK_MARGIN * (hi - lo))
-        rank_range = (max(0.0, lo - widen), min(1.0, hi + widen))
     volumes = np.array([m[0] for m in measures])
     extents = np.array([m[1] for m in measures])
     return Plausibility(
@@ -225,7 +231,9 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
         cases=len(measures), margin=margin,
         spacing_mm=_widened(np.array([g[0] for g in geometry]), input_margin),
         fov_mm=_widened(np.array([g[1] for g in geometry]), input_margin),
-        input_margin=input_margin, skewness=skew_range, edge_sharpness=sharp_range, interior_rank=rank_range,
+        input_margin=input_margin, skewness=_spread(skewness, SKEWNESS_MARGIN, MIN_SKEWNESS_MARGIN),
+        edge_sharpness=sharp_range,
+        interior_rank=_spread(interior_rank, RANK_MARGIN, MIN_RANK_MARGIN, 0.0, 1.0),
     )
 
 

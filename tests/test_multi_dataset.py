@@ -80,7 +80,7 @@ def test_plausibility_is_learned_from_the_training_labels_in_physical_units(two_
                 labels.append((volume.data > 0.5, volume.spacing))
                 ranks.append(interior_rank(load_volume(root / "imagesTr" / path.name).data, labels[-1][0],
                                            volume.spacing))
-    expected = learn_plausibility(labels, interior_ranks=ranks)
+    expected = learn_plausibility(labels, interior_rank=ranks)
     assert stored["volume_ml"] == pytest.approx(list(expected.volume_ml))
     # How bright the atrium's interior is among its surroundings, from the training scans under their labels.
     assert stored["interior_rank"] == pytest.approx(list(expected.interior_rank))

@@ -186,6 +186,27 @@ def test_interior_rank_is_high_for_a_bright_pool_and_unchanged_by_monotone_inten
     assert interior_rank(scan, np.ones(SHAPE, np.uint8), SPACING) is None
 
 
+def test_interior_rank_counts_ties_half_and_copes_with_thin_and_cut_masks() -> None:
+    mask = ellipsoid()
+    # A clipped scan: the blood and a third of its surroundings at the same top value.
+    around = ellipsoid(radii_mm=(34.0, 34.0, 34.0)).astype(bool) & ~mask.astype(bool)
+    upper = np.indices(SHAPE)[0] < SHAPE[0] // 3
+    clipped = np.where(mask | (around & upper), 255, 40).astype(np.uint8)
+    tied = interior_rank(clipped, mask, SPACING)
+    # The same scan in float, the blood a little above or a little below those bright surroundings.
+    above = interior_rank(clipped + np.where(mask, 0.5, 0.0), mask, SPACING)
+    below = interior_rank(clipped - np.where(mask, 0.5, 0.0), mask, SPACING)
+    assert above == pytest.approx(1.0) and 0.5 < below < 0.95
+    assert tied == pytest.approx((above + below) / 2)
+    # A mask thinner than the interior depth: its whole self is the interior.
+    slab = np.zeros(SHAPE, np.uint8)
+    slab[30:60, 30:60, 40:42] = 1
+    assert interior_rank(np.where(slab, 2.0, 1.0), slab, SPACING) == pytest.approx(1.0)
+    # A mask cut by the scan's edge: its surroundings are what the scan holds.
+    edge = ellipsoid(centre_mm=(5.0, 60.0, 55.0))
+    assert edge[0].any() and interior_rank(bright_blood_scan(edge), edge, SPACING) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_a_mask_darker_than_its_surroundings_asks_for_review() -> None:
     mask = ellipsoid()
     scan = bright_blood_scan(mask)
@@ -279,10 +300,11 @@ def test_learn_plausibility_widens_the_training_skewness() -> None:
 
 def test_learn_plausibility_widens_the_training_interior_ranks() -> None:
     labels = [(ellipsoid(), SPACING)] * 3
-    narrow = learn_plausibility(labels, interior_ranks=[0.8, 0.82, None])
+    narrow = learn_plausibility(labels, interior_rank=[0.8, 0.82, None])
     assert narrow.interior_rank == pytest.approx((0.75, 0.87))  # widened by the floor (0.05) on each side
-    wide = learn_plausibility(labels, interior_ranks=[0.56, 0.98, 0.9])
+    wide = learn_plausibility(labels, interior_rank=[0.56, 0.98, 0.9])
     assert wide.interior_rank == pytest.approx((0.56 - 0.105, 1.0))  # by a quarter of the width, within [0, 1]
+    assert learn_plausibility(labels, interior_rank=[0.02, 0.5]).interior_rank == pytest.approx((0.0, 0.62))
     assert learn_plausibility(labels).interior_rank is None
     back = ModelContract.from_json(replace(CONTRACT, plausibility=wide).to_json())
     assert back.plausibility.interior_rank == pytest.approx(wide.interior_rank)

@@ -62,7 +62,7 @@ def learned_plausibility(train_cases: list[PreparedCase]) -> Plausibility:
     return learn_plausibility(((np.asarray(c.label), c.spacing) for c in train_cases),
                               skewness=[intensity_skewness(c.image) for c in train_cases],
                               edge_sharpness=[image_sharpness(c.image, c.label) for c in train_cases],
-                              interior_ranks=[interior_rank(c.image, c.label, c.spacing) for c in train_cases])
+                              interior_rank=[interior_rank(c.image, c.label, c.spacing) for c in train_cases])
 
 
 class MeanProbability(nn.Module):
