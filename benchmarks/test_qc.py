@@ -46,18 +46,14 @@ def _tiny_setup(folder: Path) -> tuple[Path, list[qclib.QCCase]]:
     if str(benchlib.TESTS_DIR) not in sys.path:
         sys.path.insert(0, str(benchlib.TESTS_DIR))
     from heartseg.runtime.confidence import fit_score_calibration
-    from heartseg.runtime.plausibility import image_sharpness, intensity_skewness, interior_rank, learn_plausibility
+    from heartseg.runtime.plausibility import scans_plausibility
     from onnx_models import TEST_MODEL_BIAS, build_test_model, make_scan
 
     cases = []
     for i in range(2):
         scan, label = make_scan(folder / f"tiny_{i}.nii.gz", seed=i, label_path=folder / "labels" / f"tiny_{i}.nii.gz")
         cases.append(qclib.load_case(f"tiny_{i}", scan, label))
-    plausibility = learn_plausibility(((c.label, c.volume.spacing) for c in cases),
-                                      skewness=[intensity_skewness(c.volume.data) for c in cases],
-                                      edge_sharpness=[image_sharpness(c.volume.data, c.label) for c in cases],
-                                      interior_rank=[interior_rank(c.volume.data, c.label, c.volume.spacing)
-                                                      for c in cases])
+    plausibility = scans_plausibility((c.volume.data, c.label, c.volume.spacing) for c in cases)
     plain = build_test_model(folder / "plain.onnx", bias=TEST_MODEL_BIAS, contract_fields={"plausibility": plausibility})
     rows = [qclib.run_case(Segmenter(plain, device="cpu", threads=1), c) for c in cases]
     calibration = fit_score_calibration([r.score for r in rows], [r.true_dice for r in rows])

@@ -237,6 +237,15 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
     )
 
 
+def scans_plausibility(scans: Iterable[tuple[np.ndarray, np.ndarray, Iterable[float]]]) -> Plausibility:
+    """Every learned range from training scans given as (image, label, spacing): the one list of what QC learns."""
+    scans = [(image, np.asarray(label), tuple(spacing)) for image, label, spacing in scans]
+    return learn_plausibility(((label, spacing) for _, label, spacing in scans),
+                              skewness=[intensity_skewness(image) for image, _, _ in scans],
+                              edge_sharpness=[image_sharpness(image, label) for image, label, _ in scans],
+                              interior_rank=[interior_rank(image, label, spacing) for image, label, spacing in scans])
+
+
 def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: Plausibility,
                   skewness: float | None = None, edge_sharpness: float | None = None,
                   interior_rank: float | None = None) -> list[str]:

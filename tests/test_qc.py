@@ -16,6 +16,7 @@ from heartseg.runtime.plausibility import (
     intensity_skewness,
     interior_rank,
     learn_plausibility,
+    scans_plausibility,
 )
 from heartseg.runtime.postprocess import largest_component
 from heartseg.runtime.qc import assess, bounding_slices, component_sizes, face_shares
@@ -296,6 +297,18 @@ def test_learn_plausibility_widens_the_training_skewness() -> None:
     assert Plausibility.from_dict(wide.to_dict()) == wide
     back = ModelContract.from_json(replace(CONTRACT, plausibility=wide).to_json())
     assert back.plausibility.skewness == pytest.approx(wide.skewness)
+
+
+def test_scans_plausibility_learns_every_range_from_the_scans() -> None:
+    masks = [ellipsoid(), ellipsoid(radii_mm=(18.0, 24.0, 28.0))]
+    scans = [(bright_blood_scan(m), m, SPACING) for m in masks]
+    learned = scans_plausibility(scans)
+    expected = learn_plausibility([(m, SPACING) for m in masks],
+                                  skewness=[intensity_skewness(i) for i, _, _ in scans],
+                                  edge_sharpness=[image_sharpness(i, m) for i, m, _ in scans],
+                                  interior_rank=[interior_rank(i, m, SPACING) for i, m, _ in scans])
+    assert learned == expected
+    assert None not in (learned.skewness, learned.interior_rank) and learned.cases == 2
 
 
 def test_learn_plausibility_widens_the_training_interior_ranks() -> None:

@@ -11,14 +11,7 @@ from heartseg.runtime.confidence import CALIBRATED_SCORES, fit_score_calibration
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.inference import StagePredictFn, infer_canonical, localiser_mask, mask_from_prob
 from heartseg.runtime.metrics import compute_metrics, degenerate_reason, dice_score
-from heartseg.runtime.plausibility import (
-    Plausibility,
-    image_sharpness,
-    intensity_skewness,
-    interior_rank,
-    learn_plausibility,
-    mask_flag,
-)
+from heartseg.runtime.plausibility import Plausibility, mask_flag, scans_plausibility
 from heartseg.runtime.tta import infer_canonical_tta
 from torch import nn
 
@@ -59,10 +52,7 @@ class Evaluation:
 
 def learned_plausibility(train_cases: list[PreparedCase]) -> Plausibility:
     """What a plausible atrium and scan are, from training cases only."""
-    return learn_plausibility(((np.asarray(c.label), c.spacing) for c in train_cases),
-                              skewness=[intensity_skewness(c.image) for c in train_cases],
-                              edge_sharpness=[image_sharpness(c.image, c.label) for c in train_cases],
-                              interior_rank=[interior_rank(c.image, c.label, c.spacing) for c in train_cases])
+    return scans_plausibility((c.image, c.label, c.spacing) for c in train_cases)
 
 
 class MeanProbability(nn.Module):
