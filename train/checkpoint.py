@@ -136,8 +136,13 @@ def _stage_weights(entry: Any, path: Path, stage: str) -> StageWeights:
 
 
 def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
-    """Load model.pt safely and validate all of it: format, contract schema and thresholds, a network per stage."""
+    """Load model.pt safely and validate all of it: format, contract schema and thresholds, a network per stage;
+    an exported model file (.onnx) is read back through train.onnx_import."""
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from .onnx_import import read_onnx_model
+
+        return read_onnx_model(path)
     data = load_safe(path)
     _require(data, ("format", "contract", "networks"), path, "checkpoint")
     if data["format"] != CHECKPOINT_FORMAT:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
 from heartseg.runtime.confidence import CALIBRATED_SCORES, pooled_score_calibration
-from heartseg.runtime.contract import LOCALISER, SEGMENTER, ModelContract
+from heartseg.runtime.contract import LOCALISER, SEGMENTER, ModelContract, StageContract
 from heartseg.runtime.errors import HeartsegError
 
 from .augment import AugmentConfig
@@ -26,7 +26,7 @@ from .evaluate import (
     summarize_by_dataset,
     summarize_dicts,
 )
-from .lineage import Lineage, trained_cases
+from .lineage import Lineage, stage_source, trained_cases
 from .options import FOLDS, SEED, STAGE_KIND, ConfigError, integer_at_least, one_of
 from .plan import STAGE_KINDS, PlanOptions, TrainPlan, fingerprint_dict, plan_stages
 from .splits import Fold, given_folds, make_folds, read_splits, write_splits
@@ -115,11 +115,12 @@ def _stage_configs(config: RunConfig, role: str) -> tuple[TrainConfig, UNetConfi
     return config.fine, config.fine_unet
 
 
-InitWeights = dict[str, tuple[str, UNetConfig, dict]]
+# Each stage's (role, network, weights, the stage's contract in its source).
+InitWeights = dict[str, tuple[str, UNetConfig, dict, StageContract]]
 
 
 def _model_weights(path: Path) -> InitWeights:
-    """Every stage's (role, network, weights) from a model.pt."""
+    """Every stage's (role, network, weights, stage contract) from a model.pt or an exported model file."""
     source = read_model_checkpoint(path)
     weights = {}
     for stage in source.contract.stages:
@@ -127,12 +128,13 @@ def _model_weights(path: Path) -> InitWeights:
         if len(members) > 1:
             raise HeartsegError(f"{path}: an ensemble of {len(members)} networks cannot start a training "
                                 "(give one of its members' model.pt)")
-        weights[stage.name] = (stage.role, members[0].unet, members[0].state_dict)
+        weights[stage.name] = (stage.role, members[0].unet, members[0].state_dict, stage)
     return weights
 
 
 def _best_weights(path: Path) -> InitWeights:
-    """One stage's (role, network, weights) from RUN/fold_K/STAGE/best.pt; its run's config.json and plan.json
+    """One stage's (role, network, weights, stage contract) from RUN/fold_K/STAGE/best.pt; its run's config.json
+    and plan.json
     say which network it is."""
     path = path.resolve()
     run = path.parents[2] if len(path.parents) > 2 else path.parent
@@ -147,7 +149,14 @@ def _best_weights(path: Path) -> InitWeights:
     stage = next((s for s in contract.stages if s.name == path.parent.name), None)
     if stage is None:
         raise HeartsegError(f"{path}: its run has no stage {path.parent.name!r}")
-    return {stage.name: (stage.role, _stage_configs(config, stage.role)[1], read_best(path)["model"])}
+    return {stage.name: (stage.role, _stage_configs(config, stage.role)[1], read_best(path)["model"], stage)}
+
+
+def _grid(stage: StageContract, patch: bool) -> str:
+    """A stage's spacing, margin and, for one that trains, its patch, as words."""
+    spacing = ",".join(f"{v:g}" for v in stage.spacing)
+    size = f", patch {'x'.join(str(v) for v in stage.patch_size)}" if patch else ""
+    return f"{spacing} mm{size}, margin {stage.crop_margin_mm:g} mm"
 
 
 class Run:
@@ -250,7 +259,7 @@ class Run:
         # What a plausible atrium is comes from this fold's training labels only.
         plausibility = learned_plausibility(train_cases)
         contract = replace(plan.contract, plausibility=plausibility)
-        init = self.init_weights()
+        init = self.init_weights(contract)
         seen = self.init_lineage()
         # Held-out means never trained on, by this run or by the weights it started from.
         overlap = sorted(seen.trained & set(fold.val))
@@ -310,22 +319,35 @@ class Run:
         self.log(f"fold {fold.index}: {evaluation.summary_line()}; wrote {fold_dir / 'model.pt'}")
         return metrics
 
-    def init_weights(self) -> dict[str, dict]:
+    def init_weights(self, contract: ModelContract) -> dict[str, dict]:
         """Per-stage weights of the --init-from sources (empty without one), a later source replacing the
-        stages it holds: each a model.pt (every stage) or one stage's best.pt."""
-        return {name: state for name, (_, _, state) in self._init_sources().items()}
+        stages it holds: each a model.pt or exported file (every stage) or one stage's best.pt. Warns where a
+        stage starts from weights made for another grid than this run's plan (the patch only if it trains)."""
+        sources = self._init_sources()
+        for name, (role, unet, _, theirs) in sources.items():
+            ours, trains = contract.stage(name), _stage_configs(self.config, role)[0].steps > 0
+            if _grid(theirs, trains) != _grid(ours, trains):
+                self.log(f"warning: stage {name!r} starts from weights made for {_grid(theirs, trains)}, this run "
+                         f"plans {_grid(ours, trains)}: give theirs (--fine-spacing, --coarse-spacing, --patch, "
+                         "--margin-mm) to keep the grid they were trained on")
+            start = stage_source(self.config.init_from, name)
+            if start and Path(start).suffix.lower() == ".onnx" and unet.norm == "batch" and trains:
+                self.log(f"warning: stage {name!r} starts from {start}, whose BatchNorm export folded into the "
+                         "convolutions: training it normalises by batch statistics from its first step (keep it "
+                         "as it is with --coarse-steps 0)")
+        return {name: state for name, (_, _, state, _) in sources.items()}
 
     def _init_sources(self) -> InitWeights:
         weights: InitWeights = {}
         for source in self.config.init_from:
             path = Path(source)
             found = _best_weights(path) if path.name == "best.pt" else _model_weights(path)
-            for name, (role, theirs, state) in found.items():
+            for name, (role, theirs, state, stage) in found.items():
                 ours = _stage_configs(self.config, role)[1]
                 if theirs != ours:
                     raise HeartsegError(f"{source}: its {name!r} network is not the one this run "
                                         f"trains ({theirs.to_dict()} vs {ours.to_dict()})")
-                weights[name] = (role, theirs, state)
+                weights[name] = (role, theirs, state, stage)
         return weights
 
     def init_lineage(self) -> Lineage:
@@ -337,7 +359,7 @@ class Run:
 
     def check_init(self) -> None:
         """Refuse, before any work, --init-from weights that do not fit and a stage given 0 steps without any."""
-        roles = {role for role, _, _ in self._init_sources().values()}
+        roles = {role for role, _, _, _ in self._init_sources().values()}
         wanted = []
         if self.config.kind in ("cascade", "coarse") and self.config.coarse.steps == 0:
             wanted.append((LOCALISER, "--coarse-steps 0", "localiser"))

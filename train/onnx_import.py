@@ -1,0 +1,125 @@
+"""Reading an exported model file back into trainable networks: the weights of every stage from the ONNX
+initializers, checked against ONNX Runtime before anything trains from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from heartseg.runtime.errors import HeartsegError
+from heartseg.runtime.session import OnnxSession
+from torch import nn
+
+from .checkpoint import ModelCheckpoint, StageWeights
+from .unet import UNetConfig, build_unet
+
+# The networks' float32 sums run in another order in ONNX Runtime (as at export, export/parity.py).
+MAX_ABS_DIFF = 1e-4
+_CONV = (nn.Conv3d, nn.ConvTranspose3d)
+
+
+def _onnx_proto(path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise HeartsegError(f"{path}: not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _conv_nodes(proto, head: int) -> dict[str, list[str]]:
+    """Each convolution of one stage's network by its module path (the exporter names a node after the module
+    that made it), mapped to its weight and bias inputs."""
+    prefix = f"/heads.{head}/network/"
+    nodes = {}
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and node.name.startswith(prefix):
+            nodes[node.name.rsplit("/", 2)[-2]] = list(node.input[1:])
+    return nodes
+
+
+def _stage_state(net: nn.Module, proto, head: int, arrays: dict[str, np.ndarray], path: Path) -> dict:
+    """A state dict for net from one stage's initializers. Export folds BatchNorm into the convolution before
+    it: such a layer comes back as the folded convolution and a BatchNorm that only adds its bias (unit scale,
+    zero mean, variance 1 - eps), which computes the same in evaluation mode."""
+    convs = _conv_nodes(proto, head)
+    state = {key: value.clone() for key, value in net.state_dict().items()}
+    modules = dict(net.named_modules())
+    named = f"heads.{head}.network."
+    folded_bias: dict[str, np.ndarray] = {}
+    for name, module in modules.items():
+        if isinstance(module, _CONV):
+            if name not in convs:
+                raise HeartsegError(f"{path}: no convolution {name!r} in stage {head}'s graph (an ensemble, or a "
+                                    "file not written by heartseg-export, cannot start a training)")
+            weight, *bias = convs[name]
+            state[f"{name}.weight"] = torch.from_numpy(arrays[weight].copy())
+            if module.bias is not None:
+                state[f"{name}.bias"] = torch.from_numpy(arrays[bias[0]].copy())
+            elif bias:
+                folded_bias[name] = arrays[bias[0]]
+        elif isinstance(module, nn.InstanceNorm3d) and module.affine:
+            for key in ("weight", "bias"):
+                state[f"{name}.{key}"] = torch.from_numpy(arrays[f"{named}{name}.{key}"].copy())
+        elif isinstance(module, nn.BatchNorm3d):
+            parent, _, index = name.rpartition(".")
+            conv = f"{parent}.{int(index) - 1}"
+            if conv not in folded_bias:
+                raise HeartsegError(f"{path}: the BatchNorm {name!r} of stage {head} was not folded into {conv!r}")
+            bias = torch.from_numpy(folded_bias.pop(conv).copy())
+            state[f"{name}.weight"] = torch.ones_like(bias)
+            state[f"{name}.bias"] = bias
+            state[f"{name}.running_mean"] = torch.zeros_like(bias)
+            state[f"{name}.running_var"] = torch.full_like(bias, 1.0 - module.eps)
+    if folded_bias:
+        raise HeartsegError(f"{path}: stage {head}'s convolutions {sorted(folded_bias)} have a bias its network "
+                            "has no place for")
+    return state
+
+
+def _check_parity(path: Path, checkpoint: ModelCheckpoint) -> None:
+    """Each stage's probabilities from the rebuilt network against ONNX Runtime's on a random input."""
+    session = OnnxSession(path, device="cpu", threads=1)
+    for stage in checkpoint.contract.stages:
+        (weights,) = checkpoint.networks[stage.name]
+        net = build_unet(weights.unet)
+        net.load_state_dict(weights.state_dict)
+        image = np.random.default_rng(0).standard_normal((1, 1) + (stage.divisor * 4,) * 3).astype(np.float32)
+        with torch.no_grad():
+            ours = torch.sigmoid(net.eval()(torch.from_numpy(image))).numpy()
+        diff = float(np.max(np.abs(ours - session.predict(stage.name, image))))
+        if diff > MAX_ABS_DIFF:
+            raise HeartsegError(f"{path}: the weights read back from stage {stage.name!r} do not reproduce the "
+                                f"file's output (max |difference| {diff:.2e} > {MAX_ABS_DIFF:g})")
+
+
+def read_onnx_model(path: str | Path) -> ModelCheckpoint:
+    """An exported heartseg model file as a checkpoint: its contract, metadata and every stage's weights, the
+    rebuilt networks checked to reproduce the file's probabilities."""
+    from onnx import numpy_helper
+
+    path = Path(path)
+    if not path.is_file():
+        raise HeartsegError(f"{path}: model file not found")
+    session = OnnxSession(path, device="cpu", threads=1)
+    contract, meta = session.contract, session.metadata
+    proto = _onnx_proto(path)
+    arrays = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    try:
+        unets = {name: UNetConfig.from_dict(config) for name, config in json.loads(meta["heartseg.network"]).items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HeartsegError(f"{path}: no readable network configuration in its metadata ({exc})") from None
+    networks = {}
+    for head, stage in enumerate(contract.stages):
+        if stage.name not in unets:
+            raise HeartsegError(f"{path}: its metadata has no network for stage {stage.name!r}")
+        net = build_unet(unets[stage.name])
+        networks[stage.name] = (StageWeights(unets[stage.name], _stage_state(net, proto, head, arrays, path)),)
+    metrics = json.loads(meta.get("heartseg.cv_metrics", "{}")) or {}
+    versions = json.loads(meta.get("heartseg.versions", "{}")) or {}
+    checkpoint = ModelCheckpoint(path, contract, networks, "exported", metrics, versions,
+                                 meta.get("heartseg.training_command", ""))
+    _check_parity(path, checkpoint)
+    return checkpoint
