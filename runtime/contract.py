@@ -22,15 +22,18 @@ from .plausibility import DEFAULT_INPUT_MARGIN, Plausibility
 # 1: a fixed largest foreground fraction; 2: plausibility learned from the training labels;
 # 3: an explicit role per stage; 4: the QC blocks a format-3 reader does not know (tta_score_calibration,
 # edge_sharpness), so that it asks for an upgrade instead of naming an unknown field; 5: plausibility's
-# interior_rank, likewise. The QC blocks (score_calibration, tta_score_calibration, and in plausibility the
+# interior_rank, likewise; 6: a stage's crop context ('scan'). The QC blocks (score_calibration, tta_score_calibration, and in plausibility the
 # training scans' voxel sizes, fields of view, skewness, edge sharpness and interior rank) are optional in every
 # format from 2: a file without them loads as before.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 CONTRACT_KEY = "heartseg.contract"
 
 LOCALISER = "localiser"
 SEGMENTER = "segmenter"
 ROLES = (LOCALISER, SEGMENTER)
+# What fills a stage's crop around the localiser's box up to the stage's patch: the volume's minimum ("pad",
+# as every model before format 6), or the scan around the box where it has any ("scan").
+CONTEXTS = ("pad", "scan")
 # Stage layouts a model may have: a segmenter, a localiser trained alone, or a localiser then a segmenter.
 LAYOUTS = ((SEGMENTER,), (LOCALISER,), (LOCALISER, SEGMENTER))
 ORIENTATIONS = ("RAS",)  # heartseg trains in RAS only; a model claiming another was not made by it
@@ -202,6 +205,7 @@ class StageContract:
     mask_name: str = "mask"
     # localiser: finds the target on the whole scan at low resolution; segmenter: makes the mask.
     role: str = SEGMENTER
+    context: str = "pad"
 
     def __post_init__(self) -> None:
         put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731
@@ -219,6 +223,7 @@ class StageContract:
         if self.threshold is not None:
             put("threshold", _number(self.threshold, "threshold", 0.0, 1.0, open_lo=True, open_hi=True))
         put("crop_margin_mm", _number(self.crop_margin_mm, "crop_margin_mm", *MARGIN_RANGE_MM))
+        put("context", _choice(self.context, "context", CONTEXTS))
         for key in ("input_name", "prob_name", "mask_name"):
             _text(getattr(self, key), key)
 

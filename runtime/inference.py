@@ -76,10 +76,28 @@ def predict_grid(grid: np.ndarray, stage: StageContract, predict: StagePredictFn
 
     if box is None:
         return predict_volume(grid, run, stage.patch_size, stage.divisor, max_voxels)
-    crop = crop_padded(grid, box[0], box[1])
+    lo, hi = context_box(box, grid.shape, stage) if stage.context == "scan" else box
+    crop = predict_volume(crop_padded(grid, lo, hi), run, stage.patch_size, stage.divisor, max_voxels)
+    # Only the box's own voxels are kept: the context around it is seen, not segmented.
+    inner = tuple(slice(int(a - c), int(b - c)) for a, b, c in zip(box[0], box[1], lo))
     prob = np.zeros(grid.shape, np.float32)
-    paste(prob, predict_volume(crop, run, stage.patch_size, stage.divisor, max_voxels), box[0])
+    paste(prob, crop[inner], box[0])
     return prob
+
+
+def context_box(box: Box, shape: tuple[int, ...], stage: StageContract) -> Box:
+    """box widened, about its centre, to at least the stage's patch on each axis, as far as the grid reaches
+    (shifted inwards at its edges), so that what fills the patch is scan rather than padding."""
+    lo, hi = np.asarray(box[0], int), np.asarray(box[1], int)
+    grid = np.asarray(shape, int)
+    want = np.minimum(np.maximum(np.asarray(stage.patch_size, int), hi - lo), grid)
+    extra = np.maximum(want - (hi - lo), 0)
+    lo = lo - extra // 2
+    # Shifted inwards where it leaves the grid; a box already wider than the grid is left as it is.
+    lo = np.clip(lo, 0, np.maximum(grid - want, 0))
+    lo = np.minimum(lo, np.asarray(box[0], int))
+    hi = np.maximum(lo + want, np.asarray(box[1], int))
+    return lo, hi
 
 
 def locate(canonical: CanonicalVolume, contract: ModelContract, predict: StagePredictFn,

@@ -237,3 +237,15 @@ def test_qc_blocks_are_optional() -> None:
     contract = ModelContract.from_dict(data)
     assert contract.score_calibration is None
     assert contract.plausibility.spacing_mm is None and contract.plausibility.fov_mm is None
+
+
+def test_a_stage_context_round_trips_and_a_format_5_stage_reads_as_padded() -> None:
+    stage = StageContract("fine", (1.25, 1.25, 1.25), (64, 64, 64), context="scan")
+    contract = ModelContract(stages=[stage])
+    assert ModelContract.from_json(contract.to_json()).stages[0].context == "scan"
+    old = contract.to_dict()
+    old["format_version"] = 5
+    del old["stages"][0]["context"]
+    assert ModelContract.from_dict(old).stages[0].context == "pad"
+    with pytest.raises(ContractError, match="context"):
+        StageContract("fine", (1.25, 1.25, 1.25), (64, 64, 64), context="mirror")

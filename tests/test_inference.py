@@ -170,3 +170,52 @@ def test_largest_component_inside_the_foreground_box_equals_the_whole_grid(seed:
     assert got.dtype == np.uint8 and got.shape == mask.shape
     np.testing.assert_array_equal(got, _largest_on_the_whole_grid(mask))
     np.testing.assert_array_equal(largest_component(mask.astype(bool)), got)
+
+
+def _fine(patch=(16, 16, 16), context="scan") -> StageContract:
+    return StageContract("fine", (1.0, 1.0, 1.0), patch, 8, crop_margin_mm=2.0, context=context)
+
+
+@pytest.mark.parametrize("box,shape,expected", [
+    (((20, 20, 20), (28, 36, 44)), (64, 64, 64), ((16, 20, 20), (32, 36, 44))),  # widened about its centre
+    (((0, 56, 8), (8, 64, 24)), (64, 64, 64), ((0, 48, 8), (16, 64, 24))),      # shifted inwards at the edges
+    (((0, 0, 0), (8, 8, 8)), (12, 64, 10), ((0, 0, 0), (12, 16, 10))),         # no wider than the grid
+])
+def test_the_context_box_reaches_the_patch_with_scan_and_holds_the_box(box, shape, expected) -> None:
+    lo, hi = inference.context_box((np.array(box[0]), np.array(box[1])), shape, _fine())
+    assert (tuple(lo), tuple(hi)) == expected
+    assert np.all(lo <= box[0]) and np.all(hi >= box[1]) and np.all(lo >= 0) and np.all(hi <= shape)
+
+
+def test_scan_context_feeds_the_network_scan_around_the_box_and_keeps_its_mask_inside() -> None:
+    grid = np.random.default_rng(0).standard_normal((48, 40, 32)).astype(np.float32) + 5.0
+    box = (np.array([16, 8, 8]), np.array([24, 16, 16]))
+    seen = {}
+
+    def predict(name, batch):
+        seen[name] = batch[0, 0].copy()
+        return np.full(batch.shape, 0.9, np.float32)
+
+    prob = inference.predict_grid(grid, _fine(context="scan"), predict, box)
+    assert seen["fine"].shape == (16, 16, 16)
+    np.testing.assert_array_equal(seen["fine"], grid[12:28, 4:20, 4:20])
+    inside = np.zeros(grid.shape, bool)
+    inside[16:24, 8:16, 8:16] = True
+    assert np.all(prob[inside] == np.float32(0.9)) and not prob[~inside].any()
+
+    inference.predict_grid(grid, _fine(context="pad"), predict, box)
+    padded = seen["fine"]
+    assert padded.shape == (16, 16, 16)
+    np.testing.assert_array_equal(padded[:8, :8, :8], grid[16:24, 8:16, 8:16])
+    assert np.all(padded[8:] == grid[16:24, 8:16, 8:16].min())
+
+
+def test_a_box_as_large_as_the_patch_is_predicted_alike_in_either_context() -> None:
+    grid = np.random.default_rng(1).standard_normal((40, 40, 40)).astype(np.float32)
+    box = (np.array([8, 8, 8]), np.array([32, 32, 32]))
+
+    def predict(name, batch):
+        return 1.0 / (1.0 + np.exp(-batch))
+
+    both = [inference.predict_grid(grid, _fine(context=c), predict, box) for c in ("pad", "scan")]
+    np.testing.assert_array_equal(both[0], both[1])

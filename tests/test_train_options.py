@@ -63,6 +63,7 @@ BAD_OPTIONS = [
     (["--permute-prob", "-0.1"], "--permute-prob -0.1"),
     (["--invert-prob", "2"], "--invert-prob 2.0"),
     (["--dark-pool-prob", "-1"], "--dark-pool-prob -1.0"),
+    (["--crop-context", "mirror"], "--crop-context 'mirror': choose pad or scan"),
     (["--workers", "-1"], "--workers -1"),
     (["--dataset-weight", "data=0"], "--dataset-weight 'data=0.0'"),
     (["--dataset-weight", "data"], "--dataset-weight 'data'"),
@@ -90,6 +91,7 @@ def test_cli_defaults_are_the_dataclasses(tmp_path: Path) -> None:
     assert defaults["batch_size"] == config.batch_size and defaults["val_every"] == config.val_every
     assert defaults["foreground_fraction"] == config.foreground_fraction
     assert defaults["margin_mm"] == PlanOptions().crop_margin_mm
+    assert defaults["crop_context"] == PlanOptions().crop_context
     run = RunConfig(data=["d"], output="o")
     assert defaults["coarse_steps"] == run.coarse.steps and defaults["folds"] == run.n_folds
     assert defaults["flip_prob"] == run.augment.p_flip and defaults["permute_prob"] == run.augment.p_permute
@@ -111,6 +113,15 @@ def test_orientation_augmentation_options_reach_the_run_config(small_data: Path,
     assert config.fine.workers == 1 and config.coarse.workers == 1
     assert config.fine.dataset_weights == {small_data.name: 2.0} == config.coarse.dataset_weights
     assert augment.p_bias == RunConfig(data=["d"], output="o").augment.p_bias  # the rest stays default
+
+
+def test_the_crop_context_reaches_the_fine_stage_of_the_plan(small_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_app, [str(small_data), "-o", str(run), *TINY, "--crop-context", "scan"])
+    assert result.exit_code in (0, 1), (result.output, result.exception)  # 2 steps may not calibrate
+    assert RunConfig.load(run / "config.json").plan.crop_context == "scan"
+    stages = {s["name"]: s for s in json.loads((run / "plan.json").read_text())["contract"]["stages"]}
+    assert stages["fine"]["context"] == "scan" and stages["coarse"]["context"] == "pad"
 
 
 def test_dataset_entry_that_is_not_a_path(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from heartseg.runtime.atomic import write_text_atomic
 from heartseg.runtime.contract import (
+    CONTEXTS,
     LOCALISER,
     MARGIN_RANGE_MM,
     SEGMENTER,
@@ -59,6 +60,8 @@ class PlanOptions:
     fine_patch: tuple[int, int, int] | None = None
     coarse_voxels_per_axis: int = 80
     crop_margin_mm: float = 15.0
+    # What fills the fine stage's crop up to its patch (runtime.contract.CONTEXTS).
+    crop_context: str = "pad"
     divisor: int = 8
     max_patch_voxels: int = 64**3
     # The fine patch must span at least this share of the atrium's longest median extent.
@@ -70,6 +73,8 @@ class PlanOptions:
         if self.divisor & (self.divisor - 1):
             raise ConfigError("divisor", self.divisor, "must be a power of two")
         number_in(self.crop_margin_mm, 0.0, MARGIN_RANGE_MM[1], "crop_margin_mm")
+        if self.crop_context not in CONTEXTS:
+            raise ConfigError("crop_context", self.crop_context, f"choose {' or '.join(CONTEXTS)}")
         if self.coarse_spacing is not None:
             number_in(self.coarse_spacing, SPACING_RANGE_MM[0], SPACING_RANGE_MM[1], "coarse_spacing")
         if self.fine_spacing is not None:
@@ -133,7 +138,8 @@ def plan_stages(kind: str, fp: DataFingerprint, options: PlanOptions,
     coarse = StageContract("coarse", coarse_spacing, coarse_patch, options.divisor, crop_margin_mm=0.0,
                            input_name="coarse_image", prob_name="coarse_prob", mask_name="coarse_mask", role=LOCALISER)
     fine = StageContract("fine", fine_spacing, fine_patch, options.divisor, crop_margin_mm=options.crop_margin_mm,
-                         input_name="fine_image", prob_name="fine_prob", mask_name="fine_mask", role=SEGMENTER)
+                         input_name="fine_image", prob_name="fine_prob", mask_name="fine_mask", role=SEGMENTER,
+                         context=options.crop_context)
     if kind == "cascade":
         return [coarse, fine]
     if kind == "coarse":
