@@ -23,12 +23,18 @@ from heartseg.train.cli import app  # noqa: E402
 from heartseg.train.unet import build_unet  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-# A fine-tuning that keeps its start's localiser.
-TUNE_ARGS = list(TINY_TRAIN_ARGS)
-TUNE_ARGS[TUNE_ARGS.index("--coarse-steps") + 1] = "0"
-# No training at all: both stages calibrated and scored as they start.
-KEEP_ARGS = list(TUNE_ARGS)
-KEEP_ARGS[KEEP_ARGS.index("--steps") + 1] = "0"
+
+def _with(args: list[str], **values: str) -> list[str]:
+    """args with the values of the named options replaced (coarse_steps: --coarse-steps)."""
+    out = list(args)
+    for name, value in values.items():
+        out[out.index("--" + name.replace("_", "-")) + 1] = value
+    return out
+
+
+# A fine-tuning that keeps its start's localiser; and no training at all (both stages scored as they start).
+TUNE_ARGS = _with(TINY_TRAIN_ARGS, coarse_steps="0")
+KEEP_ARGS = _with(TUNE_ARGS, steps="0")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +48,12 @@ def exported(trained_run, tmp_path_factory):
 
 def _train(data, out, *args: str):
     return CliRunner().invoke(app, [str(data), "-o", str(out), *args])
+
+
+def _from_file(trained_run, exported, out, args: list[str]):
+    """A run on trained_run's fold 0, started from the exported file."""
+    return _train(trained_run.data, out, *args, "--fold", "0", "--splits", str(trained_run.run / "splits.json"),
+                  "--init-from", str(exported))
 
 
 def test_the_file_reads_back_as_its_checkpoint(trained_run, exported):
@@ -94,10 +106,8 @@ def test_a_wrong_reading_of_the_weights_is_refused(exported, monkeypatch):
 
 
 def test_a_run_started_from_the_file_scores_as_the_model_it_was_exported_from(trained_run, exported, tmp_path):
-    splits = trained_run.run / "splits.json"
     out = tmp_path / "from_onnx"
-    result = _train(trained_run.data, out, *KEEP_ARGS, "--fold", "0", "--splits", str(splits),
-                    "--init-from", str(exported))
+    result = _from_file(trained_run, exported, out, KEEP_ARGS)
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     ours = json.loads((out / "fold_0" / "metrics.json").read_text())
     theirs = json.loads((trained_run.run / "fold_0" / "metrics.json").read_text())
@@ -109,17 +119,14 @@ def test_a_run_started_from_the_file_scores_as_the_model_it_was_exported_from(tr
 
 def test_fine_tuning_from_the_file_trains_and_warns_before_training_its_folded_batchnorm(trained_run, exported,
                                                                                           tmp_path):
-    splits = str(trained_run.run / "splits.json")
-    kept = _train(trained_run.data, tmp_path / "kept", *TUNE_ARGS, "--fold", "0", "--splits", splits,
-                  "--init-from", str(exported))
+    kept = _from_file(trained_run, exported, tmp_path / "kept", TUNE_ARGS)
     assert kept.exit_code == 0, f"{kept.output}\n{kept.exception!r}"
     assert "BatchNorm" not in unwrapped(kept.output)
     before = read_model_checkpoint(exported).networks["fine"][0].state_dict
     after = read_model_checkpoint(tmp_path / "kept" / "model.pt").networks["fine"][0].state_dict
     assert any(not torch.equal(before[key], after[key]) for key in before)
 
-    trained = _train(trained_run.data, tmp_path / "trained", *TINY_TRAIN_ARGS, "--fold", "0", "--splits", splits,
-                     "--init-from", str(exported))
+    trained = _from_file(trained_run, exported, tmp_path / "trained", TINY_TRAIN_ARGS)
     assert trained.exit_code == 0, f"{trained.output}\n{trained.exception!r}"
     assert "whose BatchNorm export folded into the convolutions" in unwrapped(trained.output)
 
@@ -136,14 +143,9 @@ def test_a_file_without_the_networks_description_is_refused_with_a_message(casca
 
 
 def test_weights_trained_on_another_grid_than_the_plan_are_named_in_a_warning(trained_run, exported, tmp_path):
-    splits = str(trained_run.run / "splits.json")
-    same = _train(trained_run.data, tmp_path / "same", *KEEP_ARGS, "--fold", "0", "--splits", splits,
-                  "--init-from", str(exported))
+    same = _from_file(trained_run, exported, tmp_path / "same", KEEP_ARGS)
     assert same.exit_code == 0 and "starts from weights made for" not in unwrapped(same.output), same.output
-    args = list(KEEP_ARGS)
-    args[args.index("--margin-mm") + 1] = "8"
-    other = _train(trained_run.data, tmp_path / "other", *args, "--fold", "0", "--splits", splits,
-                   "--init-from", str(exported))
+    other = _from_file(trained_run, exported, tmp_path / "other", _with(KEEP_ARGS, margin_mm="8"))
     text = unwrapped(other.output)
     assert other.exit_code == 0, text
     assert "stage 'fine' starts from weights made for" in text and "margin 6 mm" in text, text
@@ -152,17 +154,10 @@ def test_weights_trained_on_another_grid_than_the_plan_are_named_in_a_warning(tr
 
 def test_a_patch_differing_from_the_starting_weights_is_named_only_for_a_stage_that_trains(trained_run, exported,
                                                                                           tmp_path):
-    splits = str(trained_run.run / "splits.json")
-    kept = list(KEEP_ARGS)
-    kept[kept.index("--patch") + 1] = "24,24,24"
-    result = _train(trained_run.data, tmp_path / "kept", *kept, "--fold", "0", "--splits", splits,
-                    "--init-from", str(exported))
-    assert result.exit_code == 0 and "starts from weights made for" not in unwrapped(result.output), result.output
-    tuned = list(TUNE_ARGS)
-    tuned[tuned.index("--patch") + 1] = "24,24,24"
-    result = _train(trained_run.data, tmp_path / "tuned", *tuned, "--fold", "0", "--splits", splits,
-                    "--init-from", str(exported))
-    text = unwrapped(result.output)
-    assert result.exit_code == 0, text
+    kept = _from_file(trained_run, exported, tmp_path / "kept", _with(KEEP_ARGS, patch="24,24,24"))
+    assert kept.exit_code == 0 and "starts from weights made for" not in unwrapped(kept.output), kept.output
+    tuned = _from_file(trained_run, exported, tmp_path / "tuned", _with(TUNE_ARGS, patch="24,24,24"))
+    text = unwrapped(tuned.output)
+    assert tuned.exit_code == 0, text
     assert "stage 'fine' starts from weights made for" in text and "stage 'coarse' starts" not in text, text
     assert "patch 16x16x16, margin 6 mm, this run plans" in text and "patch 24x24x24, margin 6 mm" in text, text
