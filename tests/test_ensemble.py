@@ -122,6 +122,14 @@ def test_ensemble_exports_to_one_onnx_file_the_runtime_reads(members, ensemble, 
     flops = json.loads(read_contract(onnx_path)[1]["heartseg.flops_per_voxel"])
     assert flops["fine"] == 2 * count_flops_per_voxel(singles[0].unets["fine"])
     assert flops["coarse"] == count_flops_per_voxel(singles[0].unets["coarse"])
+    # Its networks cannot start a training: refused with a message, as the ensemble's model.pt is.
+    args = list(TINY_TRAIN_ARGS)
+    args[args.index("--coarse-steps") + 1] = "0"
+    refused = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "tuned"), *args,
+                                       "--init-from", str(onnx_path)])
+    text = unwrapped(refused.output)
+    assert refused.exit_code == 2 and isinstance(refused.exception, SystemExit), (text, refused.exception)
+    assert "stage 'fine' is an ensemble of several networks" in text and "Traceback" not in text, text
 
 
 def test_an_ensemble_without_the_members_training_data_is_refused(members, tmp_path):

@@ -62,6 +62,9 @@ def _stage_state(net: nn.Module, proto, head: int, arrays: dict[str, np.ndarray]
                 folded_bias[name] = arrays[bias[0]]
         elif isinstance(module, nn.InstanceNorm3d) and module.affine:
             for key in ("weight", "bias"):
+                if f"{named}{name}.{key}" not in arrays:
+                    raise HeartsegError(f"{path}: no {name}.{key} in stage {head}'s weights (a file not written by "
+                                        "heartseg-export cannot start a training)")
                 state[f"{name}.{key}"] = torch.from_numpy(arrays[f"{named}{name}.{key}"].copy())
         elif isinstance(module, nn.BatchNorm3d):
             parent, _, index = name.rpartition(".")
@@ -115,6 +118,9 @@ def read_onnx_model(path: str | Path) -> ModelCheckpoint:
     for head, stage in enumerate(contract.stages):
         if stage.name not in unets:
             raise HeartsegError(f"{path}: its metadata has no network for stage {stage.name!r}")
+        if any(name.startswith(f"heads.{head}.network.members.") for name in arrays):
+            raise HeartsegError(f"{path}: stage {stage.name!r} is an ensemble of several networks, which cannot "
+                                "start a training (give one of its members' model.pt)")
         net = build_unet(unets[stage.name])
         networks[stage.name] = (StageWeights(unets[stage.name], _stage_state(net, proto, head, arrays, path)),)
     metrics = json.loads(meta.get("heartseg.cv_metrics", "{}")) or {}
