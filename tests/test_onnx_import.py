@@ -119,6 +119,7 @@ def test_a_run_started_from_the_file_scores_as_the_model_it_was_exported_from(tr
 
 def test_fine_tuning_from_the_file_trains_and_warns_before_training_its_folded_batchnorm(trained_run, exported,
                                                                                           tmp_path):
+    splits = str(trained_run.run / "splits.json")
     kept = _from_file(trained_run, exported, tmp_path / "kept", TUNE_ARGS)
     assert kept.exit_code == 0, f"{kept.output}\n{kept.exception!r}"
     assert "BatchNorm" not in unwrapped(kept.output)
@@ -129,6 +130,23 @@ def test_fine_tuning_from_the_file_trains_and_warns_before_training_its_folded_b
     trained = _from_file(trained_run, exported, tmp_path / "trained", TINY_TRAIN_ARGS)
     assert trained.exit_code == 0, f"{trained.output}\n{trained.exception!r}"
     assert "whose BatchNorm export folded into the convolutions" in unwrapped(trained.output)
+    # The weights tell, not the file's name: a model.pt that kept the read-back localiser warns alike.
+    again = _from_file(trained_run, tmp_path / "kept" / "model.pt", tmp_path / "again", TINY_TRAIN_ARGS)
+    assert again.exit_code == 0, f"{again.output}\n{again.exception!r}"
+    assert "whose BatchNorm export folded into the convolutions" in unwrapped(again.output)
+    fresh = _train(trained_run.data, tmp_path / "fresh", *TINY_TRAIN_ARGS, "--fold", "0", "--splits", splits,
+                   "--init-from", str(trained_run.model))
+    assert fresh.exit_code == 0 and "BatchNorm" not in unwrapped(fresh.output), fresh.output
+
+
+def test_a_rounded_variant_is_refused_with_a_message(trained_run, tmp_path):
+    out = tmp_path / "M.onnx"
+    result = CliRunner().invoke(export_app, [str(trained_run.model), "-o", str(out), "--threads", "1", "--fp16",
+                                             "--int8", "--data", str(trained_run.data)])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    for variant in ("fp16", "int8"):
+        with pytest.raises(HeartsegError, match=f"a {variant} variant, whose weights are rounded"):
+            read_model_checkpoint(tmp_path / f"M.{variant}.onnx")
 
 
 def test_a_file_without_the_networks_description_is_refused_with_a_message(cascade_model, no_contract_model,
@@ -148,8 +166,11 @@ def test_weights_trained_on_another_grid_than_the_plan_are_named_in_a_warning(tr
     other = _from_file(trained_run, exported, tmp_path / "other", _with(KEEP_ARGS, margin_mm="8"))
     text = unwrapped(other.output)
     assert other.exit_code == 0, text
-    assert "stage 'fine' starts from weights made for" in text and "margin 6 mm" in text, text
+    assert "stage 'fine' starts from weights made for" in text and "margin 6 mm, pad context" in text, text
     assert "this run plans" in text and "margin 8 mm" in text and "stage 'coarse' starts" not in text, text
+    scan = _from_file(trained_run, exported, tmp_path / "scan", [*KEEP_ARGS, "--crop-context", "scan"])
+    assert "margin 6 mm, pad context, this run plans" in unwrapped(scan.output), scan.output
+    assert "margin 6 mm, scan context" in unwrapped(scan.output), scan.output
 
 
 def test_a_patch_differing_from_the_starting_weights_is_named_only_for_a_stage_that_trains(trained_run, exported,
@@ -160,4 +181,12 @@ def test_a_patch_differing_from_the_starting_weights_is_named_only_for_a_stage_t
     text = unwrapped(tuned.output)
     assert tuned.exit_code == 0, text
     assert "stage 'fine' starts from weights made for" in text and "stage 'coarse' starts" not in text, text
-    assert "patch 16x16x16, margin 6 mm, this run plans" in text and "patch 24x24x24, margin 6 mm" in text, text
+    assert "patch 16x16x16, margin 6 mm, pad context, this run plans" in text, text
+    assert "patch 24x24x24, margin 6 mm" in text, text
+
+
+def test_a_single_stage_run_takes_its_stage_from_a_two_stage_file(trained_run, exported, tmp_path):
+    result = _from_file(trained_run, exported, tmp_path / "fine", [*TUNE_ARGS, "--stage", "fine"])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    tuned = read_model_checkpoint(tmp_path / "fine" / "model.pt")
+    assert [s.name for s in tuned.contract.stages] == ["fine"]

@@ -89,7 +89,7 @@ def weights_fingerprint(state: dict) -> str:
     return digest.hexdigest()
 
 
-def stage_source(parents: list[str], stage: str) -> str | None:
+def _stage_source(parents: list[str], stage: str) -> str | None:
     """The --init-from source a stage started from: the last one holding it (a model.pt holds every stage, a
     RUN/fold_K/STAGE/best.pt only its own)."""
     for parent in reversed(parents):
@@ -126,5 +126,5 @@ def stage_origins(source: str | Path | ModelCheckpoint, stage: str) -> set[str]:
             origins.add(key)
             break
         origins.add(weights_fingerprint(state))
-        current = stage_source(parents, stage)
+        current = _stage_source(parents, stage)
     return origins

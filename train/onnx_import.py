@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from heartseg.runtime.contract import StageContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.session import OnnxSession
 from torch import nn
@@ -18,6 +19,8 @@ from .unet import UNetConfig, build_unet
 # The networks' float32 sums run in another order in ONNX Runtime (as at export, export/parity.py).
 MAX_ABS_DIFF = 1e-4
 _CONV = (nn.Conv3d, nn.ConvTranspose3d)
+# The variance of a BatchNorm read back from a folded one: 1 - eps, so that it divides by exactly 1.
+_FOLDED_VAR = 1.0 - nn.BatchNorm3d(1).eps
 
 
 def _onnx_proto(path: Path):
@@ -55,6 +58,9 @@ def _stage_state(net: nn.Module, proto, head: int, arrays: dict[str, np.ndarray]
                 raise HeartsegError(f"{path}: no convolution {name!r} in stage {head}'s graph (an ensemble, or a "
                                     "file not written by heartseg-export, cannot start a training)")
             weight, *bias = convs[name]
+            if weight not in arrays or (bias and bias[0] not in arrays):
+                raise HeartsegError(f"{path}: the weights of convolution {name!r} of stage {head} are computed in "
+                                    "the graph, not stored (a file not written by heartseg-export)")
             state[f"{name}.weight"] = torch.from_numpy(arrays[weight].copy())
             if module.bias is not None:
                 state[f"{name}.bias"] = torch.from_numpy(arrays[bias[0]].copy())
@@ -75,27 +81,32 @@ def _stage_state(net: nn.Module, proto, head: int, arrays: dict[str, np.ndarray]
             state[f"{name}.weight"] = torch.ones_like(bias)
             state[f"{name}.bias"] = bias
             state[f"{name}.running_mean"] = torch.zeros_like(bias)
-            state[f"{name}.running_var"] = torch.full_like(bias, 1.0 - module.eps)
+            state[f"{name}.running_var"] = torch.full_like(bias, _FOLDED_VAR)
     if folded_bias:
         raise HeartsegError(f"{path}: stage {head}'s convolutions {sorted(folded_bias)} have a bias its network "
                             "has no place for")
     return state
 
 
-def _check_parity(path: Path, checkpoint: ModelCheckpoint) -> None:
-    """Each stage's probabilities from the rebuilt network against ONNX Runtime's on a random input."""
-    session = OnnxSession(path, device="cpu", threads=1)
-    for stage in checkpoint.contract.stages:
-        (weights,) = checkpoint.networks[stage.name]
-        net = build_unet(weights.unet)
-        net.load_state_dict(weights.state_dict)
-        image = np.random.default_rng(0).standard_normal((1, 1) + (stage.divisor * 4,) * 3).astype(np.float32)
-        with torch.no_grad():
-            ours = torch.sigmoid(net.eval()(torch.from_numpy(image))).numpy()
-        diff = float(np.max(np.abs(ours - session.predict(stage.name, image))))
-        if diff > MAX_ABS_DIFF:
-            raise HeartsegError(f"{path}: the weights read back from stage {stage.name!r} do not reproduce the "
-                                f"file's output (max |difference| {diff:.2e} > {MAX_ABS_DIFF:g})")
+def _check_parity(path: Path, session: OnnxSession, stage: StageContract, net: nn.Module) -> None:
+    """A stage's probabilities from the rebuilt network against ONNX Runtime's on a random input."""
+    image = np.random.default_rng(0).standard_normal((1, 1) + (stage.divisor * 4,) * 3).astype(np.float32)
+    with torch.no_grad():
+        ours = torch.sigmoid(net.eval()(torch.from_numpy(image))).numpy()
+    diff = float(np.max(np.abs(ours - session.predict(stage.name, image))))
+    if diff > MAX_ABS_DIFF:
+        raise HeartsegError(f"{path}: the weights read back from stage {stage.name!r} do not reproduce the "
+                            f"file's output (max |difference| {diff:.2e} > {MAX_ABS_DIFF:g})")
+
+
+def _metadata_json(path: Path, meta: dict[str, str], key: str) -> dict:
+    try:
+        value = json.loads(meta.get(key, "{}")) or {}
+    except ValueError:
+        raise HeartsegError(f"{path}: its metadata {key!r} is not JSON") from None
+    if not isinstance(value, dict):
+        raise HeartsegError(f"{path}: its metadata {key!r} is not an object")
+    return value
 
 
 def read_onnx_model(path: str | Path) -> ModelCheckpoint:
@@ -108,11 +119,14 @@ def read_onnx_model(path: str | Path) -> ModelCheckpoint:
         raise HeartsegError(f"{path}: model file not found")
     session = OnnxSession(path, device="cpu", threads=1)
     contract, meta = session.contract, session.metadata
+    if "heartseg.variant" in meta:
+        raise HeartsegError(f"{path}: a {meta['heartseg.variant']} variant, whose weights are rounded: give the "
+                            "float32 file it was made from")
     proto = _onnx_proto(path)
     arrays = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
     try:
         unets = {name: UNetConfig.from_dict(config) for name, config in json.loads(meta["heartseg.network"]).items()}
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HeartsegError(f"{path}: no readable network configuration in its metadata ({exc})") from None
     networks = {}
     for head, stage in enumerate(contract.stages):
@@ -122,10 +136,22 @@ def read_onnx_model(path: str | Path) -> ModelCheckpoint:
             raise HeartsegError(f"{path}: stage {stage.name!r} is an ensemble of several networks, which cannot "
                                 "start a training (give one of its members' model.pt)")
         net = build_unet(unets[stage.name])
-        networks[stage.name] = (StageWeights(unets[stage.name], _stage_state(net, proto, head, arrays, path)),)
-    metrics = json.loads(meta.get("heartseg.cv_metrics", "{}")) or {}
-    versions = json.loads(meta.get("heartseg.versions", "{}")) or {}
-    checkpoint = ModelCheckpoint(path, contract, networks, "exported", metrics, versions,
-                                 meta.get("heartseg.training_command", ""))
-    _check_parity(path, checkpoint)
-    return checkpoint
+        state = _stage_state(net, proto, head, arrays, path)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise HeartsegError(f"{path}: the weights of stage {stage.name!r} do not fit the network its metadata "
+                                f"describes ({str(exc)[:200]})") from None
+        _check_parity(path, session, stage, net)
+        networks[stage.name] = (StageWeights(unets[stage.name], state),)
+    return ModelCheckpoint(path, contract, networks, "exported", _metadata_json(path, meta, "heartseg.cv_metrics"),
+                           _metadata_json(path, meta, "heartseg.versions"), meta.get("heartseg.training_command", ""))
+
+
+def folded_batchnorm(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a network's BatchNorm layers are the bias-only ones of weights read back from an exported file."""
+    means = [key.removesuffix(".running_mean") for key in state if key.endswith(".running_mean")]
+    return bool(means) and all(
+        not state[f"{n}.running_mean"].any() and bool((state[f"{n}.weight"] == 1).all())
+        and bool((state[f"{n}.running_var"] == torch.tensor(_FOLDED_VAR, dtype=state[f"{n}.running_var"].dtype)).all())
+        for n in means)

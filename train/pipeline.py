@@ -26,7 +26,8 @@ from .evaluate import (
     summarize_by_dataset,
     summarize_dicts,
 )
-from .lineage import Lineage, stage_source, trained_cases
+from .lineage import Lineage, trained_cases
+from .onnx_import import folded_batchnorm
 from .options import FOLDS, SEED, STAGE_KIND, ConfigError, integer_at_least, one_of
 from .plan import STAGE_KINDS, PlanOptions, TrainPlan, fingerprint_dict, plan_stages
 from .splits import Fold, given_folds, make_folds, read_splits, write_splits
@@ -156,7 +157,7 @@ def _grid(stage: StageContract, patch: bool) -> str:
     """A stage's spacing, margin and, for one that trains, its patch, as words."""
     spacing = ",".join(f"{v:g}" for v in stage.spacing)
     size = f", patch {'x'.join(str(v) for v in stage.patch_size)}" if patch else ""
-    return f"{spacing} mm{size}, margin {stage.crop_margin_mm:g} mm"
+    return f"{spacing} mm{size}, margin {stage.crop_margin_mm:g} mm, {stage.context} context"
 
 
 class Run:
@@ -324,17 +325,19 @@ class Run:
         stages it holds: each a model.pt or exported file (every stage) or one stage's best.pt. Warns where a
         stage starts from weights made for another grid than this run's plan (the patch only if it trains)."""
         sources = self._init_sources()
-        for name, (role, unet, _, theirs) in sources.items():
-            ours, trains = contract.stage(name), _stage_configs(self.config, role)[0].steps > 0
+        planned = {stage.name: stage for stage in contract.stages}
+        for name, (role, unet, state, theirs) in sources.items():
+            if name not in planned:
+                continue  # a stage this run does not have (--stage fine or coarse)
+            ours, trains = planned[name], _stage_configs(self.config, role)[0].steps > 0
             if _grid(theirs, trains) != _grid(ours, trains):
                 self.log(f"warning: stage {name!r} starts from weights made for {_grid(theirs, trains)}, this run "
                          f"plans {_grid(ours, trains)}: give theirs (--fine-spacing, --coarse-spacing, --patch, "
-                         "--margin-mm) to keep the grid they were trained on")
-            start = stage_source(self.config.init_from, name)
-            if start and Path(start).suffix.lower() == ".onnx" and unet.norm == "batch" and trains:
-                self.log(f"warning: stage {name!r} starts from {start}, whose BatchNorm export folded into the "
-                         "convolutions: training it normalises by batch statistics from its first step (keep it "
-                         "as it is with --coarse-steps 0)")
+                         "--margin-mm, --crop-context) to keep the grid they were trained on")
+            if trains and unet.norm == "batch" and folded_batchnorm(state):
+                self.log(f"warning: stage {name!r} starts from weights read back from an exported file, whose "
+                         "BatchNorm export folded into the convolutions: training it normalises by batch "
+                         "statistics from its first step (keep it as it is with --coarse-steps 0)")
         return {name: state for name, (_, _, state, _) in sources.items()}
 
     def _init_sources(self) -> InitWeights:
