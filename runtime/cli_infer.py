@@ -67,8 +67,8 @@ def _print_info(model: Path) -> None:
         say(
             f"stage {stage.name}: spacing {' x '.join(f'{s:g}' for s in stage.spacing)} mm, "
             f"patch {' x '.join(map(str, stage.patch_size))}, divisor {stage.divisor}, threshold {stage.threshold:g}, "
-            f"crop margin {stage.crop_margin_mm:g} mm ({stage.context} up to the patch), input {stage.input_name!r}, outputs {stage.prob_name!r} "
-            f"(probabilities), {stage.mask_name!r} (mask)")
+            f"crop margin {stage.crop_margin_mm:g} mm ({stage.context} up to the patch), input {stage.input_name!r}, "
+            f"outputs {stage.prob_name!r} (probabilities), {stage.mask_name!r} (mask)")
     for key in ("orientation", "normalization", "largest_component", "plausibility", "max_foreground_fraction",
                 "bytes_per_voxel", "score_calibration", "tta_score_calibration", "format_version"):
         say(f"{key}: {getattr(contract, key)}")

@@ -22,9 +22,9 @@ from .plausibility import DEFAULT_INPUT_MARGIN, Plausibility
 # 1: a fixed largest foreground fraction; 2: plausibility learned from the training labels;
 # 3: an explicit role per stage; 4: the QC blocks a format-3 reader does not know (tta_score_calibration,
 # edge_sharpness), so that it asks for an upgrade instead of naming an unknown field; 5: plausibility's
-# interior_rank, likewise; 6: a stage's crop context ('scan'). The QC blocks (score_calibration, tta_score_calibration, and in plausibility the
-# training scans' voxel sizes, fields of view, skewness, edge sharpness and interior rank) are optional in every
-# format from 2: a file without them loads as before.
+# interior_rank, likewise; 6: a stage's crop context ('scan'). The QC blocks (score_calibration,
+# tta_score_calibration, and in plausibility the training scans' voxel sizes, fields of view, skewness, edge
+# sharpness and interior rank) are optional in every format from 2: a file without them loads as before.
 FORMAT_VERSION = 6
 CONTRACT_KEY = "heartseg.contract"
 

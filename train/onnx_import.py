@@ -150,8 +150,11 @@ def read_onnx_model(path: str | Path) -> ModelCheckpoint:
 
 def folded_batchnorm(state: dict[str, torch.Tensor]) -> bool:
     """Whether a network's BatchNorm layers are the bias-only ones of weights read back from an exported file."""
-    means = [key.removesuffix(".running_mean") for key in state if key.endswith(".running_mean")]
-    return bool(means) and all(
-        not state[f"{n}.running_mean"].any() and bool((state[f"{n}.weight"] == 1).all())
-        and bool((state[f"{n}.running_var"] == torch.tensor(_FOLDED_VAR, dtype=state[f"{n}.running_var"].dtype)).all())
-        for n in means)
+    norms = [key.removesuffix(".running_mean") for key in state if key.endswith(".running_mean")]
+
+    def folded(n: str) -> bool:
+        var = state[f"{n}.running_var"]
+        return not state[f"{n}.running_mean"].any() and bool((state[f"{n}.weight"] == 1).all()) \
+            and bool((var == torch.tensor(_FOLDED_VAR, dtype=var.dtype)).all())
+
+    return bool(norms) and all(folded(n) for n in norms)

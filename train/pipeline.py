@@ -135,8 +135,7 @@ def _model_weights(path: Path) -> InitWeights:
 
 def _best_weights(path: Path) -> InitWeights:
     """One stage's (role, network, weights, stage contract) from RUN/fold_K/STAGE/best.pt; its run's config.json
-    and plan.json
-    say which network it is."""
+    and plan.json say which network it is."""
     path = path.resolve()
     run = path.parents[2] if len(path.parents) > 2 else path.parent
     if not ((run / "config.json").is_file() and (run / "plan.json").is_file()):
