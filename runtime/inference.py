@@ -17,6 +17,7 @@ from .postprocess import binarize, largest_component
 from .preprocess import (
     CanonicalVolume,
     box_with_divisor,
+    centred_box,
     crop_padded,
     mask_box,
     paste,
@@ -86,18 +87,11 @@ def predict_grid(grid: np.ndarray, stage: StageContract, predict: StagePredictFn
 
 
 def context_box(box: Box, shape: tuple[int, ...], stage: StageContract) -> Box:
-    """box widened, about its centre, to at least the stage's patch on each axis, as far as the grid reaches
+    """box widened, about its centre, to at least the stage's patch on each axis as far as the grid reaches
     (shifted inwards at its edges), so that what fills the patch is scan rather than padding."""
     lo, hi = np.asarray(box[0], int), np.asarray(box[1], int)
-    grid = np.asarray(shape, int)
-    want = np.minimum(np.maximum(np.asarray(stage.patch_size, int), hi - lo), grid)
-    extra = np.maximum(want - (hi - lo), 0)
-    lo = lo - extra // 2
-    # Shifted inwards where it leaves the grid; a box already wider than the grid is left as it is.
-    lo = np.clip(lo, 0, np.maximum(grid - want, 0))
-    lo = np.minimum(lo, np.asarray(box[0], int))
-    hi = np.maximum(lo + want, np.asarray(box[1], int))
-    return lo, hi
+    size = np.maximum(hi - lo, np.minimum(np.asarray(stage.patch_size, int), np.asarray(shape, int)))
+    return centred_box((lo + hi) / 2.0, size, shape)
 
 
 def locate(canonical: CanonicalVolume, contract: ModelContract, predict: StagePredictFn,

@@ -135,10 +135,16 @@ def box_with_divisor(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, ...], div
     hi = np.minimum(np.ceil(hi).astype(int), shape)
     size = np.array([round_up(max(h - l, divisor), divisor) for l, h in zip(lo, hi)])
     size = np.minimum(size, [round_up(s, divisor) for s in shape])
-    centre = (lo + hi) / 2.0
-    new_lo = np.floor(centre - size / 2.0).astype(int)
-    new_lo = np.clip(new_lo, 0, np.maximum(np.asarray(shape) - size, 0))
-    return new_lo, new_lo + size
+    return centred_box((lo + hi) / 2.0, size, shape)
+
+
+def centred_box(centre: np.ndarray, size: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The half-open box of the given size about centre, shifted inwards where it leaves shape (a box larger
+    than shape starts at 0)."""
+    size = np.asarray(size, int)
+    lo = np.floor(np.asarray(centre, float) - size / 2.0).astype(int)
+    lo = np.clip(lo, 0, np.maximum(np.asarray(shape) - size, 0))
+    return lo, lo + size
 
 
 def crop_padded(data: np.ndarray, lo: np.ndarray, hi: np.ndarray, fill: float | None = None) -> np.ndarray:
