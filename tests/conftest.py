@@ -85,6 +85,14 @@ def unwrapped(output: str) -> str:
     return " ".join(output.split())
 
 
+def with_options(args: list[str], **values: str) -> list[str]:
+    """Command-line args with the values of the named options replaced (coarse_steps="0": --coarse-steps 0)."""
+    out = list(args)
+    for name, value in values.items():
+        out[out.index("--" + name.replace("_", "-")) + 1] = value
+    return out
+
+
 TINY_TRAIN_ARGS = ["--folds", "3", "--steps", "60", "--coarse-steps", "40", "--val-every", "30", "--width", "4",
                    "--patch", "16,16,16", "--coarse-spacing", "4", "--margin-mm", "6", "--cache", "none",
                    "--threads", "1"]

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import TINY_TRAIN_ARGS, unwrapped  # noqa: E402
+from conftest import TINY_TRAIN_ARGS, unwrapped, with_options  # noqa: E402
 from heartseg.export.cli import app as export_app  # noqa: E402
 from heartseg.export.model_file import load_trained_model  # noqa: E402
 from heartseg.runtime.segmenter import Segmenter  # noqa: E402
@@ -44,10 +44,9 @@ def members(tmp_path_factory):
     splits.write_text(json.dumps({"seed": 0, "folds": [
         {"fold": k, "train": halves[1 - k], "val": halves[k]} for k in (0, 1)]}))
     run = root / "run"
-    args = list(TINY_TRAIN_ARGS)
-    args[args.index("--coarse-steps") + 1] = "0"
     result = CliRunner().invoke(app, [*map(str, data), "-o", str(run), "--splits", str(splits), "--fold", "all",
-                                      "--init-from", str(base / "model.pt"), *args])
+                                      "--init-from", str(base / "model.pt"),
+                                      *with_options(TINY_TRAIN_ARGS, coarse_steps="0")])
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     return data, [run / "fold_0" / "model.pt", run / "fold_1" / "model.pt"]
 
@@ -123,9 +122,8 @@ def test_ensemble_exports_to_one_onnx_file_the_runtime_reads(members, ensemble, 
     assert flops["fine"] == 2 * count_flops_per_voxel(singles[0].unets["fine"])
     assert flops["coarse"] == count_flops_per_voxel(singles[0].unets["coarse"])
     # Its networks cannot start a training: refused with a message, as the ensemble's model.pt is.
-    args = list(TINY_TRAIN_ARGS)
-    args[args.index("--coarse-steps") + 1] = "0"
-    refused = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "tuned"), *args,
+    refused = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "tuned"),
+                                       *with_options(TINY_TRAIN_ARGS, coarse_steps="0"),
                                        "--init-from", str(onnx_path)])
     text = unwrapped(refused.output)
     assert refused.exit_code == 2 and isinstance(refused.exception, SystemExit), (text, refused.exception)

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
-from conftest import TINY_TRAIN_ARGS, unwrapped
+from conftest import TINY_TRAIN_ARGS, unwrapped, with_options
 from heartseg.runtime.image import load_volume
 from heartseg.runtime.plausibility import interior_rank, learn_plausibility, mask_measures
 from heartseg.train.augment import AugmentConfig
@@ -124,10 +124,7 @@ def test_permuted_patches_keep_the_patch_shape_and_image_label_alignment():
 
 
 def _tiny_args(steps: str) -> list[str]:
-    args = list(TINY_TRAIN_ARGS)
-    args[args.index("--steps") + 1] = steps
-    args[args.index("--coarse-steps") + 1] = steps
-    return args
+    return with_options(TINY_TRAIN_ARGS, steps=steps, coarse_steps=steps)
 
 
 def _first_conv(state: dict) -> torch.Tensor:
@@ -239,8 +236,8 @@ def test_init_from_a_best_checkpoint_outside_its_run_is_refused(two_run, two_seq
 
 def test_init_from_a_different_network_is_refused_before_training(two_run, two_sequences, tmp_path):
     run, _ = two_run
-    args = [str(two_sequences[0]), "-o", str(tmp_path / "x"), "--init-from", str(run / "model.pt"), *TINY_TRAIN_ARGS]
-    args[args.index("--width") + 1] = "8"
+    args = [str(two_sequences[0]), "-o", str(tmp_path / "x"), "--init-from", str(run / "model.pt"),
+            *with_options(TINY_TRAIN_ARGS, width="8")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "is not the one this run trains" in unwrapped(result.output)
@@ -252,9 +249,7 @@ def test_given_splits_fix_the_held_out_cases(two_sequences, tmp_path):
     splits.write_text(json.dumps({"seed": 0, "folds": [{"fold": 0, "train": ["b_000", "b_001", "b_002"],
                                                          "val": ["a_004", "b_005"]}]}))
     run = tmp_path / "fixed"
-    args = [*map(str, two_sequences), "-o", str(run), "--splits", str(splits), *TINY_TRAIN_ARGS]
-    args[args.index("--steps") + 1] = "4"
-    args[args.index("--coarse-steps") + 1] = "4"
+    args = [*map(str, two_sequences), "-o", str(run), "--splits", str(splits), *_tiny_args("4")]
     result = CliRunner().invoke(app, args)
     # Four steps may not give a plausible mask: training then stops at calibration, after the split was used.
     assert result.exit_code in (0, 1), result.output

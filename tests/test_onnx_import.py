@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 
-from conftest import TINY_TRAIN_ARGS, unwrapped  # noqa: E402
+from conftest import TINY_TRAIN_ARGS, unwrapped, with_options  # noqa: E402
 from heartseg.export.cli import app as export_app  # noqa: E402
 from heartseg.runtime.errors import HeartsegError  # noqa: E402
 from heartseg.train import onnx_import  # noqa: E402
@@ -24,17 +24,9 @@ from heartseg.train.unet import build_unet  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 
-def _with(args: list[str], **values: str) -> list[str]:
-    """args with the values of the named options replaced (coarse_steps: --coarse-steps)."""
-    out = list(args)
-    for name, value in values.items():
-        out[out.index("--" + name.replace("_", "-")) + 1] = value
-    return out
-
-
 # A fine-tuning that keeps its start's localiser; and no training at all (both stages scored as they start).
-TUNE_ARGS = _with(TINY_TRAIN_ARGS, coarse_steps="0")
-KEEP_ARGS = _with(TUNE_ARGS, steps="0")
+TUNE_ARGS = with_options(TINY_TRAIN_ARGS, coarse_steps="0")
+KEEP_ARGS = with_options(TUNE_ARGS, steps="0")
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +155,7 @@ def test_a_file_without_the_networks_description_is_refused_with_a_message(casca
 def test_weights_trained_on_another_grid_than_the_plan_are_named_in_a_warning(trained_run, exported, tmp_path):
     same = _from_file(trained_run, exported, tmp_path / "same", KEEP_ARGS)
     assert same.exit_code == 0 and "starts from weights made for" not in unwrapped(same.output), same.output
-    other = _from_file(trained_run, exported, tmp_path / "other", _with(KEEP_ARGS, margin_mm="8"))
+    other = _from_file(trained_run, exported, tmp_path / "other", with_options(KEEP_ARGS, margin_mm="8"))
     text = unwrapped(other.output)
     assert other.exit_code == 0, text
     assert "stage 'fine' starts from weights made for" in text and "margin 6 mm, pad context" in text, text
@@ -175,9 +167,9 @@ def test_weights_trained_on_another_grid_than_the_plan_are_named_in_a_warning(tr
 
 def test_a_patch_differing_from_the_starting_weights_is_named_only_for_a_stage_that_trains(trained_run, exported,
                                                                                           tmp_path):
-    kept = _from_file(trained_run, exported, tmp_path / "kept", _with(KEEP_ARGS, patch="24,24,24"))
+    kept = _from_file(trained_run, exported, tmp_path / "kept", with_options(KEEP_ARGS, patch="24,24,24"))
     assert kept.exit_code == 0 and "starts from weights made for" not in unwrapped(kept.output), kept.output
-    tuned = _from_file(trained_run, exported, tmp_path / "tuned", _with(TUNE_ARGS, patch="24,24,24"))
+    tuned = _from_file(trained_run, exported, tmp_path / "tuned", with_options(TUNE_ARGS, patch="24,24,24"))
     text = unwrapped(tuned.output)
     assert tuned.exit_code == 0, text
     assert "stage 'fine' starts from weights made for" in text and "stage 'coarse' starts" not in text, text

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import TINY_TRAIN_ARGS, unwrapped  # noqa: E402
+from conftest import TINY_TRAIN_ARGS, unwrapped, with_options  # noqa: E402
 from heartseg.export.cli import app as export_app  # noqa: E402
 from heartseg.runtime.segmenter import Segmenter  # noqa: E402
 from heartseg.train.checkpoint import read_model_checkpoint  # noqa: E402
@@ -25,8 +25,7 @@ TRAIN = [f"{p}_{i:03d}" for p in "ab" for i in range(4)]
 
 
 # Fine-tunings keep their start's localiser, as the shipped model's members did.
-TUNE_ARGS = list(TINY_TRAIN_ARGS)
-TUNE_ARGS[TUNE_ARGS.index("--coarse-steps") + 1] = "0"
+TUNE_ARGS = with_options(TINY_TRAIN_ARGS, coarse_steps="0")
 
 
 def _train(data, out, splits, *extra: str, args: list[str] = TINY_TRAIN_ARGS) -> None:
