@@ -55,8 +55,8 @@ def _stage_state(net: nn.Module, proto, head: int, arrays: dict[str, np.ndarray]
     for name, module in modules.items():
         if isinstance(module, _CONV):
             if name not in convs:
-                raise HeartsegError(f"{path}: no convolution {name!r} in stage {head}'s graph (an ensemble, or a "
-                                    "file not written by heartseg-export, cannot start a training)")
+                raise HeartsegError(f"{path}: no convolution {name!r} in stage {head}'s graph (a file not written "
+                                    "by heartseg-export)")
             weight, *bias = convs[name]
             if weight not in arrays or (bias and bias[0] not in arrays):
                 raise HeartsegError(f"{path}: the weights of convolution {name!r} of stage {head} are computed in "
@@ -70,7 +70,7 @@ def _stage_state(net: nn.Module, proto, head: int, arrays: dict[str, np.ndarray]
             for key in ("weight", "bias"):
                 if f"{named}{name}.{key}" not in arrays:
                     raise HeartsegError(f"{path}: no {name}.{key} in stage {head}'s weights (a file not written by "
-                                        "heartseg-export cannot start a training)")
+                                        "heartseg-export)")
                 state[f"{name}.{key}"] = torch.from_numpy(arrays[f"{named}{name}.{key}"].copy())
         elif isinstance(module, nn.BatchNorm3d):
             parent, _, index = name.rpartition(".")
@@ -133,8 +133,8 @@ def read_onnx_model(path: str | Path) -> ModelCheckpoint:
         if stage.name not in unets:
             raise HeartsegError(f"{path}: its metadata has no network for stage {stage.name!r}")
         if any(name.startswith(f"heads.{head}.network.members.") for name in arrays):
-            raise HeartsegError(f"{path}: stage {stage.name!r} is an ensemble of several networks, which cannot "
-                                "start a training (give one of its members' model.pt)")
+            raise HeartsegError(f"{path}: stage {stage.name!r} is an ensemble of several networks, which are not "
+                                "read back from an exported file (give one of its members' model.pt)")
         net = build_unet(unets[stage.name])
         state = _stage_state(net, proto, head, arrays, path)
         try:
