@@ -4,6 +4,7 @@ plausibility learned from the training labels, fixed splits and --init-from."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,55 @@ def test_permuted_patches_keep_the_patch_shape_and_image_label_alignment():
         images, labels = sampler.sample()
         assert tuple(images.shape[2:]) == (8, 6, 4) and tuple(labels.shape[2:]) == (8, 6, 4)
         assert torch.equal(images, labels * 5)
+
+
+def _cut_slab(changed: np.ndarray, padding: np.ndarray) -> int | None:
+    """The axis of a slab beyond one plane that holds every changed voxel and only padding, if there is one."""
+    for axis in range(3):
+        for n in range(1, changed.shape[axis]):
+            for beyond in (slice(0, n), slice(n, None)):
+                slab = np.zeros_like(changed)
+                slab[(slice(None),) * axis + (beyond,)] = True
+                if not changed[~slab].any() and padding[slab].all():
+                    return axis
+    return None
+
+
+def test_fov_cut_ends_the_patch_at_a_plane_through_the_atrium():
+    rng = np.random.default_rng(0)
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[5:11, 4:12, 6:10] = 1
+    image = (rng.uniform(1.0, 2.0, label.shape) + 5 * label).astype(np.float32)
+    image[0, 0, 0] = -3.0  # the volume's minimum: what a crop past the scan's edge is padded with
+    case = PreparedCase("a0", image, label, (1.0, 1.0, 1.0), {"fine": (image, label)}, "A")
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 8, 8))
+    sampler_config = SamplerConfig(batch_size=1, foreground_fraction=1.0)
+    seen = set()
+    for seed in range(40):
+        plain_image, plain_label = PatchSampler([case], stage, sampler_config, AugmentConfig.identity(), seed).sample()
+        cut = PatchSampler([case], stage, sampler_config, replace(AugmentConfig.identity(), p_fov_cut=1.0), seed)
+        cut_image, cut_label = cut.sample()
+        changed = (cut_image != plain_image).numpy()[0, 0] | (cut_label != plain_label).numpy()[0, 0]
+        if not changed.any():  # a slab of padding already
+            continue
+        padding = (cut_image.numpy()[0, 0] == -3.0) & (cut_label.numpy()[0, 0] == 0)
+        axis = _cut_slab(changed, padding)
+        assert axis is not None, "the changed voxels are not padding beyond one plane"
+        seen.add(axis)
+        # The plane goes through the atrium: some of it is left, some cut away.
+        assert 0 < cut_label.sum() < plain_label.sum()
+    assert seen == {0, 1, 2}
+
+
+def test_fov_cut_off_keeps_the_patches_of_earlier_runs():
+    case = _case("a0", "A", 0)
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 8, 8))
+    default = PatchSampler([case], stage, SamplerConfig(batch_size=2), AugmentConfig(), seed=4)
+    explicit = PatchSampler([case], stage, SamplerConfig(batch_size=2), replace(AugmentConfig(), p_fov_cut=0.0), 4)
+    cutting = PatchSampler([case], stage, SamplerConfig(batch_size=2), replace(AugmentConfig(), p_fov_cut=0.5), 4)
+    first = [default.sample()[0] for _ in range(3)]
+    assert all(torch.equal(a, explicit.sample()[0]) for a in first)
+    assert not all(torch.equal(a, cutting.sample()[0]) for a in first)
 
 
 def _tiny_args(steps: str) -> list[str]:

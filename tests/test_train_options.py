@@ -63,6 +63,7 @@ BAD_OPTIONS = [
     (["--permute-prob", "-0.1"], "--permute-prob -0.1"),
     (["--invert-prob", "2"], "--invert-prob 2.0"),
     (["--dark-pool-prob", "-1"], "--dark-pool-prob -1.0"),
+    (["--fov-cut-prob", "1.5"], "--fov-cut-prob 1.5"),
     (["--crop-context", "mirror"], "--crop-context 'mirror': choose pad or scan"),
     (["--workers", "-1"], "--workers -1"),
     (["--dataset-weight", "data=0"], "--dataset-weight 'data=0.0'"),
@@ -97,19 +98,20 @@ def test_cli_defaults_are_the_dataclasses(tmp_path: Path) -> None:
     assert defaults["flip_prob"] == run.augment.p_flip and defaults["permute_prob"] == run.augment.p_permute
     assert defaults["invert_prob"] == run.augment.p_invert and defaults["workers"] == config.workers
     assert defaults["dark_pool_prob"] == run.augment.p_dark_pool
+    assert defaults["fov_cut_prob"] == run.augment.p_fov_cut
 
 
 def test_orientation_augmentation_options_reach_the_run_config(small_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = CliRunner().invoke(train_app, [str(small_data), "-o", str(run), *TINY, "--flip-prob", "0.2",
                                             "--permute-prob", "0", "--invert-prob", "0.3", "--workers", "1",
-                                            "--dark-pool-prob", "0.25",
+                                            "--dark-pool-prob", "0.25", "--fov-cut-prob", "0.15",
                                             "--dataset-weight", f"{small_data.name}=2"])
     assert result.exit_code in (0, 1), (result.output, result.exception)  # 2 steps may not calibrate
     config = RunConfig.load(run / "config.json")
     augment = config.augment
     assert augment.p_flip == 0.2 and augment.p_permute == 0.0 and augment.p_invert == 0.3
-    assert augment.p_dark_pool == 0.25
+    assert augment.p_dark_pool == 0.25 and augment.p_fov_cut == 0.15
     assert config.fine.workers == 1 and config.coarse.workers == 1
     assert config.fine.dataset_weights == {small_data.name: 2.0} == config.coarse.dataset_weights
     assert augment.p_bias == RunConfig(data=["d"], output="o").augment.p_bias  # the rest stays default

@@ -113,6 +113,7 @@ def train(
     flip_prob: float = typer.Option(_AUGMENT.p_flip, help="Probability of mirroring each axis of a training patch (orientation robustness; with --permute-prob 0, 0 trains the stored orientation only)."),
     permute_prob: float = typer.Option(_AUGMENT.p_permute, help="Probability of permuting the axes of a training patch."),
     dark_pool_prob: float = typer.Option(_AUGMENT.p_dark_pool, help="Probability of darkening the atrium's interior in a training patch, its edge little and the outside not at all (a blood pool darker than the wall around it, as in LGE scans whose contrast has washed out)."),
+    fov_cut_prob: float = typer.Option(_AUGMENT.p_fov_cut, help="Probability of ending a training patch's field of view at a random plane through the atrium (padding and no label beyond it, as past a scan's edge), so that a scan whose edge cuts the atrium is segmented up to that edge."),
     invert_prob: float = typer.Option(_AUGMENT.p_invert, help="Probability of negating a training patch's intensities (air and blood pool swap brightness), so that a blood pool darker than the atrial wall, as in some LGE scans, is seen in training."),
     dataset_weight: Optional[List[str]] = typer.Option(None, "--dataset-weight", metavar="NAME=W", help="Draw training patches from dataset NAME (its folder's name) W times as often as from a dataset given no weight (default: every dataset equally often). Repeat it for several."),
     device: str = typer.Option(_FINE.device, help="auto (CUDA when available), cpu or cuda."),
@@ -193,7 +194,7 @@ def train(
             weights = _weights(dataset_weight)
             config = _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits,
                                  dict(p_flip=flip_prob, p_permute=permute_prob, p_invert=invert_prob,
-                                      p_dark_pool=dark_pool_prob),
+                                      p_dark_pool=dark_pool_prob, p_fov_cut=fov_cut_prob),
                                  dict(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
                                       fine_patch=patch_size, crop_margin_mm=margin_mm,
                                       crop_context=crop_context),

@@ -13,7 +13,7 @@ from heartseg.runtime.errors import HeartsegError
 # Config fields whose command-line option has another name.
 OPTION_NAMES = {"crop_margin_mm": "margin-mm", "n_folds": "folds", "fine_patch": "patch", "kind": "stage",
                 "p_flip": "flip-prob", "p_permute": "permute-prob", "p_invert": "invert-prob",
-                "p_dark_pool": "dark-pool-prob",
+                "p_dark_pool": "dark-pool-prob", "p_fov_cut": "fov-cut-prob",
                 "dataset_weights": "dataset-weight"}
 
 
@@ -145,6 +145,10 @@ class AugmentConfig:
     p_dark_pool: float = 0.0
     dark_pool_sd: tuple[float, float] = (0.5, 2.0)
     dark_pool_depth: int = 2
+    # A field of view that ends inside the atrium (in the patch sampler): beyond a plane through the
+    # label, the patch holds what a crop past the scan's edge holds (its padding) and no label, so the
+    # networks segment up to a scan edge that cuts the atrium instead of fading out before it.
+    p_fov_cut: float = 0.0
 
     def __post_init__(self) -> None:
         self.flip_axes = tuple(int(a) for a in self.flip_axes)
@@ -155,7 +159,8 @@ class AugmentConfig:
         integer_at_least(self.dark_pool_depth, 1, "dark_pool_depth")
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ValueError(f"flip_axes must be spatial axes in (0, 1, 2), got {self.flip_axes}")
-        for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias", "p_invert", "p_dark_pool"):
+        for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias", "p_invert", "p_dark_pool",
+                     "p_fov_cut"):
             number_in(getattr(self, name), 0.0, 1.0, name)
         for name in ("scale_range", "intensity_scale", "gamma_range", "dark_pool_sd"):
             lo, hi = getattr(self, name)

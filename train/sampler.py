@@ -101,6 +101,21 @@ class PatchSampler:
         high = np.maximum(shape - patch, 0)
         return self.rng.integers(0, high + 1)
 
+    def _fov_cut(self, image: np.ndarray, label: np.ndarray, fill: float) -> None:
+        """In place, with probability p_fov_cut: the scan ends at a random plane through the patch's label."""
+        # Drawn only when enabled, so that configurations without it keep their random streams.
+        if self.augment_config.p_fov_cut <= 0 or self.rng.random() >= self.augment_config.p_fov_cut:
+            return
+        box = mask_box(label)
+        if box is None:
+            return
+        axis = int(self.rng.integers(3))
+        plane = int(self.rng.integers(box[0][axis] + 1, max(box[1][axis], box[0][axis] + 2)))
+        beyond = [slice(None)] * 3
+        beyond[axis] = slice(plane, None) if self.rng.random() < 0.5 else slice(0, plane)
+        image[tuple(beyond)] = fill
+        label[tuple(beyond)] = 0
+
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch: images (N, 1, D, H, W) float32 and labels (N, 1, D, H, W) float32."""
         images, labels = [], []
@@ -114,6 +129,7 @@ class PatchSampler:
             hi = lo + crop
             img_np = crop_padded(np.asarray(image), lo, hi, fill=self.fills[index]).transpose(perm)
             lbl_np = crop_padded(np.asarray(label), lo, hi, fill=0).astype(np.float32).transpose(perm)
+            self._fov_cut(img_np, lbl_np, self.fills[index])
             img = torch.from_numpy(np.ascontiguousarray(img_np))[None]
             lbl = torch.from_numpy(np.ascontiguousarray(lbl_np))[None]
             img, lbl = augment(img, lbl, self.augment_config, self.torch_rng)
