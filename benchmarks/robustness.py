@@ -9,7 +9,9 @@ scores each mask against the label moved the same way:
 * `axes permuted` and `flipped x`: the voxel axes permuted or mirrored with the affine left
   axis-aligned (what a dataset whose stored orientation is not anatomical looks like to the model);
 * `int16 x8 + 100`: int16 storage on another intensity scale;
-* `float, bias field, gamma`: float storage with a smooth 0.7-1.3x intensity field and gamma 1.3.
+* `float, bias field, gamma`: float storage with a smooth 0.7-1.3x intensity field and gamma 1.3;
+* `field of view cut, axis 0` and `axis 2`: the scan ends halfway through the atrium along its first
+  or last stored axis (a scan whose coverage misses part of the atrium), the label cut the same.
 
     python benchmarks/robustness.py --model models/heartseg-la.onnx \\
         --data ../shared/data/Task02_Heart --data ../shared/data/LA2018 --json robustness.json
@@ -64,9 +66,21 @@ def _bias_gamma(image, label, affine):
     return (unit ** 1.3 * field * 1000.0).astype(np.float32), label, affine
 
 
+def _cut(axis: int) -> Variant:
+    def cut(image, label, affine):
+        # The plane through the atrium's centroid (voxel k spans k - 0.5 to k + 0.5); index 0 stays where
+        # it was, so the affine holds.
+        counts = label.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
+        centroid = (counts * np.arange(counts.size)).sum() / counts.sum() if counts.any() else counts.size / 2 - 0.5
+        keep = (slice(None),) * axis + (slice(0, max(int(round(centroid + 0.5)), 1)),)
+        return np.ascontiguousarray(image[keep]), np.ascontiguousarray(label[keep]), affine
+    return cut
+
+
 VARIANTS: dict[str, Variant] = {
     "as stored": _as_stored, "LPS header": _lps, "axes permuted": _permuted, "flipped x": _flipped,
     "int16 x8 + 100": _int16, "float, bias field, gamma": _bias_gamma,
+    "field of view cut, axis 0": _cut(0), "field of view cut, axis 2": _cut(2),
 }
 
 

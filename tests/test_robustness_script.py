@@ -40,6 +40,18 @@ def test_lps_variant_is_the_same_anatomy():
     assert np.array_equal(to_canonical(Volume(data, lps)).data, image)
 
 
+@pytest.mark.parametrize("axis", [0, 2])
+def test_fov_cut_variants_end_the_scan_halfway_through_the_atrium(axis):
+    label = np.zeros((10, 12, 8), np.uint8)
+    label[2:6, 3:9, 2:6] = 1
+    image = np.arange(label.size, dtype=np.float32).reshape(label.shape)
+    affine = np.diag([1.2, 0.8, 1.5, 1.0])
+    data, ref, new_affine = robustness.VARIANTS[f"field of view cut, axis {axis}"](image, label, affine)
+    assert data.shape[axis] == 4 and np.array_equal(data, np.take(image, range(4), axis=axis))
+    assert np.array_equal(ref, np.take(label, range(4), axis=axis)) and ref.sum() == label.sum() // 2
+    assert np.array_equal(new_affine, affine)
+
+
 def test_script_runs_on_a_tiny_model(tmp_path):
     from onnx_models import build_test_model, make_scan
 
