@@ -164,6 +164,20 @@ def test_an_ensemble_of_one_model_or_an_ensemble_as_a_start_is_refused(members, 
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_members_of_an_older_contract_format_share_the_plan_and_other_spacing_does_not(members):
+    from dataclasses import replace
+
+    from heartseg.train.ensemble import _plan_of
+
+    checkpoint = read_model_checkpoint(members[1][0])
+    older = replace(checkpoint, contract=replace(checkpoint.contract, format_version=5))
+    assert _plan_of(older) == _plan_of(checkpoint)
+    stages = list(checkpoint.contract.stages)
+    stages[-1] = replace(stages[-1], spacing=tuple(2 * s for s in stages[-1].spacing))
+    coarser = replace(checkpoint, contract=replace(checkpoint.contract, stages=tuple(stages)))
+    assert _plan_of(coarser) != _plan_of(checkpoint)
+
+
 def test_training_options_beside_ensemble_of_are_refused(members, tmp_path):
     data, paths = members
     result = CliRunner().invoke(app, [*map(str, data), "-o", str(tmp_path / "x"), "--ensemble-of", str(paths[0]),

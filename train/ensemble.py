@@ -19,8 +19,10 @@ from .lineage import info_cases, members_lineage
 from .pipeline import versions
 from .report import save_calibration
 
-# What members may differ in: what each learned and was calibrated on, not how scans are prepared.
-_MEMBER_FIELDS = ("plausibility", "score_calibration", "tta_score_calibration", "info")
+# What members may differ in: what each learned and was calibrated on, and the contract format of the run
+# that wrote it (a newer format only adds fields whose defaults are the older behaviour), not how scans
+# are prepared.
+_MEMBER_FIELDS = ("plausibility", "score_calibration", "tta_score_calibration", "info", "format_version")
 
 
 def _plan_of(checkpoint: ModelCheckpoint) -> dict:
