@@ -31,6 +31,7 @@ import numpy as np
 from heartseg.runtime.image import Volume, load_mask, load_volume, strip_nifti_suffix
 from heartseg.runtime.metrics import dice_score
 from heartseg.runtime.segmenter import Segmenter
+from scipy import ndimage
 
 Variant = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -70,8 +71,7 @@ def _cut(axis: int) -> Variant:
     def cut(image, label, affine):
         # The plane through the atrium's centroid (voxel k spans k - 0.5 to k + 0.5); index 0 stays where
         # it was, so the affine holds.
-        counts = label.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
-        centroid = (counts * np.arange(counts.size)).sum() / counts.sum() if counts.any() else counts.size / 2 - 0.5
+        centroid = ndimage.center_of_mass(label)[axis] if label.any() else label.shape[axis] / 2 - 0.5
         keep = (slice(None),) * axis + (slice(0, max(int(round(centroid + 0.5)), 1)),)
         return np.ascontiguousarray(image[keep]), np.ascontiguousarray(label[keep]), affine
     return cut
