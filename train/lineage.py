@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
+from heartseg.runtime.session import read_contract
 
 from .checkpoint import ModelCheckpoint, read_best, read_model_checkpoint
 
@@ -58,7 +60,7 @@ def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None 
             lineage.trained.update(next(f["train"] for f in splits if f["fold"] == index))
             parents = _run_init_from(path)
         else:
-            info = (checkpoint or read_model_checkpoint(path)).contract.info
+            info = (checkpoint.contract if checkpoint is not None else _contract(path)).info
             lineage.trained.update(info_cases(info, "train_cases"))
             parents = _sources(info.get("init_from", ""))
     except (HeartsegError, OSError, ValueError, KeyError, TypeError, IndexError, StopIteration):
@@ -67,6 +69,11 @@ def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None 
     for parent in parents:
         trained_cases(parent, lineage)
     return lineage
+
+
+def _contract(path: Path) -> ModelContract:
+    """A model.pt's or an exported file's contract; an exported file's networks are not read back for it."""
+    return read_contract(path)[0] if path.suffix.lower() == ".onnx" else read_model_checkpoint(path).contract
 
 
 def members_lineage(checkpoints: list[ModelCheckpoint], log: Callable[[str], None]) -> Lineage:

@@ -6,6 +6,7 @@ import json
 import platform
 import shutil
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -323,7 +324,7 @@ class Run:
         """Per-stage weights of the --init-from sources (empty without one), a later source replacing the
         stages it holds: each a model.pt or exported file (every stage) or one stage's best.pt. Warns where a
         stage starts from weights made for another grid than this run's plan (the patch only if it trains)."""
-        sources = self._init_sources()
+        sources = self._init_sources
         planned = {stage.name: stage for stage in contract.stages}
         for name, (role, unet, state, theirs) in sources.items():
             if name not in planned:
@@ -339,7 +340,10 @@ class Run:
                          "statistics from its first step (keep it as it is with --coarse-steps 0)")
         return {name: state for name, (_, _, state, _) in sources.items()}
 
+    @cached_property
     def _init_sources(self) -> InitWeights:
+        # Read once per run: checked before any work, then used by every fold (an exported file's read-back
+        # includes its parity check against ONNX Runtime). load_state_dict copies, so folds share them safely.
         weights: InitWeights = {}
         for source in self.config.init_from:
             path = Path(source)
@@ -361,7 +365,7 @@ class Run:
 
     def check_init(self) -> None:
         """Refuse, before any work, --init-from weights that do not fit and a stage given 0 steps without any."""
-        roles = {role for role, _, _, _ in self._init_sources().values()}
+        roles = {role for role, _, _, _ in self._init_sources.values()}
         wanted = []
         if self.config.kind in ("cascade", "coarse") and self.config.coarse.steps == 0:
             wanted.append((LOCALISER, "--coarse-steps 0", "localiser"))
