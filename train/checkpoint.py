@@ -135,11 +135,16 @@ def _stage_weights(entry: Any, path: Path, stage: str) -> StageWeights:
     return StageWeights(unet, _state_dict(entry["state_dict"], path, f"the weights of stage {stage!r}"))
 
 
+def is_exported_file(path: str | Path) -> bool:
+    """Whether a model path names an exported model file (.onnx) rather than a model.pt."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
 def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
     """Load model.pt safely and validate all of it: format, contract schema and thresholds, a network per stage;
     an exported model file (.onnx) is read back through train.onnx_import."""
     path = Path(path)
-    if path.suffix.lower() == ".onnx":
+    if is_exported_file(path):
         from .onnx_import import read_onnx_model
 
         return read_onnx_model(path)

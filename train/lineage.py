@@ -13,7 +13,7 @@ from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.session import read_contract
 
-from .checkpoint import ModelCheckpoint, read_best, read_model_checkpoint
+from .checkpoint import ModelCheckpoint, is_exported_file, read_best, read_model_checkpoint
 
 
 @dataclass
@@ -73,7 +73,7 @@ def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None 
 
 def _contract(path: Path) -> ModelContract:
     """A model.pt's or an exported file's contract; an exported file's networks are not read back for it."""
-    return read_contract(path)[0] if path.suffix.lower() == ".onnx" else read_model_checkpoint(path).contract
+    return read_contract(path)[0] if is_exported_file(path) else read_model_checkpoint(path).contract
 
 
 def members_lineage(checkpoints: list[ModelCheckpoint], log: Callable[[str], None]) -> Lineage:
