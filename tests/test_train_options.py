@@ -99,6 +99,7 @@ def test_cli_defaults_are_the_dataclasses(tmp_path: Path) -> None:
     assert defaults["invert_prob"] == run.augment.p_invert and defaults["workers"] == config.workers
     assert defaults["dark_pool_prob"] == run.augment.p_dark_pool
     assert defaults["fov_cut_prob"] == run.augment.p_fov_cut
+    assert defaults["soft_labels"] == config.soft_labels == run.coarse.soft_labels
 
 
 def test_orientation_augmentation_options_reach_the_run_config(small_data: Path, tmp_path: Path) -> None:
@@ -106,13 +107,14 @@ def test_orientation_augmentation_options_reach_the_run_config(small_data: Path,
     result = CliRunner().invoke(train_app, [str(small_data), "-o", str(run), *TINY, "--flip-prob", "0.2",
                                             "--permute-prob", "0", "--invert-prob", "0.3", "--workers", "1",
                                             "--dark-pool-prob", "0.25", "--fov-cut-prob", "0.15",
-                                            "--dataset-weight", f"{small_data.name}=2"])
+                                            "--dataset-weight", f"{small_data.name}=2", "--soft-labels"])
     assert result.exit_code in (0, 1), (result.output, result.exception)  # 2 steps may not calibrate
     config = RunConfig.load(run / "config.json")
     augment = config.augment
     assert augment.p_flip == 0.2 and augment.p_permute == 0.0 and augment.p_invert == 0.3
     assert augment.p_dark_pool == 0.25 and augment.p_fov_cut == 0.15
     assert config.fine.workers == 1 and config.coarse.workers == 1
+    assert config.fine.soft_labels and config.coarse.soft_labels
     assert config.fine.dataset_weights == {small_data.name: 2.0} == config.coarse.dataset_weights
     assert augment.p_bias == RunConfig(data=["d"], output="o").augment.p_bias  # the rest stays default
 

@@ -1,4 +1,4 @@
-"""Deterministic data augmentation for one (C, D, H, W) image and its (1, D, H, W) binary label.
+"""Deterministic data augmentation for one (C, D, H, W) image and its (1, D, H, W) label (binary, or soft).
 
 Inputs are single, unbatched samples (the patch sampler augments each patch, then stacks them into
 a batch). All randomness comes from the ``torch.Generator``
@@ -35,7 +35,8 @@ def _rotation(ax: float, ay: float, az: float) -> Tensor:
     return rz @ ry @ rx
 
 
-def _spatial(image: Tensor, label: Tensor, config: AugmentConfig, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+def _spatial(image: Tensor, label: Tensor, config: AugmentConfig, rng: torch.Generator,
+             soft_label: bool = False) -> tuple[Tensor, Tensor]:
     off = math.radians(config.off_axis_rotation_deg)
     ax = _uniform(rng, -off, off)
     ay = _uniform(rng, -off, off)
@@ -52,9 +53,10 @@ def _spatial(image: Tensor, label: Tensor, config: AugmentConfig, rng: torch.Gen
     theta = theta.to(device=image.device, dtype=image.dtype)
     grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
     new_image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-    # Nearest-neighbour sampling keeps the label exactly binary.
+    # Nearest-neighbour sampling keeps a binary label exactly binary; a soft one is resampled as a share.
     new_label = F.grid_sample(
-        label[None].to(image.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        label[None].to(image.dtype), grid, mode="bilinear" if soft_label else "nearest", padding_mode="zeros",
+        align_corners=False,
     )[0]
     return new_image, new_label.to(label.dtype)
 
@@ -97,9 +99,10 @@ def _dark_pool(image: Tensor, label: Tensor, depth: int, darkening: float) -> Te
 
 
 def augment(
-    image: Tensor, label: Tensor, config: AugmentConfig, rng: torch.Generator
+    image: Tensor, label: Tensor, config: AugmentConfig, rng: torch.Generator, soft_label: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Randomly augment a float (C, D, H, W) image and its binary (1, D, H, W) label; inputs are not modified."""
+    """Randomly augment a float (C, D, H, W) image and its (1, D, H, W) label, binary or (soft_label) a share
+    per voxel; inputs are not modified."""
     if image.dim() != 4 or label.dim() != 4:
         raise ValueError(
             f"expected unbatched (C, D, H, W) image and label, got {tuple(image.shape)} and {tuple(label.shape)}"
@@ -114,7 +117,7 @@ def augment(
         image, label = image.flip(flip_dims), label.flip(flip_dims)
 
     if _chance(rng, config.p_spatial):
-        image, label = _spatial(image, label, config, rng)
+        image, label = _spatial(image, label, config, rng, soft_label)
 
     # Drawn only when enabled, so that configurations without it keep their random streams.
     if config.p_dark_pool > 0 and _chance(rng, config.p_dark_pool):

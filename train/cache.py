@@ -39,7 +39,8 @@ def cache_root(option: str | None) -> Path | None:
 
 @dataclass
 class PreparedCase:
-    """A case on the canonical grid, and on each stage's grid (images normalised, labels binary)."""
+    """A case on the canonical grid, and on each stage's grid (images normalised, labels binary, and the
+    labels' partial-volume shares on each stage's grid in soft_labels)."""
 
     case_id: str
     image: np.ndarray
@@ -47,6 +48,7 @@ class PreparedCase:
     spacing: tuple[float, float, float]
     stages: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     dataset: str = ""
+    soft_labels: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def box(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -54,10 +56,14 @@ class PreparedCase:
         return mask_box(self.label)
 
 
-def stage_label(label: np.ndarray, spacing: tuple[float, float, float], stage: StageContract) -> np.ndarray:
-    """A canonical label resampled to a stage's grid (linear, then >= 0.5)."""
+# Soft labels are stored as uint8 shares of SOFT_SCALE (a quantisation step of 0.4 %).
+SOFT_SCALE = 255
+
+
+def stage_label_share(label: np.ndarray, spacing: tuple[float, float, float], stage: StageContract) -> np.ndarray:
+    """The share of each voxel of a stage's grid that a canonical label covers (linear resampling), in [0, 1]."""
     shape = target_shape(label.shape, spacing, stage.spacing)
-    return (resample_to_shape(label.astype(np.float32), shape, order=1) >= 0.5).astype(np.uint8)
+    return np.clip(resample_to_shape(label.astype(np.float32), shape, order=1), 0.0, 1.0)
 
 
 def _key(case: Case, contract: ModelContract) -> str:
@@ -76,7 +82,8 @@ def _save(path: Path, array: np.ndarray) -> None:
 def prepare_case(case: Case, contract: ModelContract, cache_root: Path | None) -> PreparedCase:
     """Load a case from the cache, or preprocess it (and store it) with the runtime's functions."""
     folder = (cache_root / _key(case, contract)) if cache_root else None
-    names = ["native_image", "native_label"] + [f"{s.name}_{k}" for s in contract.stages for k in ("image", "label")]
+    names = ["native_image", "native_label"] + [f"{s.name}_{k}" for s in contract.stages
+                                                 for k in ("image", "label", "label_soft")]
     if folder and all((folder / f"{n}.npy").is_file() for n in names) and (folder / "spacing.json").is_file():
         arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in names}
         spacing = tuple(json.loads((folder / "spacing.json").read_text()))
@@ -88,15 +95,18 @@ def prepare_case(case: Case, contract: ModelContract, cache_root: Path | None) -
         arrays = {"native_image": canonical.data.astype(np.float32), "native_label": canonical_label}
         for stage in contract.stages:
             arrays[f"{stage.name}_image"] = stage_grid(canonical.data, spacing, stage.spacing, contract.normalization)
-            arrays[f"{stage.name}_label"] = stage_label(canonical_label, spacing, stage)
+            share = stage_label_share(canonical_label, spacing, stage)
+            arrays[f"{stage.name}_label"] = (share >= 0.5).astype(np.uint8)  # the binary label: linear, then >= 0.5
+            arrays[f"{stage.name}_label_soft"] = np.round(share * SOFT_SCALE).astype(np.uint8)
         if folder:
             folder.mkdir(parents=True, exist_ok=True)
             for name, array in arrays.items():
                 _save(folder / f"{name}.npy", array)
             write_text_atomic(folder / "spacing.json", json.dumps(list(spacing)))
     stages = {s.name: (arrays[f"{s.name}_image"], arrays[f"{s.name}_label"]) for s in contract.stages}
+    soft = {s.name: arrays[f"{s.name}_label_soft"] for s in contract.stages}
     return PreparedCase(case.case_id, arrays["native_image"], arrays["native_label"], spacing, stages,  # type: ignore[arg-type]
-                        case.dataset)
+                        case.dataset, soft)
 
 
 def fingerprint(cases: list[Case]) -> DataFingerprint:

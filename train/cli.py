@@ -110,6 +110,7 @@ def train(
     margin_mm: float = typer.Option(_PLAN.crop_margin_mm, help="Margin around the localiser's box that the full-resolution stage sees."),
     crop_context: str = typer.Option(_PLAN.crop_context, help="What fills the full-resolution stage's crop up to its patch where the box and margin are smaller: 'pad' (the volume's minimum) or 'scan' (the scan around the box, as training patches see it; the mask stays inside the box)."),
     foreground_fraction: float = typer.Option(_FINE.foreground_fraction, help="Share of patches centred on a foreground voxel."),
+    soft_labels: bool = typer.Option(_FINE.soft_labels, "--soft-labels/--hard-labels", help="Train every stage on the share of each of its voxels that the label covers (a finer edge once the probabilities are resampled to the scan's grid) instead of that share rounded at 0.5."),
     flip_prob: float = typer.Option(_AUGMENT.p_flip, help="Probability of mirroring each axis of a training patch (orientation robustness; with --permute-prob 0, 0 trains the stored orientation only)."),
     permute_prob: float = typer.Option(_AUGMENT.p_permute, help="Probability of permuting the axes of a training patch."),
     dark_pool_prob: float = typer.Option(_AUGMENT.p_dark_pool, help="Probability of darkening the atrium's interior in a training patch, its edge little and the outside not at all (a blood pool darker than the wall around it, as in LGE scans whose contrast has washed out)."),
@@ -201,10 +202,10 @@ def train(
                                  dict(steps=steps, batch_size=batch_size, lr=lr, val_every=val_every,
                                       checkpoint_every=checkpoint_every, seed=seed, device=device,
                                       foreground_fraction=foreground_fraction, workers=workers,
-                                      dataset_weights=weights),
+                                      dataset_weights=weights, soft_labels=soft_labels),
                                  dict(steps=coarse_steps, batch_size=batch_size, val_every=val_every,
                                       checkpoint_every=checkpoint_every, seed=seed, device=device, workers=workers,
-                                      dataset_weights=dict(weights)))
+                                      dataset_weights=dict(weights), soft_labels=soft_labels))
         if config.threads:
             torch.set_num_threads(config.threads)
         run = Run(config, log=console.log, progress_factory=_progress_factory(console), recalibrate=recalibrate)

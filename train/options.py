@@ -82,11 +82,16 @@ class TrainConfig:
     workers: int = 0
     # How often each dataset is drawn, relative to the others (a dataset not named: 1).
     dataset_weights: dict[str, float] = field(default_factory=dict)
+    # Targets on the stage's grid: the share of each voxel the label covers, instead of that share rounded
+    # at 0.5 (which moves the edge by up to half a voxel, a loss the mask on the scan's grid keeps).
+    soft_labels: bool = False
 
     def __post_init__(self) -> None:
         # 0 steps: the stage keeps the weights it starts from (--init-from).
         integer_at_least(self.steps, 0, "steps")
         integer_at_least(self.workers, 0, "workers")
+        if not isinstance(self.soft_labels, bool):
+            raise ConfigError("soft_labels", self.soft_labels, "must be true or false")
         if not isinstance(self.dataset_weights, dict) or not all(isinstance(k, str) for k in self.dataset_weights):
             raise ConfigError("dataset_weights", self.dataset_weights, "give dataset names and weights")
         for name, weight in self.dataset_weights.items():

@@ -15,7 +15,7 @@ from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.preprocess import crop_padded, mask_box
 
 from .augment import AugmentConfig, augment
-from .cache import PreparedCase
+from .cache import SOFT_SCALE, PreparedCase
 
 
 @dataclass
@@ -28,6 +28,8 @@ class SamplerConfig:
     dataset_weights: dict[str, float] | None = None
     # A fine stage only ever sees the region the localiser boxed: other patches come from there.
     box_jitter_mm: float = 10.0
+    # Targets: the label's share of each voxel (PreparedCase.soft_labels) instead of that share rounded.
+    soft_labels: bool = False
 
 
 def sampler_reach(stage: StageContract, config: SamplerConfig | None = None) -> np.ndarray:
@@ -122,6 +124,8 @@ class PatchSampler:
         for _ in range(self.config.batch_size):
             index = self._case_index()
             image, label = self.cases[index].stages[self.stage.name]
+            if self.config.soft_labels:
+                label = self.cases[index].soft_labels[self.stage.name]
             # Crop the region whose axes, permuted by perm, have the patch's shape.
             perm = self._permutation()
             crop = self.patch[np.argsort(perm)]
@@ -129,10 +133,12 @@ class PatchSampler:
             hi = lo + crop
             img_np = crop_padded(np.asarray(image), lo, hi, fill=self.fills[index]).transpose(perm)
             lbl_np = crop_padded(np.asarray(label), lo, hi, fill=0).astype(np.float32).transpose(perm)
+            if self.config.soft_labels:
+                lbl_np /= SOFT_SCALE
             self._fov_cut(img_np, lbl_np, self.fills[index])
             img = torch.from_numpy(np.ascontiguousarray(img_np))[None]
             lbl = torch.from_numpy(np.ascontiguousarray(lbl_np))[None]
-            img, lbl = augment(img, lbl, self.augment_config, self.torch_rng)
+            img, lbl = augment(img, lbl, self.augment_config, self.torch_rng, soft_label=self.config.soft_labels)
             images.append(img)
             labels.append(lbl)
         return torch.stack(images), torch.stack(labels)

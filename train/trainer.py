@@ -175,7 +175,8 @@ def train_stage(stage_dir: Path, stage: StageContract, contract: ModelContract, 
     if state["step"] < config.steps:
         seed = config.seed * 1000003 + state["step"] * 31 + rank
         sampler = PatchSampler(train_cases, stage, SamplerConfig(config.batch_size, config.foreground_fraction,
-                                                                 config.dataset_weights or None),
+                                                                 config.dataset_weights or None,
+                                                                 soft_labels=config.soft_labels),
                                augment_config, seed=seed)
         batches = (WorkerBatches(sampler, config.workers, seed, pin_memory=device.type == "cuda") if config.workers
                    else BackgroundBatches(sampler))
