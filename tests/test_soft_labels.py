@@ -36,6 +36,12 @@ def test_the_cached_soft_label_is_the_share_that_the_binary_label_rounds(tmp_pat
     # Read back from the cache: the same arrays.
     again = prepare_case(case, ModelContract(stages=(stage,)), tmp_path / "cache")
     assert np.array_equal(np.asarray(again.soft_labels["fine"]), np.asarray(prepared.soft_labels["fine"]))
+    # A cache written before soft labels existed is prepared again, not read without them.
+    (stored,) = (tmp_path / "cache").glob("*/fine_label_soft.npy")
+    stored.unlink()
+    rebuilt = prepare_case(case, ModelContract(stages=(stage,)), tmp_path / "cache")
+    assert stored.is_file()
+    assert np.array_equal(np.asarray(rebuilt.soft_labels["fine"]), np.asarray(prepared.soft_labels["fine"]))
 
 
 def _soft_case() -> PreparedCase:
