@@ -16,6 +16,7 @@ from heartseg.train.augment import AugmentConfig, augment
 from heartseg.train.cache import SOFT_SCALE, PreparedCase, prepare_case
 from heartseg.train.dataset import read_dataset
 from heartseg.train.sampler import PatchSampler, SamplerConfig
+from conftest import TINY_TRAIN_ARGS, with_options
 from synthetic_dataset import make_msd_dataset
 
 
@@ -93,20 +94,23 @@ def test_a_run_trains_every_stage_on_the_targets_it_was_given(tmp_path: Path, mo
     from typer.testing import CliRunner
 
     data = make_msd_dataset(tmp_path / "data", n_cases=4, shape=(24, 24, 16))
-    drawn: list[torch.Tensor] = []
+    drawn: dict[str, list[torch.Tensor]] = {}
 
     class Recording(PatchSampler):
         def sample(self):
             images, labels = super().sample()
-            drawn.append(labels)
+            drawn.setdefault(self.stage.name, []).append(labels)
             return images, labels
 
     monkeypatch.setattr(trainer, "PatchSampler", Recording)
-    args = ["--folds", "2", "--width", "4", "--patch", "16,16,16", "--coarse-spacing", "4", "--margin-mm", "6",
-            "--cache", "none", "--threads", "1", "--steps", "2", "--coarse-steps", "2", flag]
-    result = CliRunner().invoke(app, [str(data), "-o", str(tmp_path / "run"), *args])
+    args = with_options(TINY_TRAIN_ARGS, folds="2", steps="2", coarse_steps="2")
+    result = CliRunner().invoke(app, [str(data), "-o", str(tmp_path / "run"), *args, flag])
     assert result.exit_code in (0, 1), (result.output, result.exception)  # 2 steps may not calibrate
     assert drawn
-    labels = torch.cat([d.flatten() for d in drawn])
+    labels = torch.cat([d.flatten() for batches in drawn.values() for d in batches])
     fractional = ((labels > 0) & (labels < 1)).any()
     assert bool(fractional) == soft
+    assert set(drawn) == {"coarse", "fine"}
+    for stage, batches in drawn.items():
+        share = torch.cat([d.flatten() for d in batches])
+        assert bool(((share > 0) & (share < 1)).any()) == soft, stage

@@ -61,9 +61,10 @@ SOFT_SCALE = 255
 
 
 def stage_label_share(label: np.ndarray, spacing: tuple[float, float, float], stage: StageContract) -> np.ndarray:
-    """The share of each voxel of a stage's grid that a canonical label covers (linear resampling), in [0, 1]."""
+    """The share of each voxel of a stage's grid that a canonical label covers (linear resampling of 0/1, so
+    already in [0, 1])."""
     shape = target_shape(label.shape, spacing, stage.spacing)
-    return np.clip(resample_to_shape(label.astype(np.float32), shape, order=1), 0.0, 1.0)
+    return resample_to_shape(label.astype(np.float32), shape, order=1)
 
 
 def _key(case: Case, contract: ModelContract) -> str:

@@ -59,6 +59,8 @@ class PatchSampler:
         self.boxes = [mask_box(c.stages[stage.name][1]) for c in cases]
         # What a patch reaching past the scan is padded with: once per case, not per patch.
         self.fills = [float(np.min(c.stages[stage.name][0])) for c in cases]
+        # The targets drawn: the binary labels, or their shares (stored as uint8 of SOFT_SCALE).
+        self.targets = [c.soft_labels[stage.name] if config.soft_labels else c.stages[stage.name][1] for c in cases]
         # Balanced per dataset: pick a dataset uniformly (or by its weight), then one of its cases.
         names = sorted({c.dataset for c in cases})
         self.by_dataset = [[i for i, c in enumerate(cases) if c.dataset == name] for name in names]
@@ -123,9 +125,7 @@ class PatchSampler:
         images, labels = [], []
         for _ in range(self.config.batch_size):
             index = self._case_index()
-            image, label = self.cases[index].stages[self.stage.name]
-            if self.config.soft_labels:
-                label = self.cases[index].soft_labels[self.stage.name]
+            image, label = self.cases[index].stages[self.stage.name][0], self.targets[index]
             # Crop the region whose axes, permuted by perm, have the patch's shape.
             perm = self._permutation()
             crop = self.patch[np.argsort(perm)]
