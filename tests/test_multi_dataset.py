@@ -4,6 +4,7 @@ plausibility learned from the training labels, fixed splits and --init-from."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from heartseg.runtime.plausibility import interior_rank, learn_plausibility, mas
 from heartseg.train.augment import AugmentConfig
 from heartseg.train.cache import PreparedCase
 from heartseg.train.cli import app
+from heartseg.train.unet import UNetConfig, build_unet
 from heartseg.train.sampler import PatchSampler, SamplerConfig, WorkerBatches, sampler_reach
 from heartseg.runtime.contract import StageContract
 from synthetic_dataset import make_msd_dataset
@@ -284,14 +286,44 @@ def test_init_from_a_best_checkpoint_outside_its_run_is_refused(two_run, two_seq
     assert not (tmp_path / "x").exists()
 
 
-def test_init_from_a_different_network_is_refused_before_training(two_run, two_sequences, tmp_path):
+@pytest.mark.parametrize("width,extra", [("2", []), ("4", ["--norm", "batch"])])
+def test_init_from_a_different_network_is_refused_before_training(two_run, two_sequences, tmp_path, width, extra):
     run, _ = two_run
     args = [str(two_sequences[0]), "-o", str(tmp_path / "x"), "--init-from", str(run / "model.pt"),
-            *with_options(TINY_TRAIN_ARGS, width="8")]
+            *with_options(TINY_TRAIN_ARGS, width=width), *extra]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "is not the one this run trains" in unwrapped(result.output)
+    output = unwrapped(result.output)
+    assert "Traceback" not in result.output and "is not the one this run trains" in output
+    assert "only its channels may grow" in output
     assert not (tmp_path / "x" / "fold_0").exists()
+
+
+def test_init_from_with_a_larger_width_grows_the_network_it_starts_from(two_run, two_sequences, tmp_path):
+    run, _ = two_run
+    grown, reseeded = tmp_path / "grown", tmp_path / "reseeded"
+    for folder, seed in ((grown, "0"), (reseeded, "7")):
+        result = CliRunner().invoke(app, [str(two_sequences[1]), "-o", str(folder), "--init-from", str(run / "model.pt"),
+                                          *with_options(_tiny_args("2"), width="6"), "--lr", "1e-12", "--seed", seed])
+        assert result.exit_code in (0, 1), f"{result.output}\n{result.exception!r}"
+        logged = re.sub(r"\s*\w+\.py:\d+\s*", " ", unwrapped(result.output))  # rich's log column out of the way
+        assert "grown from [4, 8, 16, 32] to [6, 12, 24, 48] channels" in logged
+    # Runs from one source grow it the same way whatever their seed, so their weights can be averaged.
+    first, second = (torch.load(f / "fold_0" / "fine" / "best.pt", map_location="cpu", weights_only=True)["model"]
+                     for f in (grown, reseeded))
+    for key, value in first.items():
+        if key.endswith(".weight") and value.dim() == 5:
+            torch.testing.assert_close(second[key], value, rtol=0, atol=1e-6)
+    source = torch.load(run / "model.pt", map_location="cpu", weights_only=True)["networks"]["fine"]
+    small, big = UNetConfig.from_dict(source["unet"]), UNetConfig.from_dict({**source["unet"], "base_channels": 6})
+    before, after = build_unet(small).eval(), build_unet(big).eval()
+    before.load_state_dict(source["state_dict"])
+    after.load_state_dict(torch.load(grown / "fold_0" / "fine" / "best.pt", map_location="cpu",
+                                     weights_only=True)["model"])
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = before(x)
+        torch.testing.assert_close(after(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_given_splits_fix_the_held_out_cases(two_sequences, tmp_path):

@@ -35,6 +35,7 @@ from .splits import Fold, given_folds, make_folds, read_splits, write_splits
 from .options import COARSE_TRAIN
 from .trainer import StageOutcome, TrainConfig, _rank, pick_device, train_stage
 from .unet import PRESETS, UNetConfig
+from .widen import can_widen, widen_state_dict
 
 
 @dataclass
@@ -350,9 +351,15 @@ class Run:
             found = _best_weights(path) if path.name == "best.pt" else _model_weights(path)
             for name, (role, theirs, state, stage) in found.items():
                 ours = _stage_configs(self.config, role)[1]
+                if can_widen(theirs, ours):
+                    self.log(f"stage {name!r}: grown from {theirs.channels()} to {ours.channels()} channels per "
+                             "level, computing the same function as its --init-from weights")
+                    # One growth per source, whatever the run's --seed: runs from one source stay averageable.
+                    state, theirs = widen_state_dict(state, theirs, ours), ours
                 if theirs != ours:
-                    raise HeartsegError(f"{source}: its {name!r} network is not the one this run "
-                                        f"trains ({theirs.to_dict()} vs {ours.to_dict()})")
+                    raise HeartsegError(f"{source}: its {name!r} network is not the one this run trains "
+                                        f"({theirs.to_dict()} vs {ours.to_dict()}); only its channels may grow "
+                                        "(--width)")
                 weights[name] = (role, theirs, state, stage)
         return weights
 
