@@ -19,8 +19,8 @@ from heartseg.runtime.plausibility import interior_rank, learn_plausibility, mas
 from heartseg.train.augment import AugmentConfig
 from heartseg.train.cache import PreparedCase
 from heartseg.train.cli import app
-from heartseg.train.unet import UNetConfig, build_unet
 from heartseg.train.sampler import PatchSampler, SamplerConfig, WorkerBatches, sampler_reach
+from heartseg.train.unet import UNetConfig, build_unet
 from heartseg.runtime.contract import StageContract
 from synthetic_dataset import make_msd_dataset
 from typer.testing import CliRunner
@@ -318,8 +318,7 @@ def test_init_from_with_a_larger_width_grows_the_network_it_starts_from(two_run,
     small, big = UNetConfig.from_dict(source["unet"]), UNetConfig.from_dict({**source["unet"], "base_channels": 6})
     before, after = build_unet(small).eval(), build_unet(big).eval()
     before.load_state_dict(source["state_dict"])
-    after.load_state_dict(torch.load(grown / "fold_0" / "fine" / "best.pt", map_location="cpu",
-                                     weights_only=True)["model"])
+    after.load_state_dict(first)
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = before(x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
@@ -11,30 +13,32 @@ from heartseg.train.widen import can_widen, widen_state_dict
 
 torch.set_num_threads(1)
 
+SMALL = UNetConfig(base_channels=2, depth=1, norm="instance")
+BIG = UNetConfig(base_channels=4, depth=1, norm="instance")
+
 
 def _trained(config: UNetConfig) -> torch.nn.Module:
     """A network whose weights and BatchNorm statistics are not at their initial values."""
-    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     net = build_unet(config)
     with torch.no_grad():
         for param in net.parameters():
-            param.add_(0.1 * torch.randn_like(param))
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
     net.train()
     for _ in range(3):
-        net(torch.randn(2, config.in_channels, 16, 16, 16))
+        net(torch.randn(2, config.in_channels, 16, 16, 16, generator=generator))
     return net.eval()
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch", "none"])
-@pytest.mark.parametrize("depth,max_channels", [(2, 256), (3, 12)])
-def test_grown_network_computes_the_same_function(norm: str, depth: int, max_channels: int) -> None:
-    small = UNetConfig(in_channels=2, out_channels=3, base_channels=3, depth=depth, norm=norm,
-                       max_channels=max_channels)
-    big = UNetConfig(in_channels=2, out_channels=3, base_channels=5, depth=depth, norm=norm,
-                     max_channels=max_channels + 4)
+# (depth, max channels before, after): uncapped; capped levels that grow; capped levels that stay as they are.
+@pytest.mark.parametrize("depth,max_small,max_big", [(2, 256, 256), (3, 12, 16), (3, 12, 12), (0, 256, 256)])
+def test_grown_network_computes_the_same_function(norm: str, depth: int, max_small: int, max_big: int) -> None:
+    small = UNetConfig(in_channels=2, out_channels=3, base_channels=3, depth=depth, norm=norm, max_channels=max_small)
+    big = UNetConfig(in_channels=2, out_channels=3, base_channels=5, depth=depth, norm=norm, max_channels=max_big)
     net = _trained(small)
     grown = build_unet(big)
-    grown.load_state_dict(widen_state_dict(net.state_dict(), small, big, seed=1))
+    grown.load_state_dict(widen_state_dict(net.state_dict(), small, big))
     x = torch.randn(2, 2, 16, 16, 24)
     for mode in ("eval", "train"):
         getattr(net, mode)(), getattr(grown, mode)()
@@ -45,9 +49,8 @@ def test_grown_network_computes_the_same_function(norm: str, depth: int, max_cha
 
 
 def test_copied_channels_learn_apart() -> None:
-    small, big = UNetConfig(base_channels=2, depth=1, norm="instance"), UNetConfig(base_channels=4, depth=1, norm="instance")
-    grown = build_unet(big)
-    grown.load_state_dict(widen_state_dict(_trained(small).state_dict(), small, big, seed=0))
+    grown = build_unet(BIG)
+    grown.load_state_dict(widen_state_dict(_trained(SMALL).state_dict(), SMALL, BIG))
     conv = grown.encoders[0][0].weight  # 4 output channels: the old 2, then copies of them
     copy_of = [c for c in range(2) if torch.equal(conv[2], conv[c])]
     assert copy_of, "a new channel starts as a copy of an old one"
@@ -67,12 +70,23 @@ def test_only_more_channels_can_be_grown() -> None:
     assert not can_widen(base, UNetConfig(base_channels=12, depth=2, norm="instance"))
     assert not can_widen(base, UNetConfig(base_channels=12, depth=3, norm="batch"))
     assert not can_widen(base, UNetConfig(base_channels=12, depth=3, norm="instance", max_channels=32))
+    assert not can_widen(base, UNetConfig(in_channels=2, base_channels=12, depth=3, norm="instance"))
+    assert not can_widen(base, UNetConfig(out_channels=2, base_channels=12, depth=3, norm="instance"))
     with pytest.raises(ValueError, match="cannot grow"):
         widen_state_dict(build_unet(base).state_dict(), base, UNetConfig(base_channels=8, depth=2, norm="instance"))
 
 
 def test_weights_of_another_network_are_refused() -> None:
-    small, big = UNetConfig(base_channels=2, depth=1, norm="instance"), UNetConfig(base_channels=4, depth=1, norm="instance")
-    state = dict(build_unet(small).state_dict(), extra=torch.zeros(1))
+    state = build_unet(SMALL).state_dict()
     with pytest.raises(ValueError, match="extra"):
-        widen_state_dict(state, small, big)
+        widen_state_dict(dict(state, extra=torch.zeros(1)), SMALL, BIG)
+    with pytest.raises(ValueError, match="head.bias"):
+        widen_state_dict({k: v for k, v in state.items() if k != "head.bias"}, SMALL, BIG)
+    with pytest.raises(ValueError, match="not those of"):
+        widen_state_dict(build_unet(replace(SMALL, base_channels=3)).state_dict(), SMALL, BIG)
+
+
+def test_growth_is_the_same_every_time() -> None:
+    state = _trained(SMALL).state_dict()
+    first, second = widen_state_dict(state, SMALL, BIG), widen_state_dict(state, SMALL, BIG)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

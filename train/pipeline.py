@@ -350,16 +350,20 @@ class Run:
             path = Path(source)
             found = _best_weights(path) if path.name == "best.pt" else _model_weights(path)
             for name, (role, theirs, state, stage) in found.items():
-                ours = _stage_configs(self.config, role)[1]
-                if can_widen(theirs, ours):
+                train, ours = _stage_configs(self.config, role)
+                if role == SEGMENTER and can_widen(theirs, ours):  # --width sets the segmenter's network only
+                    try:
+                        grown = widen_state_dict(state, theirs, ours)
+                    except ValueError as exc:
+                        raise HeartsegError(f"{source}: {exc}") from None
+                    untrained = "" if train.steps else " (kept untrained with 0 steps: the same model, only slower)"
                     self.log(f"stage {name!r}: grown from {theirs.channels()} to {ours.channels()} channels per "
-                             "level, computing the same function as its --init-from weights")
-                    # One growth per source, whatever the run's --seed: runs from one source stay averageable.
-                    state, theirs = widen_state_dict(state, theirs, ours), ours
+                             f"level, computing the same function as its --init-from weights{untrained}")
+                    state, theirs = grown, ours
                 if theirs != ours:
+                    hint = "; only its channels may grow (--width)" if role == SEGMENTER else ""
                     raise HeartsegError(f"{source}: its {name!r} network is not the one this run trains "
-                                        f"({theirs.to_dict()} vs {ours.to_dict()}); only its channels may grow "
-                                        "(--width)")
+                                        f"({theirs.to_dict()} vs {ours.to_dict()}){hint}")
                 weights[name] = (role, theirs, state, stage)
         return weights
 
