@@ -309,8 +309,7 @@ def test_init_from_with_a_larger_width_grows_the_network_it_starts_from(two_run,
         logged = re.sub(r"\s*\w+\.py:\d+\s*", " ", unwrapped(result.output))  # rich's log column out of the way
         assert "grown from [4, 8, 16, 32] to [6, 12, 24, 48] channels" in logged
     # Runs from one source grow it the same way whatever their seed, so their weights can be averaged.
-    first, second = (torch.load(f / "fold_0" / "fine" / "best.pt", map_location="cpu", weights_only=True)["model"]
-                     for f in (grown, reseeded))
+    first, second = (_stage_weights(f / "fold_0" / "fine" / "best.pt", "fine") for f in (grown, reseeded))
     for key, value in first.items():
         if key.endswith(".weight") and value.dim() == 5:
             torch.testing.assert_close(second[key], value, rtol=0, atol=1e-6)

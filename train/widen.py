@@ -78,7 +78,7 @@ class _Widener:
         shares = _shares(len(outputs), inputs).to(grown.dtype)
         grown = grown * shares.reshape(*shares.shape, *([1] * (grown.dim() - 2)))
         self.new[f"{name}.weight"] = (grown.transpose(0, 1) if transposed else grown).contiguous()
-        if f"{name}.bias" in self.old:  # only without normalisation
+        if f"{name}.bias" in self.old:  # the upsampling and the head; a convolution only without normalisation
             self.new[f"{name}.bias"] = self.old[f"{name}.bias"][torch.from_numpy(outputs)].clone()
 
     def _norm(self, name: str, outputs: np.ndarray) -> None:
