@@ -114,6 +114,7 @@ def _variants(console, model, output: Path, data: list[Path], fp16: bool, int8: 
         held_out_dice,
         make_fp16,
         make_int8,
+        record_metrics,
     )
     from heartseg.train.cache import default_cache_root, prepare_case
     from heartseg.train.dataset import read_datasets
@@ -129,11 +130,11 @@ def _variants(console, model, output: Path, data: list[Path], fp16: bool, int8: 
     reports = []
     if fp16:
         path = make_fp16(output, output.with_suffix(".fp16.onnx"))
-        reports.append(compare("fp16", output, path, val_cases, dice_fp32, threads))
+        reports.append(record_metrics(compare("fp16", output, path, val_cases, dice_fp32, threads)))
     if int8:
         train_cases = [prepare_case(by_id[i], model.contract, default_cache_root()) for i in train_ids]
         path = make_int8(output, output.with_suffix(".int8.onnx"), calibration_feeds(model.contract, train_cases))
-        reports.append(compare("int8", output, path, val_cases, dice_fp32, threads))
+        reports.append(record_metrics(compare("int8", output, path, val_cases, dice_fp32, threads)))
     for r in reports:
         verdict = "within 0.005" if r.within_tolerance else "[bold red]DROPS MORE THAN 0.005[/]"
         console.print(f"{r.variant}: {r.path} ({r.size_mb:.1f} MB); held-out Dice {r.dice_variant:.4f} vs fp32 "

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
-from heartseg.train.checkpoint import read_model_checkpoint
+from heartseg.train.model_files import read_model
 from heartseg.train.evaluate import stage_network
 from heartseg.train.unet import UNetConfig
 from torch import nn
@@ -30,8 +30,8 @@ class TrainedModel:
 
 
 def load_trained_model(path: str | Path) -> TrainedModel:
-    """Load model.pt safely, validate all of it (train.checkpoint) and rebuild one network per stage."""
-    checkpoint = read_model_checkpoint(path)
+    """Load model.pt safely, validate all of it (train.model_files) and rebuild one network per stage."""
+    checkpoint = read_model(path)
     networks, unets = {}, {}
     for name, members in checkpoint.networks.items():
         try:

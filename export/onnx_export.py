@@ -16,6 +16,7 @@ from heartseg.runtime.contract import CONTRACT_KEY, FORMAT_VERSION
 from heartseg.train.unet import count_flops_per_voxel
 
 from .model_file import ExportGraph, TrainedModel
+from .stamp import set_metadata, write_model
 
 OPSET = 17
 
@@ -88,14 +89,12 @@ def export_onnx(model: TrainedModel, path: Path, opset: int = OPSET) -> Path:
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
         proto = onnx.load(str(raw))
     for key, value in metadata(model).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+        set_metadata(proto, key, value)
     proto.producer_name = "heartseg"
     proto.doc_string = "heartseg left-atrium model; the contract is in metadata_props['heartseg.contract']"
-    onnx.checker.check_model(proto, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
-        onnx.save(proto, str(tmp))
+        write_model(proto, tmp)
     return path
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from heartseg.runtime.atomic import atomic_output
-from heartseg.runtime.contract import ModelContract
+from heartseg.runtime.contract import VARIANT_KEY, VARIANT_METRICS_KEY, ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.inference import infer_canonical, mask_from_prob
 from heartseg.runtime.metrics import dice_score
@@ -16,6 +17,8 @@ from heartseg.runtime.preprocess import crop_padded, round_up
 from heartseg.runtime.session import OnnxSession
 from heartseg.train.cache import PreparedCase
 from heartseg.train.trainer import canonical_of
+
+from .stamp import save_stamped, set_metadata, write_model
 
 MAX_DICE_DROP = 0.005
 
@@ -37,21 +40,27 @@ class VariantReport:
         """JSON-able form."""
         return asdict(self)
 
+    def metrics(self) -> dict:
+        """What the variant's own file records of its measurement (its size and path are the file's own)."""
+        return {**{k: v for k, v in self.to_dict().items() if k not in ("path", "size_mb")},
+                "max_dice_drop": MAX_DICE_DROP}
+
 
 def _save_tagged(proto, path: Path, variant: str) -> None:
-    import onnx
-
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "heartseg.variant", variant
-    onnx.save(proto, str(path))
+    set_metadata(proto, VARIANT_KEY, variant)
+    write_model(proto, path)
 
 
 def make_fp16(source: Path, target: Path) -> Path:
     """Weights and activations in float16; inputs and outputs stay float32 (the contract is unchanged)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     proto = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    # The converter appends the inputs' Casts after the nodes that read them: ONNX requires the nodes in
+    # topological order (the full checker and onnx's reference evaluator refuse the file otherwise).
+    OnnxModel.graph_topological_sort(proto.graph)
     with atomic_output(target) as tmp:
         _save_tagged(proto, tmp, "fp16")
     return target
@@ -125,3 +134,15 @@ def compare(variant: str, reference: Path, candidate: Path, cases: list[Prepared
     score = held_out_dice(candidate, cases, threads)
     return VariantReport(variant, str(candidate), candidate.stat().st_size / 1e6, [c.case_id for c in cases],
                          dice_fp32, score, score - dice_fp32, dice_fp32 - score <= MAX_DICE_DROP)
+
+
+def record_metrics(report: VariantReport) -> VariantReport:
+    """Write the variant's measured accuracy into its own file's metadata; the report with the file's new size."""
+    import onnx
+
+    path = Path(report.path)
+    proto = onnx.load(str(path))
+    set_metadata(proto, VARIANT_METRICS_KEY, json.dumps(report.metrics()))
+    with atomic_output(path) as tmp:
+        save_stamped(proto, tmp)  # checked in full when it was made: only its metadata changed since
+    return replace(report, size_mb=path.stat().st_size / 1e6)

@@ -3,6 +3,9 @@
     from heartseg import Segmenter
     result = Segmenter().predict("scan.nii.gz")      # or a DICOM folder, a nibabel / SimpleITK image, an array
 
+    from heartseg import segment_files
+    segment_files(Segmenter(), ["scans/"], "out/")    # files in, files out, as heartseg-infer writes them
+
 The subpackages are heartseg.runtime (inference, no PyTorch), heartseg.train, heartseg.export and
 heartseg.models; importing heartseg itself loads none of them until Segmenter is asked for.
 """
@@ -16,7 +19,7 @@ from typing import Any
 # heartseg by the installer; a source checkout on sys.path contributes them through extend_path.
 __path__ = extend_path(__path__, __name__)
 
-__all__ = ["Segmenter", "SegmentationResult", "__version__"]
+__all__ = ["Segmenter", "SegmentationResult", "segment_files", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from heartseg.runtime import segmenter
 
         return getattr(segmenter, name)
+    if name == "segment_files":
+        from heartseg.runtime import pipeline
+
+        return pipeline.segment_files
     raise AttributeError(f"module 'heartseg' has no attribute {name!r}")

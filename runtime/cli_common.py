@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
@@ -38,11 +39,12 @@ from rich.progress import (
 )
 
 from .atomic import write_text_atomic
-from .errors import HeartsegError, InputError
-from .image import is_nifti_path, strip_nifti_suffix
+from .errors import EXIT_FAILED, HeartsegError, HeartsegWarning, InputError
+from .formats import scan_files, scan_name
+from .image import is_nifti_path
+from .strict_json import json_ready
 
 EXIT_OK = 0
-EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_FLAGGED = 3
 
@@ -55,10 +57,6 @@ EXIT_CODES_HELP = (
     "3 at least one mask got the QC verdict review or fail (it is still written). "
     "If several apply, the first of 2, 1, 3 wins."
 )
-
-# Suffixes of the files heartseg-infer writes; folder discovery skips them so that an output
-# folder inside (or equal to) an input folder is not segmented again on the next run.
-OUTPUT_SUFFIXES = ("_mask", "_prob")
 
 
 def new_app(help: str | None = None) -> typer.Typer:
@@ -185,23 +183,31 @@ def warn(message: str) -> None:
                                                    soft_wrap=True)
 
 
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """heartseg's own warnings as one 'warning:' line; other libraries' as Python shows them."""
+    if issubclass(category, HeartsegWarning):
+        warn(str(message))
+    else:
+        _python_showwarning(message, category, *args, **kwargs)
+
+
 def guarded(func: F) -> F:
     """Wrap a command so a HeartsegError becomes 'error: <message>' and its exit code, no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return func(*args, **kwargs)
         except HeartsegError as exc:
             error(str(exc))
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def scan_name(path: Path) -> str:
-    """A scan's name: its file name without .nii / .nii.gz."""
-    return strip_nifti_suffix(path.name)
 
 
 def case_key(path: Path, strip: Sequence[str] = ()) -> str:
@@ -213,16 +219,9 @@ def case_key(path: Path, strip: Sequence[str] = ()) -> str:
     return name
 
 
-def nifti_files(folder: Path, skip_outputs: bool = False) -> list[Path]:
-    """The *.nii / *.nii.gz files directly inside folder, sorted (hidden and temporary files skipped)."""
-    files = []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or not is_nifti_path(path):
-            continue
-        if skip_outputs and scan_name(path).endswith(OUTPUT_SUFFIXES):
-            continue
-        files.append(path)
-    return files
+def nifti_files(folder: Path) -> list[Path]:
+    """The NIfTI files directly inside folder, sorted (hidden and temporary files skipped)."""
+    return [path for path in scan_files(folder) if is_nifti_path(path)]
 
 
 def index_by_key(files: Iterable[Path], strip: Sequence[str] = (), what: str = "file") -> dict[str, Path]:
@@ -266,17 +265,6 @@ def check_report_path(path: Path | None, option: str) -> None:
         raise InputError(f"{option} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"{option} {path}: folder {folder} is not writable")
-
-
-def json_ready(value: Any) -> Any:
-    """Replace NaN / infinities by None, recursively, so the JSON is strict."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,13 +27,13 @@ from .cli_common import (
     nifti_files,
     out_console,
     say,
-    scan_name,
     version_option,
     warn,
     write_json,
 )
 from .confidence import SILENT_BELOW, spearman
 from .errors import InputError
+from .formats import scan_name
 from .image import load_label, same_grid, voxel_volume_mm3
 from .memory import check_eval_budget
 from .outputs import check_outputs
@@ -96,6 +97,13 @@ def evaluate_pair(name: str, pred_path: Path, gt_path: Path, max_fraction: float
                          f"are not on the same grid: their {what} differ")
     metrics = compute_metrics(pred.data, gt.data, gt.spacing, voxel_volume_mm3(gt.affine))
     return Case(name, pred_path, gt_path, metrics, degenerate_reason(pred.data, max_fraction))
+
+
+def check_label_value(value: float | None) -> None:
+    """Refuse a --label-value no voxel can equal (NaN) or that no label map holds (infinite)."""
+    if value is not None and not math.isfinite(value):
+        raise InputError(f"--label-value {value:g}: give a finite number, the value of the structure in the label "
+                         "map (e.g. 1)")
 
 
 def read_qc_report(path: Path) -> dict[str, dict]:
@@ -181,7 +189,8 @@ X.nii.gz or X_mask.nii.gz (as heartseg-infer writes it) pairs with the label X.n
 are ignored; predictions without a label are reported and left out. Labels without a prediction stop
 the tool with exit code 2, listing them, unless --allow-missing (then they are listed in the JSON
 under "missing_predictions"). Masks must hold only 0 and 1; a label with other values (a
-multi-class label map) is refused unless --label-value V says which value is the foreground. Each
+multi-class label map) is refused unless --label-value V says which value is the foreground; a label
+that holds no voxel equal to V stops the tool with exit code 2, naming the values it holds. Each
 prediction must lie on its label's grid (same shape and affine), otherwise the tool stops with exit
 code 2 naming both files. Volumes use the voxel volume of the label's affine (|det|).
 
@@ -201,7 +210,8 @@ Spearman correlation, and silent failures (true Dice below 0.80 with the verdict
 
 Exit codes: 0 all cases evaluated and none flagged; 2 usage or input error (missing or unreadable
 file, grids that differ, nothing to pair, labels without a prediction, a non-binary mask, a report
-path that is one of the inputs, a --qc-report that is not heartseg-infer's JSON); 3 at least one
+path that is one of the inputs, a --qc-report that is not heartseg-infer's JSON, a --label-value that is
+not finite or that a label does not hold); 3 at least one
 prediction flagged as degenerate.
 """
 
@@ -229,10 +239,11 @@ def evaluate(
         False, "--allow-missing", help="Evaluate the labels that have a prediction and list the others, instead of "
         "stopping with exit code 2 when some labels have none."),
     label_value: Optional[float] = typer.Option(
-        None, "--label-value", metavar="V", help="Score the label voxels equal to V (for multi-class label maps). "
-        "[default: labels must hold only 0 and 1]", show_default=False),
+        None, "--label-value", metavar="V", help="Score the label voxels equal to V (for multi-class label maps); "
+        "a label with no voxel equal to V is refused. [default: labels must hold only 0 and 1]", show_default=False),
     version: bool = version_option(),
 ) -> None:
+    check_label_value(label_value)
     check_report_path(json_path, "--json")
     check_report_path(csv_path, "--csv")
     pairs, unmatched_pred, unmatched_gt = pair_cases(pred, gt)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import signal
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -36,32 +39,104 @@ from .cli_common import (
     write_report,
 )
 from .cohort import MergedReport, expand_inputs, merge_records, parse_shard, select_shard
-from .contract import CONTRACT_KEY
+from .contract import CONTRACT_KEY, VARIANT_KEY, VARIANT_METRICS_KEY, ModelContract
 from .errors import InputError
 from .formats import discover_sources
+from .model_digest import DIGEST_KEY
 from .outputs import check_outputs
 from .pipeline import (
+    BUSY,
     RECORDS_FOLDER,
     OutputOptions,
     ScanJob,
     ScanResult,
     check_options,
-    keeps_records,
     output_folders,
     plan_jobs,
+    record_path,
     run_jobs,
 )
 from .segmenter import VARIANTS, Segmenter, resolve_model
-from .session import read_contract
+from .session import model_identity, read_contract
 from .statistics import AtriumStatistics
 
 app = new_app()
 
 
+def _json_or_none(text: str | None):
+    """Parsed JSON, or None for text that is absent or not JSON."""
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _variant_metrics(model: Path, meta: dict[str, str], variant: str) -> dict | None:
+    """A variant's accuracy measured at export: from its own metadata, else from the variants report beside it."""
+    recorded = _json_or_none(meta.get(VARIANT_METRICS_KEY))
+    if isinstance(recorded, dict):
+        return recorded
+    report = model.with_name(model.name.replace(f".{variant}.onnx", ".variants.json"))
+    try:
+        entries = json.loads(report.read_text()) if report != model else None
+    except (OSError, ValueError):
+        return None
+    found = [e for e in entries if isinstance(e, dict) and e.get("variant") == variant] \
+        if isinstance(entries, list) else []
+    return found[0] if found else None
+
+
+def _dice(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
+def _variant_accuracy(metrics: dict | None) -> str:
+    """The line of a variant's held-out Dice beside the model it was made from."""
+    if metrics is None:
+        return "held-out Dice: not recorded"
+    drop = metrics.get("max_dice_drop")
+    allowed = f"the {drop:g} allowed" if isinstance(drop, (int, float)) else "the export's tolerance"
+    verdict = f"within {allowed}" if metrics.get("within_tolerance") else f"drops more than {allowed}"
+    change = metrics.get("dice_change")
+    change = f"{change:+.4f}" if isinstance(change, (int, float)) else "?"
+    return (f"held-out Dice {_dice(metrics.get('dice_variant'))} on {len(metrics.get('cases') or [])} cases "
+            f"(fp32 {_dice(metrics.get('dice_fp32'))}, change {change}: {verdict})")
+
+
+def _model_accuracy(meta: dict[str, str]) -> str:
+    """The line of a model's own held-out Dice, from its cross-validation metrics."""
+    cv = _json_or_none(meta.get("heartseg.cv_metrics"))
+    mean = cv.get("mean") if isinstance(cv, dict) else None
+    if not isinstance(mean, dict) or "dice" not in mean:
+        return "held-out Dice: not recorded"
+    return f"held-out Dice {_dice(mean['dice'])} on {len(cv.get('val_cases') or [])} cases (fold {cv.get('fold')})"
+
+
+def _identity(model: Path, contract: ModelContract, meta: dict[str, str]) -> list[str]:
+    """Which model a file is: its variant, its own held-out accuracy and its weights digest."""
+    variant = meta.get(VARIANT_KEY)
+    if variant is not None:
+        lines = [f"variant: {variant} (converted from the fp32 model: heartseg.cv_metrics and "
+                 "heartseg.threshold_calibration below were measured on that model)",
+                 _variant_accuracy(_variant_metrics(model, meta, variant))]
+    else:
+        members = contract.info.get("members", "1")
+        kind = f"ensemble of {members} members" if members.isdigit() and int(members) > 1 else "fp32"
+        lines = [f"variant: {kind}", _model_accuracy(meta)]
+    digest = meta.get(DIGEST_KEY)
+    lines.append(f"weights: SHA-256 {digest} (of the networks, weights and contract, checked when the model "
+                 "opens)" if digest else
+                 "weights: no digest recorded (exported by an older heartseg): altered weights go undetected")
+    return lines
+
+
 def _print_info(model: Path) -> None:
-    """Print the model's contract and every metadata key."""
+    """Print which model this is (file, variant, own held-out accuracy, weights digest), its contract and every
+    metadata key."""
     contract, meta = read_contract(model)
     say(f"model: {model}")
+    for line in _identity(model, contract, meta):
+        say(line)
     say(f"kind: {'two-stage cascade' if contract.is_cascade else 'single stage'}")
     for stage in contract.stages:
         say(
@@ -135,7 +210,7 @@ def _results_table(results: list[ScanResult], model: Path, device: str, with_met
         name = Text(result.job.name)
         if result.status == "skipped":
             row = [name, "-"] + (["-", "-"] if benchmark else []) + ["-", "-"]
-            row += [Text("skipped: output exists", style="dim")] + ["-"] * extra
+            row += [Text(f"skipped: {result.reason or 'output exists'}", style="dim")] + ["-"] * extra
             table.add_row(*row)
             continue
         qc = _verdict_text(result)
@@ -181,16 +256,17 @@ def _qc_cells(result: ScanResult) -> list[str]:
 
 
 def cohort_csv(results: list[ScanResult]) -> str:
-    """One row per scan: where it came from, its mask, QC (verdict, reasons, estimated Dice), and its statistics."""
+    """One row per scan: where it came from, its mask, QC (verdict, reasons, estimated Dice), its statistics, and why
+    it was skipped or failed."""
     buffer = io.StringIO()
     out = csv.writer(buffer, lineterminator="\n")
-    out.writerow(["name", "scan", "series", "status", "mask", "qc", *STATISTICS_COLUMNS, *QC_COLUMNS])
+    out.writerow(["name", "scan", "series", "status", "mask", "qc", *STATISTICS_COLUMNS, *QC_COLUMNS, "reason"])
     for result in results:
         record = result.to_dict()
         stats = result.statistics or {}
         out.writerow([record["name"], record["scan"], record["series"] or "", record["status"], record["mask"] or "",
                       record["qc"] or "", *("" if stats.get(k) is None else repr(stats[k]) for k in STATISTICS_COLUMNS),
-                      *_qc_cells(result)])
+                      *_qc_cells(result), result.reason or result.error or ""])
     return buffer.getvalue()
 
 
@@ -209,8 +285,11 @@ references the source series (opens in 3D Slicer and OHIF). They go into -o OUTD
 name when it ends in .nii/.nii.gz (.dcm for DICOM SEG) and there is one scan, or without -o beside
 the input (beside a DICOM folder or zip, not inside it). --save-prob adds X_prob.nii.gz (float32
 probabilities), --overlay X_overlay.png, --mesh X_mesh.stl or X_mesh.vtk: the atrium's surface in
-scanner coordinates (LPS unless --mesh-space ras). Files are written atomically; existing outputs
-are skipped unless --overwrite; an output that would replace an input file is refused.
+scanner coordinates (LPS unless --mesh-space ras). Files are written atomically, the mask last; a
+scan whose mask exists is skipped unless --overwrite (the table, --json and --csv say why), while
+outputs without their mask (left by a stopped run) are replaced; an output that would replace an
+input file is refused. A scan that another run is writing into the same folder is left to it
+(skipped). SIGTERM, like Ctrl-C, removes the outputs of the scan being written (exit 143).
 
 --model takes a file or the name of a shipped variant: fp32 (the default), fp16, int8 or ensemble
 (the fold ensemble, also --ensemble).
@@ -233,12 +312,18 @@ processed.
 
 Cohorts: SCANS may also be quoted globs ('scans/**/*.nii.gz') and --scan-list FILE adds one path a
 line. --resume, --shard and --ray keep a record per scan (OUT/{RECORDS_FOLDER}/, written atomically
-after the scan's outputs): a scan with a record is finished and is reported from it, never
-segmented twice; --resume also redoes scans whose outputs exist without a record (left by an
+after the scan's outputs): a scan with a record is finished and is reported from it (by any later
+run), never segmented twice. A record holds only while it matches the scan (size, modification time
+and a digest of its header, and of a data file it names; a DICOM zip's member list, a DICOM folder's
+file list), the model file the run opened (its digest; --tta) and the mask it wrote: otherwise
+--resume segments the scan again, as it does scans whose mask exists without a record (left by an
 interrupted run). A failed scan is tried again. --shard K/N segments only the scans that shard K of N
 owns (by a hash of the scan's name: every task of a SLURM array or Kubernetes indexed job computes
-the same split alone); --merge-reports, given the same SCANS and -o, gathers every shard's records
-into one report (table, --json, --csv, exit code) and exits 1 when a scan has no record. --ray
+the same split alone); --merge-reports, given the same SCANS and -o,
+gathers every shard's records into one report (table, --json, --csv, exit code) and exits 1 when a
+scan has no record or its record no longer matches its scan or its mask; given the shards' --model
+(and --tta), also when a record was made with another model, and without --model when the records
+do not agree on one. --ray
 auto|ADDRESS spreads the scans over a Ray cluster (heartseg[ray]): one worker per CPU (--workers),
 each with one ONNX Runtime session; outputs, records, report and exit codes are those of a local
 run. A worker that dies is restarted and its scan retried. The scans, the model and OUT must be
@@ -328,7 +413,8 @@ def infer(
         "$SLURM_ARRAY_TASK_ID/N), chosen by a hash of each scan's name. [default: every scan]", show_default=False),
     merge_reports: bool = typer.Option(
         False, "--merge-reports", help="Segment nothing: gather the records of every scan of SCANS (all shards) "
-        "into one report; exit 1 when a scan has none."),
+        "into one report; exit 1 when a scan has none, or one that no longer holds. Give it the shards' --model "
+        "and --tta to check the records against them; without --model the records must agree on one model."),
     ray_address: Optional[str] = typer.Option(
         None, "--ray", metavar="auto|ADDRESS", help="Segment on a Ray cluster (heartseg[ray]): auto is the running "
         "cluster or else a local one; ADDRESS is HOST:PORT or ray://HOST:PORT. [default: this process]",
@@ -374,9 +460,11 @@ def infer(
     jobs = plan_jobs(sources, output, options, label, labels)
     check_outputs([model_path, *(p for job in jobs for p in (job.source.path, job.label))],
                   [("--json", json_path), ("--csv", csv_path), *(("output", p) for job in jobs for p in job.outputs())])
+    _check_reports_outside_records(jobs, [("--json", json_path), ("--csv", csv_path)])
     if merge_reports:
+        identity = model_identity(model_path, tta) if model is not None else None
         with stdout_for_reports(json_path, csv_path):
-            code = _merge(jobs, model_path, options, json_path, csv_path)
+            code = _merge(jobs, model_path, options, json_path, csv_path, identity)
         raise typer.Exit(code)
     jobs = select_shard(jobs, the_shard)
     if not jobs:
@@ -418,9 +506,7 @@ def _run(runner: Callable[..., list[ScanResult]], jobs: list[ScanJob], model: Pa
             if result.status == "failed":
                 error(result.error or "failed")
             elif result.status == "skipped":
-                existing = next(p for p in result.job.outputs() if p.exists())
-                hint = "--resume to redo it or --overwrite" if keeps_records(options) else "--overwrite"
-                say(f"{result.job.name}: skipped, {existing} exists (use {hint} to replace it)")
+                say(f"{result.job.name}: skipped, {result.reason or 'output exists'}")
             progress.advance(task)
 
         results = runner(lambda job: progress.update(task, description=job.name), done)
@@ -447,6 +533,10 @@ def _report(results: list[ScanResult], model: Path, device: str, options: Output
         error(f"{len(failed)} of {len(results)} scans failed")
     for result in flagged:
         warn(f"{result.job.name}: flagged by QC ({result.qc}); the mask was written, check it")
+    busy = sum(r.status == "skipped" and r.reason == BUSY for r in results)
+    if busy:
+        warn(f"{busy} {'scan was' if busy == 1 else 'scans were'} left to another run that is writing them; check "
+             "them later with --resume or --merge-reports")
     code = final_exit_code([r.exit_code for r in failed] + ([code] if code else []), bool(flagged))
     if csv_path is not None:
         write_report(csv_path, cohort_csv(results))
@@ -462,29 +552,72 @@ def _report(results: list[ScanResult], model: Path, device: str, options: Output
 
 
 def _merge(jobs: list[ScanJob], model: Path, options: OutputOptions, json_path: Path | None,
-           csv_path: Path | None) -> int:
-    """Report every scan from its record, as one run over all shards would have; exit 1 when one has none."""
-    merged: MergedReport = merge_records(jobs)
+           csv_path: Path | None, identity: dict | None = None) -> int:
+    """Report every scan from its record, as one run over all shards would have; exit 1 when one has none, or
+    when a record no longer matches its scan, its mask or the model (identity; None: the records must agree)."""
+    merged: MergedReport = merge_records(jobs, identity)
     devices = sorted({r.device for r in merged.results if r.device})
     for path in merged.stray:
         warn(f"{path}: a record of a scan that is not among SCANS")
     for problem in merged.misassigned:
+        error(problem)
+    for problem in merged.stale:
+        error(f"{problem}; run its shard again with --resume (or give --merge-reports the shards' --model and "
+              "--tta)")
+    for problem in merged.models:
         error(problem)
     if merged.missing:
         names = ", ".join(job.name for job in merged.missing[:10]) + (", ..." if len(merged.missing) > 10 else "")
         error(f"{len(merged.missing)} of {len(jobs)} scans have no record (not run, still running, or skipped): "
               f"{names}; run their shards again with --resume")
     extra = {"complete": merged.complete, "missing": [str(job.source) for job in merged.missing],
-             "problems": merged.misassigned}
+             "problems": merged.misassigned + merged.stale + merged.models}
     for result in merged.results:
         result.resumed = False  # every result of a merge comes from a record; no need to say so per scan
     return _report(merged.results, model, ", ".join(devices) or "-", options, None, json_path, csv_path, extra,
                    code=1 if not merged.complete else None)
 
 
+def _check_reports_outside_records(jobs: list[ScanJob], reports: list[tuple[str, Path | None]]) -> None:
+    """Refuse a report file (--json, --csv) inside a records folder of the outputs: records are the runs' own."""
+    folders = {Path(os.path.realpath(record_path(job).parent)) for job in jobs}
+    for option, path in reports:
+        if path is None or str(path) == "-":
+            continue
+        where = Path(os.path.realpath(path)).parent  # a link into the records folder is inside it too
+        inside = next((f for f in folders if where == f or f in where.parents), None)
+        if inside is not None:
+            raise InputError(f"{option} {path}: is inside {inside}, the {RECORDS_FOLDER} folder where runs keep their "
+                             "records; choose another file")
+
+
+# 128 + the signal's number, as a shell reports a process that SIGTERM ended.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the run stands so that the scan being written is rolled back as on Ctrl-C.
+
+    A BaseException, like KeyboardInterrupt: a bad scan's `except Exception` must not swallow it.
+    """
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the rollback short
+    raise Terminated()
+
+
 def main() -> None:
     """Entry point of heartseg-infer."""
-    app(prog_name="heartseg-infer")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(prog_name="heartseg-infer")
+    except Terminated:
+        error("terminated by SIGTERM: the outputs of the scan being written were removed; run the same command "
+              "again to finish")
+        raise SystemExit(EXIT_TERMINATED) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

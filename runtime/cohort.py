@@ -4,22 +4,38 @@ A shard is chosen by a hash of the scan's name (and DICOM series), never by its 
 listing, so every task of a job array computes the same split from the same inputs on its own,
 and a scan added to the cohort later does not move the others. The merged report gathers the
 per-scan records (pipeline.record_path) of every shard and checks that each planned scan has
-exactly one, written by the shard that owns it.
+exactly one, written by the shard that owns it, from the scan as it is now, with the model given.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import InputError
-from .pipeline import RECORDS_FOLDER, ScanJob, ScanResult, read_record, record_path, result_from_record
+from .image import require_regular_file
+from .pipeline import (
+    FINISHED,
+    RECORDS_FOLDER,
+    ScanJob,
+    ScanResult,
+    finished_problem,
+    job_provenance,
+    read_record,
+    record_path,
+    result_from_record,
+)
 
 GLOB_CHARS = re.compile(r"[*?\[]")
+# A scan list larger than this is not a list of paths (or is /dev/zero under another name).
+MAX_SCAN_LIST_BYTES = 16 << 20
+MAX_SCAN_LIST_LINES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -66,12 +82,30 @@ def select_shard(jobs: Sequence[ScanJob], shard: Shard | None) -> list[ScanJob]:
     return list(jobs) if shard is None else [job for job in jobs if shard.owns(job)]
 
 
+def _scan_list_lines(path: Path) -> list[str]:
+    """The lines of a scan list: a regular file of at most MAX_SCAN_LIST_BYTES and MAX_SCAN_LIST_LINES lines."""
+    what = f"--scan-list {path}"
+    require_regular_file(path, what)
+    too_large = f"{what}: larger than {MAX_SCAN_LIST_BYTES >> 20} MiB; a scan list holds one scan path a line"
+    try:
+        if path.stat().st_size > MAX_SCAN_LIST_BYTES:
+            raise InputError(too_large)
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_SCAN_LIST_BYTES + 1)  # bounded even if the file grows meanwhile
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    if len(raw) > MAX_SCAN_LIST_BYTES:
+        raise InputError(too_large)
+    lines = text.splitlines()
+    if len(lines) > MAX_SCAN_LIST_LINES:
+        raise InputError(f"{what}: more than {MAX_SCAN_LIST_LINES} lines; split the cohort into several runs")
+    return lines
+
+
 def read_scan_list(path: Path) -> list[Path]:
     """Scan paths from a text file, one a line ('#' comments and blank lines skipped, relative to the file)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--scan-list {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    lines = _scan_list_lines(Path(path))
     folder = Path(path).parent
     items = []
     for line in lines:
@@ -109,16 +143,38 @@ class MergedReport:
     missing: list[ScanJob] = field(default_factory=list)
     misassigned: list[str] = field(default_factory=list)
     stray: list[Path] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # finished records that no longer describe the scan or its mask
+    models: list[str] = field(default_factory=list)  # finished records that name different models
 
     @property
     def complete(self) -> bool:
-        """True when every scan has exactly one record, from the shard that owns it."""
-        return not self.missing and not self.misassigned
+        """True when every scan has exactly one record, from the shard that owns it, that still holds."""
+        return not self.missing and not self.misassigned and not self.stale and not self.models
 
 
-def merge_records(jobs: Sequence[ScanJob]) -> MergedReport:
-    """Gather the records of jobs (all the shards' scans) and check that each was done exactly once."""
+def _model_text(identity: Any) -> str:
+    """A model identity (session.model_identity) as a short phrase."""
+    if not isinstance(identity, dict):
+        return "no model"
+    digest = str(identity.get("sha256") or "?")[:12]
+    return f"model {digest} (--tta {'on' if identity.get('tta') else 'off'})"
+
+
+def _mixed_models(names_by_model: dict[str, list[str]]) -> list[str]:
+    """One problem when the finished records name more than one model; none when they agree."""
+    if len(names_by_model) < 2:
+        return []
+    parts = [f"{_model_text(json.loads(key))}: {len(names)} scans ({', '.join(names[:3])}"
+             f"{', ...' if len(names) > 3 else ''})" for key, names in names_by_model.items()]
+    return [f"the records name {len(names_by_model)} models: {'; '.join(parts)}; give --merge-reports the shards' "
+            "--model (and --tta) to find the records to redo"]
+
+
+def merge_records(jobs: Sequence[ScanJob], model: dict[str, Any] | None) -> MergedReport:
+    """Gather the records of jobs (all the shards' scans) and check that each was done exactly once, from the
+    scan as it is now, by the model (session.model_identity) given; with None, by one model, whichever it is."""
     report = MergedReport()
+    names_by_model: dict[str, list[str]] = {}
     counts: set[int] = set()
     expected: set[Path] = set()
     for job in jobs:
@@ -129,6 +185,11 @@ def merge_records(jobs: Sequence[ScanJob]) -> MergedReport:
             report.missing.append(job)
             continue
         report.results.append(result_from_record(job, record))
+        if record.get("status") in FINISHED:
+            problem = finished_problem(job, record, job_provenance(job, model))
+            if problem is not None:
+                report.stale.append(f"{job.name}: {problem}")
+            names_by_model.setdefault(json.dumps(record.get("model"), sort_keys=True), []).append(job.name)
         shard = record.get("shard")
         if shard:
             try:
@@ -140,6 +201,8 @@ def merge_records(jobs: Sequence[ScanJob]) -> MergedReport:
             if not owner.owns(job):
                 report.misassigned.append(f"{job.name}: done by shard {owner}, but shard "
                                           f"{shard_of(job, owner.count)}/{owner.count} owns it")
+    if model is None:  # otherwise each record that names another model is stale already
+        report.models = _mixed_models(names_by_model)
     if len(counts) > 1:
         report.misassigned.append(f"records of runs split into {', '.join(map(str, sorted(counts)))} shards are mixed")
     folders = {record_path(job).parent for job in jobs}

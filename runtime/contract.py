@@ -27,6 +27,10 @@ from .plausibility import DEFAULT_INPUT_MARGIN, Plausibility
 # sharpness and interior rank) are optional in every format from 2: a file without them loads as before.
 FORMAT_VERSION = 6
 CONTRACT_KEY = "heartseg.contract"
+# A variant's file (fp16, int8) names what it is, and records its held-out accuracy measured at export beside the
+# model it was made from; its other metadata (cv_metrics, the threshold's calibration) is that model's.
+VARIANT_KEY = "heartseg.variant"
+VARIANT_METRICS_KEY = "heartseg.variant_metrics"
 
 LOCALISER = "localiser"
 SEGMENTER = "segmenter"

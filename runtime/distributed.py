@@ -22,17 +22,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import EXIT_FAILED, HeartsegError, InputError
 from .pipeline import (
-    EXIT_FAILED,
     OutputOptions,
     ScanJob,
     ScanResult,
     finished_record,
+    job_provenance,
     record_path,
     result_from_record,
+    settled,
     write_record,
 )
+from .segmenter import resolve_model
+from .session import model_identity
 
 # A local cluster only moves small jobs and results through its object store.
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024 * 1024
@@ -57,7 +60,8 @@ def require_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise InputError("--ray needs Ray: pip install 'heartseg[ray]'") from None
+        raise InputError("--ray needs Ray: pip install ray, or pip install -e '.[ray]' in heartseg's source "
+                         "folder") from None
     return ray
 
 
@@ -130,15 +134,16 @@ def _absolute(job: ScanJob) -> ScanJob:
                    mesh_path=absolute(job.mesh_path), label=absolute(job.label))
 
 
-def _lost(job: ScanJob, options: OutputOptions, reason: str) -> ScanResult:
+def _lost(job: ScanJob, options: OutputOptions, reason: str, model: dict[str, Any]) -> ScanResult:
     """A scan that never came back: done after all if a try finished it, else failed and recorded."""
-    record = finished_record(job)
+    provenance = job_provenance(job, model)
+    record = finished_record(job, provenance)
     if record is not None:
         return result_from_record(job, record)
     result = ScanResult(job, "failed", exit_code=EXIT_FAILED, error=f"{job.source.path.name}: {reason}")
     try:
-        write_record(result, options)
-    except OSError:
+        write_record(result, options, provenance)
+    except (OSError, HeartsegError):
         pass  # without a record the scan simply counts as not done
     return result
 
@@ -150,6 +155,7 @@ def run_jobs_on_ray(model: str | os.PathLike | None, jobs: Sequence[ScanJob], op
     from ray.util import ActorPool
 
     options = replace(options, records=True)
+    identity = model_identity(resolve_model(model))  # taken once, as each worker takes its own on opening the model
     results: dict[int, ScanResult] = {}
     todo: list[int] = []
 
@@ -163,10 +169,8 @@ def run_jobs_on_ray(model: str | os.PathLike | None, jobs: Sequence[ScanJob], op
             # This run starts afresh; from here on, a record means this run finished the scan.
             record_path(job).unlink(missing_ok=True)
             todo.append(index)
-        elif (record := finished_record(job)) is not None:
-            finish(index, result_from_record(job, record))
-        elif any(p.exists() for p in job.outputs()) and not options.resume:
-            finish(index, ScanResult(job, "skipped"))
+        elif (done := settled(job, options, job_provenance(job, identity))) is not None:
+            finish(index, done)
         else:
             todo.append(index)
     if not todo:
@@ -209,7 +213,7 @@ def run_jobs_on_ray(model: str | os.PathLike | None, jobs: Sequence[ScanJob], op
             finish(index, replace(result, job=jobs[index]))
         for i in todo:
             if i not in results:
-                finish(i, _lost(jobs[i], options, reason))
+                finish(i, _lost(jobs[i], options, reason, identity))
     finally:
         if started:
             ray.shutdown()

@@ -1,6 +1,10 @@
-"""Errors that the command-line tools turn into a message and exit code 2."""
+"""Errors that the command-line tools turn into a message and exit code 2, and the exit code of a scan that failed
+unexpectedly."""
 
 from __future__ import annotations
+
+# A scan that failed for a reason that is not a HeartsegError (the other scans of a batch are still processed).
+EXIT_FAILED = 1
 
 
 class HeartsegError(Exception):
@@ -19,3 +23,7 @@ class InputError(HeartsegError):
 
 class ModelError(HeartsegError):
     """A model file that is missing, unreadable or lacks the heartseg contract."""
+
+
+class HeartsegWarning(UserWarning):
+    """A warning the command-line tools print as one 'warning: ...' line, without file and line number."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import stat
 import warnings
 import zlib
 from collections.abc import Callable
@@ -21,16 +22,41 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def is_nifti_path(path: Path) -> bool:
-    """True when the file name ends in .nii or .nii.gz."""
-    return path.name.endswith(NIFTI_SUFFIXES)
+    """True when the file name ends in .nii or .nii.gz, in any case (.NII.GZ too)."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def strip_nifti_suffix(name: str) -> str:
-    """The file name without .nii / .nii.gz."""
+    """The file name without .nii / .nii.gz (in any case)."""
     for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def require_regular_file(path: Path, what: str | None = None) -> None:
+    """Refuse a path that is not a regular file (a folder, named pipe, device or socket) without opening it.
+
+    Opening a named pipe blocks until something writes to it and a device such as /dev/zero never ends,
+    so inputs are checked by stat alone. what prefixes the message (default: the path).
+    """
+    what = what or str(path)
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{what}: cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{what}: is a folder, not a file")
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    raise InputError(f"{what}: not a regular file ({kind}); give a file on disk")
 
 
 @dataclass
@@ -72,7 +98,7 @@ class ScanGeometry:
         return tuple(float(s) for s in np.sqrt((np.asarray(self.affine)[:3, :3] ** 2).sum(axis=0)))  # type: ignore
 
     def read_bytes(self) -> int:
-        """Peak bytes of reading the voxels as float32: the stored array, scaling in float64, the copy, a finite check."""
+        """Peak bytes of reading voxels as float32: the stored array, scaling in float64, the copy, a finite check."""
         return self.voxels * (self.itemsize + (8 if self.scaled else 0) + 4 + 1)
 
 
@@ -94,6 +120,7 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
         raise InputError(f"{path}: is a folder, not a NIfTI file")
     if not is_nifti_path(path):
         raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+    require_regular_file(path)
     _check_raw_spacing(path)
     # nibabel warns about oddities while it parses a header; when the file then turns out unreadable,
     # those warnings are noise in front of the one-line error, so they are dropped in that case only.
@@ -112,17 +139,29 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
     return image
 
 
+def _raw_header(path: Path) -> nib.Nifti1Header | None:
+    """The NIfTI-1 or NIfTI-2 header as stored, unfixed; None when the file holds neither (nib.load reports it)."""
+    try:
+        with warnings.catch_warnings(), ImageOpener(str(path)) as handle:
+            warnings.simplefilter("ignore")  # nib.load below warns about the same header, if at all
+            block = handle.read(nib.Nifti2Header.sizeof_hdr)
+            # The classes in the order nib.load tries them for a .nii file.
+            for klass in (nib.Nifti1Header, nib.Nifti2Header):
+                if klass.may_contain_header(block):
+                    return klass(block[: klass.sizeof_hdr], check=False)
+    except Exception:  # unreadable: nib.load reports it
+        return None
+    return None
+
+
 def _check_raw_spacing(path: Path) -> None:
-    """Reject zero / negative / non-finite voxel sizes as stored in the file.
+    """Reject zero / negative / non-finite voxel sizes as stored in the file (NIfTI-1 and NIfTI-2).
 
     nibabel's loader silently "fixes" such headers (0 becomes 1, negatives their absolute value) and
     logs a warning, so the check must read the header bytes before nib.load does.
     """
-    try:
-        with warnings.catch_warnings(), ImageOpener(str(path)) as handle:
-            warnings.simplefilter("ignore")  # nib.load below warns about the same header, if at all
-            header = nib.Nifti1Header.from_fileobj(handle, check=False)
-    except Exception:  # not NIfTI-1 (or unreadable): nib.load reports it
+    header = _raw_header(path)
+    if header is None:
         return
     ndim = int(header["dim"][0])
     if not 1 <= ndim <= 7:
@@ -153,7 +192,7 @@ def _check_geometry(path: Path, image: nib.Nifti1Image) -> None:
 
 def _check_file_size(path: Path, image: nib.Nifti1Image) -> None:
     """An uncompressed file shorter than its header's voxel data is truncated: say so before reading it."""
-    if path.name.endswith(".gz"):
+    if path.name.lower().endswith(".gz"):
         return
     header = image.header
     # A single-file NIfTI's voxels start after its header even when vox_offset says less.
@@ -220,11 +259,23 @@ def volume_from_array(data: np.ndarray, affine: np.ndarray, source: str | os.Pat
     data = _squeeze_to_3d(source, np.asanyarray(data))
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise InputError(f"{source}: unsupported voxel type {data.dtype}")
-    data = np.asarray(data, dtype=dtype)
-    if not np.all(np.isfinite(data)):
-        raise InputError(f"{source}: the image contains NaN or infinite voxels")
+    data = _to_float(source, data, dtype)
     path = Path(source) if isinstance(source, (str, os.PathLike)) and source != "image" else None
     return Volume(data=data, affine=np.asarray(affine, dtype=np.float64), path=path)
+
+
+def _to_float(source: str | os.PathLike, data: np.ndarray, dtype: type) -> np.ndarray:
+    """data as dtype; refuses NaN / infinite voxels, and finite ones that dtype cannot hold (float64 beyond float32)."""
+    with np.errstate(over="ignore"):
+        cast = np.asarray(data, dtype=dtype)
+    if np.all(np.isfinite(cast)):  # one pass over the voxels in the usual case
+        return cast
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        raise InputError(f"{source}: the image contains NaN or infinite voxels")
+    peak = float(max(data.max(), -data.min()))
+    limit = float(np.finfo(dtype).max)
+    raise InputError(f"{source}: voxel values up to {peak:.3g} in magnitude are beyond the {np.dtype(dtype).name} "
+                     f"range (+-{limit:.3g}); they are finite but too large, rescale the image")
 
 
 def load_mask(path: str | os.PathLike) -> Volume:
@@ -236,17 +287,24 @@ def load_mask(path: str | os.PathLike) -> Volume:
 
 def load_label(path: str | os.PathLike, value: float | None = None, what: str = "label",
                check: Callable[[ScanGeometry], None] | None = None) -> Volume:
-    """Load a mask as uint8 0/1: voxels equal to value when given, else a file that must hold only 0 and 1."""
+    """Load a mask as uint8 0/1: voxels equal to value when given (at least one must), else a file that must
+    hold only 0 and 1."""
     volume = load_volume(path, dtype=np.float32, check=check)
     data = volume.data
+
+    def values(shown: int = 6) -> str:
+        found = np.unique(data)
+        more = f", ... ({found.size} values)" if found.size > shown else ""
+        return ", ".join(f"{v:g}" for v in found[:shown]) + more
+
     if value is not None:
         volume.data = (data == value).astype(np.uint8)
+        if not volume.data.any():
+            raise InputError(f"{what} {path}: no voxel equals --label-value {value:g} (its values: {values()})")
         return volume
     if np.any((data != 0) & (data != 1)):
-        values = np.unique(data)
-        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
         hint = "; pass --label-value V to score the voxels equal to V" if what == "label" else ""
-        raise InputError(f"{what} {path}: not binary (values {shown}){hint}")
+        raise InputError(f"{what} {path}: not binary (values {values()}){hint}")
     volume.data = data.astype(np.uint8)
     return volume
 

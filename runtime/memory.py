@@ -147,9 +147,19 @@ EVAL_BYTES = 40
 
 def check_eval_budget(geometry: ScanGeometry, source: str | Path, budget: int | None = None) -> None:
     """Refuse, from the header, a mask too large to score within the budget (default: a share of physical memory)."""
+    _check_budget(geometry, source, geometry.read_bytes() + geometry.voxels * EVAL_BYTES, "score", budget)
+
+
+def check_read_budget(geometry: ScanGeometry, source: str | Path, extra: int = 0, budget: int | None = None) -> None:
+    """Refuse, from the header, a scan whose read alone (plus extra bytes held with it) would not fit the memory
+    budget (default: a share of physical memory) beside what the process already uses."""
+    _check_budget(geometry, source, geometry.read_bytes() + extra, "read", budget)
+
+
+def _check_budget(geometry: ScanGeometry, source: str | Path, needed: int, action: str, budget: int | None) -> None:
+    """Refuse needed bytes to action a scan when they do not fit the budget beside what the process already uses."""
     budget = default_budget() if budget is None else budget
-    needed = geometry.read_bytes() + geometry.voxels * EVAL_BYTES
     if budget is not None and needed > budget - current_rss():
-        raise InputError(f"{source}: needs about {needed / MB:.0f} MB to score "
+        raise InputError(f"{source}: needs about {needed / MB:.0f} MB to {action} "
                          f"({' x '.join(map(str, geometry.shape))} voxels), over the memory budget of "
                          f"{budget / MB:.0f} MB")

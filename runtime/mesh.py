@@ -7,7 +7,8 @@ smoothed, it is within 1 % for a sphere of 16 voxels' radius (the size of a left
 Vertices are placed with the scan's affine, so the surface lies where the atrium is in the scanner
 (oblique and anisotropic grids included) and triangles face outwards. Files are in LPS (DICOM
 patient coordinates, what 3D Slicer assumes for STL and VTK) unless RAS is asked for; the space is
-named in each file's header, where Slicer reads it.
+named in each file's header, where Slicer reads it. The VTK file is legacy binary VTK holding an
+unstructured grid of triangles, which VTK, pyvista, 3D Slicer, meshio and trimesh (through meshio) read.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MESH_FORMATS = ("stl", "vtk")
 SPACES = ("lps", "ras")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 SMOOTHING_VOXELS = 1.0
+VTK_TRIANGLE = 5  # VTK cell type
 
 
 @dataclass
@@ -74,7 +76,7 @@ def surface_mesh(mask: np.ndarray, affine: np.ndarray) -> Mesh:
 
 
 def write_mesh(mesh: Mesh, path: Path, kind: str, space: str = "lps", overwrite: bool = True) -> Path:
-    """Write the mesh as binary STL or legacy binary VTK polydata, atomically."""
+    """Write the mesh as binary STL or legacy binary VTK (an unstructured grid of triangles), atomically."""
     if kind not in MESH_FORMATS:
         raise InputError(f"unknown mesh format {kind!r}: choose one of {', '.join(MESH_FORMATS)}")
     if space not in SPACES:
@@ -102,12 +104,17 @@ def _stl(vertices: np.ndarray, faces: np.ndarray, space: str) -> bytes:
 
 
 def _vtk(vertices: np.ndarray, faces: np.ndarray, space: str) -> bytes:
+    # An UNSTRUCTURED_GRID of triangles, not POLYDATA: meshio (and trimesh through it) reads legacy VTK
+    # only as a grid, and VTK, pyvista and 3D Slicer read both. The cell layout is the pre-5.1 one
+    # (counts inline), which every VTK version reads.
     cells = np.hstack([np.full((len(faces), 1), 3), faces]).astype(">i4")
     return b"".join([
-        f"# vtk DataFile Version 3.0\nheartseg left atrium SPACE={space.upper()}\nBINARY\nDATASET POLYDATA\n"
-        f"POINTS {len(vertices)} float\n".encode("ascii"),
+        f"# vtk DataFile Version 3.0\nheartseg left atrium SPACE={space.upper()}\nBINARY\n"
+        f"DATASET UNSTRUCTURED_GRID\nPOINTS {len(vertices)} float\n".encode("ascii"),
         vertices.astype(">f4").tobytes(),
-        f"\nPOLYGONS {len(faces)} {cells.size}\n".encode("ascii"),
+        f"\nCELLS {len(faces)} {cells.size}\n".encode("ascii"),
         cells.tobytes(),
+        f"\nCELL_TYPES {len(faces)}\n".encode("ascii"),
+        np.full(len(faces), VTK_TRIANGLE, ">i4").tobytes(),
         b"\n",
     ])

@@ -15,7 +15,7 @@ def require_pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise HeartsegError("overlays need matplotlib: pip install 'heartseg[viz]'") from None
+        raise HeartsegError("overlays need matplotlib: pip install matplotlib, or pip install -e '.[viz]' in heartseg's source folder") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -9,13 +9,27 @@ record: one small JSON file per scan, RECORDS_FOLDER/<mask file name>.json besid
 written atomically. run_job() is the one per-scan function of every run, local, --shard or Ray:
 it reports a finished scan from its record instead of segmenting it again, so a run that was
 stopped, or a worker retried after it died, never produces a scan twice or leaves a partial one.
+
+A record is tied to what it describes: the scan's fingerprint (size, modification time to the second
+and a digest of the first bytes of each of its files: a header and its detached data file; a DICOM
+zip's member list; a DICOM folder's files' names, sizes and times), the model's identity (a digest of
+the model file as the run opened it, and test-time flips) and the mask it wrote (size and time). A
+record that disagrees with any of them, or an older record without them, does not make a scan
+finished. Whether a scan is done depends on its mask (and its record) only: the other outputs
+are written first, so a probability map or overlay without its mask is what a stopped run left.
+
+While run_job works on a scan it holds a lock file beside the mask (hidden, removed afterwards): a
+second run that reaches the same scan meanwhile leaves it to the first and reports it skipped, so
+two runs writing one folder never undo each other's files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
+import zipfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,15 +39,18 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_text_atomic
-from .errors import HeartsegError, InputError
-from .formats import ScanImage, ScanSource, read_scan, writer
+from .atomic import exclusive_lock, remove_if_unchanged, tracking_replacements, write_text_atomic
+from .errors import EXIT_FAILED, HeartsegError, InputError
+from .formats import WRITERS, ScanImage, ScanSource, discover_sources, read_scan, scan_geometry, writer
+from .formats import metaimage, nrrd
 from .formats.base import optional_import
+from .formats.dicom import container_members
 from .image import (
     Volume,
     is_nifti_path,
     load_mask,
     read_geometry,
+    require_regular_file,
     same_grid,
     save_volume,
     strip_nifti_suffix,
@@ -45,11 +62,21 @@ from .naming import find_label, label_key
 from .qc import QCReport
 from .segmenter import Prediction, Segmenter
 from .statistics import atrium_statistics
+from .strict_json import json_ready
 
-EXIT_FAILED = 1
 # Hidden folder beside the masks that holds one record per finished (or failed) scan.
 RECORDS_FOLDER = ".heartseg-records"
-RECORD_VERSION = 1
+# 2: records carry the scan's fingerprint, the model's identity and the mask's size and time.
+RECORD_VERSION = 2
+FINISHED = ("ok", "flagged")
+# How much of each file of a scan its fingerprint digests: NIfTI's header and most NRRD and MetaImage headers
+# lie within it, and a change to voxels beyond it shows in the size or time. A zip's directory lies at its end:
+# a DICOM zip's member list is fingerprinted on its own.
+FINGERPRINT_HEAD_BYTES = 64 * 1024
+# The files a scan is made of, by format, where a header may name a data file of its own.
+SCAN_FILES = {"nrrd": nrrd.files_of, "mha": metaimage.files_of}
+# What heartseg-infer writes beside a mask: not part of a DICOM folder's series even when written inside it.
+OUTPUT_ENDINGS = (*(w.suffix for w in WRITERS.values()), "_prob.nii.gz", "_overlay.png", "_mesh.stl", "_mesh.vtk")
 
 
 @dataclass
@@ -109,6 +136,7 @@ class ScanResult:
     scan: ScanImage | None = None
     resumed: bool = False  # reported from the record of an earlier run, not segmented again
     report: QCReport | None = None  # QC's verdict, reasons and estimated Dice (kept when prediction is dropped)
+    reason: str | None = None  # why a skipped scan was not segmented
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record of this scan."""
@@ -137,6 +165,7 @@ class ScanResult:
             "statistics": self.statistics,
             "timings": self.timings or None,
             "error": self.error,
+            "reason": self.reason,
         }
         if self.runs:
             record["benchmark"] = {
@@ -199,8 +228,8 @@ def plan_jobs(sources: Sequence[ScanSource], output: Path | None, options: Outpu
         raise InputError("give either --label (one scan) or --labels (a folder), not both")
     if label is not None and len(sources) != 1:
         raise InputError(f"--label pairs with exactly one scan, got {len(sources)} scans; use --labels DIR")
-    if label is not None and not label.is_file():
-        raise InputError(f"--label {label}: no such file")
+    if label is not None:
+        require_regular_file(label, f"--label {label}")
     label_index: dict[str, Path] = {}
     if labels is not None:
         if not labels.is_dir():
@@ -253,7 +282,7 @@ def output_folders(jobs: Sequence[ScanJob]) -> list[Path]:
 def check_options(options: OutputOptions) -> None:
     """Fail before any work when an option needs a library that is not installed."""
     if options.statistics or options.mesh:
-        optional_import("skimage.measure", "--statistics and --mesh")
+        optional_import("skimage.measure", "--statistics, --mesh and --csv")
     if options.output_format == "dicom-seg":
         optional_import("highdicom", "DICOM SEG output")
     if options.overlay:
@@ -288,27 +317,39 @@ def overlay_title(name: str, report: QCReport | None) -> str:
 
 def write_outputs(job: ScanJob, scan: ScanImage, prediction: Prediction, options: OutputOptions,
                   reference: Volume | None = None) -> float:
-    """Write the job's files (the mask last, each atomically); on any failure remove those already written."""
-    written: list[Path] = []
+    """Write the job's files (the mask last, each atomically); on any failure remove those this call wrote.
+
+    A file that cannot be written raises atomic.WriteError, which names it.
+    """
     start = time.perf_counter()
-    try:
-        if job.prob_path is not None and prediction.prob is not None:
-            written.append(save_volume(prediction.prob.astype(np.float32), scan.volume.affine, job.prob_path,
-                                       overwrite=options.overwrite))
-        if job.overlay_path is not None:
-            written.append(_save_overlay(job.overlay_path, scan.volume, prediction.mask, reference,
-                                         overlay_title(job.name, prediction.report)))
-        if job.mesh_path is not None and options.mesh is not None:
-            written.append(write_mesh(surface_mesh(prediction.mask, scan.volume.affine), job.mesh_path, options.mesh,
-                                      options.mesh_space, overwrite=options.overwrite))
-        # The mask goes last: its presence is what marks a scan as done for the next run.
-        written.append(writer(options.output_format).write(scan, prediction.mask.astype(np.uint8), job.mask_path,
-                                                           options.overwrite))
-    except BaseException:
-        for path in written:  # no partial set of outputs for a scan that failed
-            path.unlink(missing_ok=True)
-        raise
+    # Who wrote a file is told by its inode, taken as it is renamed into place: another run may replace it
+    # before a rollback here, and a stop may come between the rename and anything this function does next.
+    with tracking_replacements() as written:
+        try:
+            if job.prob_path is not None and prediction.prob is not None:
+                save_volume(prediction.prob.astype(np.float32), scan.volume.affine, job.prob_path,
+                            overwrite=options.overwrite)
+            if job.overlay_path is not None:
+                _save_overlay(job.overlay_path, scan.volume, prediction.mask, reference,
+                              overlay_title(job.name, prediction.report))
+            if job.mesh_path is not None and options.mesh is not None:
+                write_mesh(surface_mesh(prediction.mask, scan.volume.affine), job.mesh_path, options.mesh,
+                           options.mesh_space, overwrite=options.overwrite)
+            # The mask goes last: its presence is what marks a scan as done for the next run.
+            writer(options.output_format).write(scan, prediction.mask.astype(np.uint8), job.mask_path,
+                                                options.overwrite)
+        except BaseException:
+            for path, identity in written:  # no partial set of outputs for a scan that failed
+                remove_if_unchanged(path, identity)
+            raise
     return time.perf_counter() - start
+
+
+def check_writable(scan: ScanImage, options: OutputOptions) -> None:
+    """Fail before segmenting when the output format cannot be written for this scan (a DICOM SEG's needs)."""
+    check = getattr(writer(options.output_format), "check", None)
+    if check is not None:
+        check(scan)
 
 
 def process(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmark: int | None = None,
@@ -317,7 +358,11 @@ def process(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmar
     start = time.perf_counter()
     if is_nifti_path(job.source.path):  # its header tells the memory needed before any voxel is read
         segmenter.check_header(read_geometry(job.source.path), job.source.path)
+    elif (geometry := scan_geometry(job.source)) is not None:  # so do NRRD's, MetaImage's and a DICOM series'
+        segmenter.check_header(geometry, str(job.source))
     scan = read_scan(job.source)
+    if write:
+        check_writable(scan, options)
     read_seconds = time.perf_counter() - start
     reference: Volume | None = None
     if job.label is not None:
@@ -356,16 +401,106 @@ def record_path(job: ScanJob) -> Path:
     return job.mask_path.parent / RECORDS_FOLDER / f"{job.mask_path.name}.json"
 
 
+def lock_path(job: ScanJob) -> Path:
+    """The lock file a run holds while it works on the job: hidden, beside the mask."""
+    return job.mask_path.parent / f".{job.mask_path.name}.lock"
+
+
 def keeps_records(options: OutputOptions) -> bool:
     """True when the run writes per-scan records (--resume, --shard, Ray)."""
     return options.records or options.resume
 
 
-def write_record(result: ScanResult, options: OutputOptions) -> Path:
-    """Write the scan's record atomically (after its outputs): the JSON report entry plus who did it, and when."""
-    from .cli_common import json_ready
+def _stamp(path: Path) -> dict[str, int]:
+    """A file's size and modification time, in whole seconds (copies and some file systems keep no more)."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime": stat.st_mtime_ns // 10**9}
 
-    record = dict(result.to_dict(), exit_code=result.exit_code, shard=options.shard,
+
+def _file_print(path: Path) -> dict[str, Any]:
+    """A file's stamp and a digest of its first bytes."""
+    with open(path, "rb") as handle:
+        head = hashlib.sha256(handle.read(FINGERPRINT_HEAD_BYTES)).hexdigest()
+    return {**_stamp(path), "head_sha256": head}
+
+
+def _digest(value: Any) -> str:
+    """SHA-256 of a value's JSON."""
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+def _zip_members(path: Path) -> list[list[Any]]:
+    """Every member of a zip as its directory (at the end of the file) lists it: name, size and CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [[i.filename, i.file_size, i.CRC] for i in archive.infolist()]
+    except zipfile.BadZipFile as exc:
+        raise InputError(f"{path}: not a readable zip file ({exc})") from None
+
+
+def _file_list(folder: Path, outputs: Sequence[Path]) -> list[list[Any]]:
+    """The files the DICOM reader looks at in folder, heartseg's outputs left out: relative name, size and time."""
+    own = {os.path.relpath(os.path.abspath(p), os.path.abspath(folder)) for p in outputs}
+    entries = []
+    for name in container_members(folder):
+        if name in own or name.endswith(OUTPUT_ENDINGS):
+            continue
+        stamp = _stamp(folder / name)
+        entries.append([name, stamp["size"], stamp["mtime"]])
+    return entries
+
+
+def scan_fingerprint(source: ScanSource, outputs: Sequence[Path] = ()) -> dict[str, Any]:
+    """What tells one scan from another without its path (shards may mount scans at different paths).
+
+    A file: its size, modification time and a digest of its first bytes, and so for a data file its header
+    names (NRRD, MetaImage); a DICOM zip: also its member list; a DICOM folder: a digest of the name, size and
+    modification time of every file the reader looks at, except heartseg's outputs (outputs: the job's own,
+    whatever their names). Raises OSError or InputError when the scan cannot be read.
+    """
+    path = source.path
+    if path.is_dir():
+        listing = _file_list(path, outputs)
+        return {"files": len(listing), "files_sha256": _digest(listing)}
+    fingerprint = _file_print(path)
+    parts = SCAN_FILES[source.format](path)[1:] if source.format in SCAN_FILES else []
+    if parts:
+        fingerprint["data_files"] = [_file_print(part) for part in parts]
+    if source.format == "dicom":
+        fingerprint["members_sha256"] = _digest(_zip_members(path))
+    return fingerprint
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a record ties a scan's outputs to: the scan's fingerprint (None: unreadable) and the model's identity
+    (None: any model, when a merge only checks that the records agree on one)."""
+
+    scan: dict[str, Any] | None
+    model: dict[str, Any] | None
+
+
+def job_provenance(job: ScanJob, model: dict[str, Any] | None) -> Provenance:
+    """The job's scan fingerprint now, with the model's identity."""
+    try:
+        fingerprint = scan_fingerprint(job.source, job.outputs())
+    except (OSError, HeartsegError):
+        fingerprint = None  # never matches: reading the scan will say what is wrong
+    return Provenance(fingerprint, model)
+
+
+def write_record(result: ScanResult, options: OutputOptions, provenance: Provenance | None = None) -> Path:
+    """Write the scan's record atomically (after its outputs): the JSON report entry, what it was made from
+    (provenance, and the mask's size and time), who did it, and when."""
+    made: dict[str, Any] = {}
+    if provenance is not None:
+        made = {"source": provenance.scan, "model": provenance.model}
+    if result.status in FINISHED:
+        try:
+            made["outputs"] = {"mask": _stamp(result.job.mask_path)}
+        except OSError:
+            pass  # without it the record never counts as finished
+    record = dict(result.to_dict(), exit_code=result.exit_code, shard=options.shard, **made,
                   worker=f"{socket.gethostname()}:{os.getpid()}",
                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), record_version=RECORD_VERSION)
     path = record_path(result.job)
@@ -382,15 +517,46 @@ def read_record(job: ScanJob) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def finished_record(job: ScanJob) -> dict[str, Any] | None:
-    """The job's record when the scan is finished: segmented (ok or flagged) and every output still there."""
-    record = read_record(job)
-    if record is None or record.get("status") not in ("ok", "flagged"):
-        return None
+def record_mismatch(job: ScanJob, record: dict[str, Any], provenance: Provenance) -> str | None:
+    """Why the record does not describe the job's scan as it is now, segmented by this model; None when it does."""
+    if record.get("record_version") != RECORD_VERSION:
+        return f"its record has format {record.get('record_version')}, not {RECORD_VERSION} (another heartseg version)"
+    if "source" not in record:
+        return "its record does not name the scan it was made from"
     # Names, not paths: shards on different machines may mount the scans at different paths.
     if record.get("name") != job.name or record.get("series") != job.source.series:
-        return None
-    if not all(path.exists() for path in job.outputs()):
+        return "its record is of another scan"
+    if provenance.scan is None or record.get("source") != provenance.scan:
+        return "the scan changed since its record was written (or it is another scan of the same name)"
+    if provenance.model is not None and record.get("model") != provenance.model:
+        return "its record was made with another model"
+    return None
+
+
+def outputs_mismatch(job: ScanJob, record: dict[str, Any]) -> str | None:
+    """Why the outputs on disk are not those a finished record wrote; None when they are."""
+    missing = [path.name for path in job.outputs() if not path.exists()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    stamp = (record.get("outputs") or {}).get("mask")
+    try:
+        if stamp != _stamp(job.mask_path):
+            return f"{job.mask_path.name} was replaced since its record was written"
+    except OSError:
+        return f"{job.mask_path.name} cannot be read"
+    return None
+
+
+def finished_problem(job: ScanJob, record: dict[str, Any], provenance: Provenance) -> str | None:
+    """Why a record of a segmented scan (ok or flagged) does not make the scan finished now; None when it does."""
+    return record_mismatch(job, record, provenance) or outputs_mismatch(job, record)
+
+
+def finished_record(job: ScanJob, provenance: Provenance) -> dict[str, Any] | None:
+    """The job's record when the scan is finished: segmented (ok or flagged) from this scan by this model,
+    and every output still the one it wrote."""
+    record = read_record(job)
+    if record is None or record.get("status") not in FINISHED or finished_problem(job, record, provenance):
         return None
     return record
 
@@ -406,6 +572,28 @@ def result_from_record(job: ScanJob, record: dict[str, Any]) -> ScanResult:
                       resumed=True, report=QCReport.from_dict(report) if isinstance(report, dict) else None)
 
 
+SKIP_HINT = "use --overwrite or --resume to replace it"
+BUSY = "another run is writing its outputs now"
+
+
+def settled(job: ScanJob, options: OutputOptions, provenance: Provenance) -> ScanResult | None:
+    """The result of a job that needs no segmenting: finished by an earlier run (reported from its record), or
+    skipped because its mask exists (without resume); None when it must be segmented.
+
+    Only the mask (and its record) decide: other outputs without the mask are what a stopped run left.
+    """
+    record = read_record(job)
+    problem = None
+    if record is not None and record.get("status") in FINISHED:
+        problem = finished_problem(job, record, provenance)
+        if problem is None:
+            return result_from_record(job, record)
+    if options.resume or not job.mask_path.exists():
+        return None
+    why = f" ({problem})" if problem else ""
+    return ScanResult(job, "skipped", reason=f"{job.mask_path.name} exists{why}; {SKIP_HINT}")
+
+
 def describe_failure(source: ScanSource, exc: BaseException) -> str:
     """'name: message' for a failed scan, without repeating the path when the message has it."""
     message = str(exc) or type(exc).__name__
@@ -417,20 +605,27 @@ def describe_failure(source: ScanSource, exc: BaseException) -> str:
 
 
 def run_job(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmark: int | None = None) -> ScanResult:
-    """Segment one scan unless it is finished or its outputs exist; never raises for a bad scan.
+    """Segment one scan unless it is finished or its mask exists; never raises for a bad scan.
 
-    With records, a finished scan is reported from its record and a new record follows every
-    outcome; with resume, outputs without a record are replaced (the leftovers of an interrupted run).
+    A scan finished by an earlier run (its record matches the scan, the model and the mask) is reported
+    from its record; with records a new record follows every outcome; with resume, a mask without a
+    matching record is replaced. A scan that another run is working on is left to it (skipped).
     """
-    records = keeps_records(options)
-    if records and not options.overwrite:
-        record = finished_record(job)
-        if record is not None:
-            return result_from_record(job, record)
-    if any(p.exists() for p in job.outputs()) and not options.overwrite:
-        if not options.resume:
-            return ScanResult(job, "skipped")
-        options = replace(options, overwrite=True)
+    with exclusive_lock(lock_path(job)) as mine:
+        if not mine:
+            return ScanResult(job, "skipped", reason=BUSY)
+        return _run_held(segmenter, job, options, benchmark, job_provenance(job, segmenter.identity))
+
+
+def _run_held(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmark: int | None,
+              provenance: Provenance) -> ScanResult:
+    """run_job with the scan's lock held."""
+    if not options.overwrite:
+        done = settled(job, options, provenance)
+        if done is not None:
+            return done
+        if any(p.exists() for p in job.outputs()):
+            options = replace(options, overwrite=True)  # a stopped run's leftovers, or with resume a stale mask
     try:
         result = process(segmenter, job, options, benchmark)
         result.prediction, result.scan = None, None  # a batch keeps no volumes in memory
@@ -438,13 +633,15 @@ def run_job(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmar
         result = ScanResult(job, "failed", error=describe_failure(job.source, exc), exit_code=exc.exit_code)
     except Exception as exc:  # a bad scan must not stop the batch
         result = ScanResult(job, "failed", error=describe_failure(job.source, exc), exit_code=EXIT_FAILED)
-    if records:
+    if keeps_records(options):
         try:
-            write_record(result, options)
-        except OSError as exc:
+            write_record(result, options, provenance)
+        except (OSError, HeartsegError) as exc:
             # Outputs without a record are not finished: the next --resume redoes the scan.
-            result = ScanResult(job, "failed", error=describe_failure(job.source, InputError(
-                f"cannot write its record {record_path(job)} ({exc.strerror or exc})")), exit_code=EXIT_FAILED)
+            message = (f"its record: {exc}" if isinstance(exc, HeartsegError) else
+                       f"cannot write its record {record_path(job)} ({exc.strerror or exc})")
+            result = ScanResult(job, "failed", error=describe_failure(job.source, InputError(message)),
+                                exit_code=EXIT_FAILED)
     return result
 
 
@@ -461,3 +658,15 @@ def run_jobs(segmenter: Segmenter, jobs: Sequence[ScanJob], options: OutputOptio
         if on_done is not None:
             on_done(result)
     return results
+
+
+def segment_files(segmenter: Segmenter, scans: Sequence[str | os.PathLike], output: str | os.PathLike | None = None,
+                  options: OutputOptions | None = None, series: str | None = None) -> list[ScanResult]:
+    """Segment files and folders and write their outputs as heartseg-infer does; one ScanResult per scan."""
+    options = options if options is not None else OutputOptions()
+    check_options(options)
+    jobs = plan_jobs(discover_sources([Path(s) for s in scans], series),
+                     Path(output) if output is not None else None, options)
+    for folder in output_folders(jobs):
+        folder.mkdir(parents=True, exist_ok=True)
+    return run_jobs(segmenter, jobs, options)

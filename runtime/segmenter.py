@@ -30,7 +30,7 @@ from .inference import infer_canonical, mask_from_prob, stage_shape
 from .memory import MB, MemoryPlan, check_plausible, current_rss, default_budget, plan_memory
 from .preprocess import from_canonical, to_canonical
 from .qc import QCReport, assess, stage_box_on_native
-from .session import OnnxSession
+from .session import OnnxSession, identity
 from .tta import infer_canonical_tta
 
 DEFAULT_MODEL_NAME = "heartseg-la.onnx"
@@ -56,6 +56,9 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     text = str(model)
     if text in VARIANTS and not Path(text).exists():
         return default_model_path(VARIANTS[text])
+    if not Path(model).exists():
+        raise ModelError(f"{text}: model file not found, and not the name of a shipped model "
+                         f"({', '.join(VARIANTS)})")
     return Path(model)
 
 
@@ -93,19 +96,27 @@ class Segmenter:
         self.session = OnnxSession(resolve_model(model), "cuda" if device == "gpu" else device, threads)
         self.contract = self.session.contract
         self.tta = tta
+        # What records name as the model: its file as this session opened it, whatever lies at that path later.
+        self.identity = identity(self.session.file_sha256, tta)
         # --tta's masks are judged by the calibration fitted on test-time-flipped held-out cases.
         self.qc_contract = self.contract.for_qc(tta)
         self.budget = int(memory_limit_mb * MB) if memory_limit_mb is not None else default_budget()
         self.max_network_voxels = max_network_voxels
-        if self.budget is not None and current_rss() >= self.budget:
+        self._loaded_rss = current_rss()
+        if self.budget is not None and self._loaded_rss >= self.budget:
             raise InputError(f"--memory-limit-mb {self.budget / MB:g}: the process already uses "
-                             f"{current_rss() / MB:.0f} MB with the model loaded")
+                             f"{self._loaded_rss / MB:.0f} MB with the model loaded")
+        # Resident memory that earlier segment() calls left behind for reuse (ONNX Runtime's arena, the
+        # allocator's free lists): the next scan reuses it, so it is not counted as in use a second time.
+        self._kept = 0
+        self._largest_plan = 0
 
     def plan(self, geometry: ScanGeometry, source: str | os.PathLike = "scan", *, loaded: bool = False,
              keep_prob: bool = False) -> MemoryPlan:
         """Check a scan's header against the model's plausible spacing and field of view and the memory budget."""
         check_plausible(geometry, self.contract, source)
-        return plan_memory(geometry, self.contract, self.budget, baseline=current_rss(), include_read=not loaded,
+        baseline = max(self._loaded_rss, current_rss() - self._kept)
+        return plan_memory(geometry, self.contract, self.budget, baseline=baseline, include_read=not loaded,
                            keep_prob=keep_prob, tta=self.tta, source=source)
 
     def check_header(self, geometry: ScanGeometry, source: str | os.PathLike = "scan") -> None:
@@ -132,6 +143,7 @@ class Segmenter:
             finally:
                 network[0] += time.perf_counter() - begin
 
+        rss_before = current_rss()
         source = volume.path or "scan"
         plan = self.plan(ScanGeometry(volume.shape, volume.affine), source, loaded=True, keep_prob=keep_prob)
         max_voxels = plan.max_network_voxels
@@ -159,6 +171,11 @@ class Segmenter:
         # "postprocess" includes QC, so that the stages add up to the total; "qc" is its share.
         timings["postprocess"] = time.perf_counter() - start
         timings["qc"] = report.seconds
+        returned = mask.nbytes + (prob.nbytes if prob is not None else 0)
+        # Never more than the largest pipeline a plan allowed: growth beyond it (a caller's own arrays, a leak)
+        # is memory in use, not memory kept for the next scan.
+        self._largest_plan = max(self._largest_plan, plan.total_bytes)
+        self._kept = min(self._largest_plan, self._kept + max(0, current_rss() - rss_before - returned))
         return Prediction(mask, volume.affine, prob, report.flag, self.device, timings, voxels, calls[0], report)
 
     def predict(self, image: Any, spacing: tuple[float, float, float] | None = None,
@@ -200,20 +217,6 @@ class Segmenter:
         return SegmentationResult(wrap(prediction.mask.astype(np.uint8)), wrap(prediction.prob.astype(np.float32)),
                                   prediction.mask, volume.affine, prediction.volume_ml, prediction.qc, timings,
                                   prediction.device, prediction.report)
-
-    def run(self, scans: list[str | os.PathLike], output: str | os.PathLike | None = None,
-            options: Any = None, series: str | None = None) -> list[Any]:
-        """Segment files and folders and write their outputs as heartseg-infer does; one ScanResult per scan."""
-        from .formats import discover_sources
-        from .pipeline import OutputOptions, check_options, output_folders, plan_jobs, run_jobs
-
-        options = options if options is not None else OutputOptions()
-        check_options(options)
-        jobs = plan_jobs(discover_sources([Path(s) for s in scans], series),
-                         Path(output) if output is not None else None, options)
-        for folder in output_folders(jobs):
-            folder.mkdir(parents=True, exist_ok=True)
-        return run_jobs(self, jobs, options)
 
 
 def array_affine(shape: tuple[int, ...], spacing: tuple[float, ...] | None,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .contract import CONTRACT_KEY, ContractError, ModelContract
 from .errors import HeartsegError, ModelError
+from .model_digest import DigestError, ModelFile, UnverifiedModelWarning, scan_model, verify_model_digest
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -18,7 +23,8 @@ def _ort():
         import onnxruntime
     except ImportError:
         raise HeartsegError(
-            "ONNX Runtime is not installed: pip install 'heartseg[cpu]' (or 'heartseg[gpu]' for CUDA)"
+            "ONNX Runtime is not installed: pip install onnxruntime (onnxruntime-gpu for CUDA), or "
+            "pip install -e '.[cpu]' ('.[gpu]' for CUDA) in heartseg's source folder"
         ) from None
     return onnxruntime
 
@@ -31,7 +37,8 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
     if device == "cuda" and not has_cuda:
         raise HeartsegError(
             "--device cuda: ONNX Runtime offers no CUDA provider here "
-            f"(available: {', '.join(available)}); install heartseg[gpu] on a machine with an NVIDIA GPU"
+            f"(available: {', '.join(available)}); on a machine with an NVIDIA GPU install onnxruntime-gpu "
+            "(pip install -e '.[gpu]' in heartseg's source folder)"
         )
     if device in ("cuda", "auto") and has_cuda:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -42,18 +49,41 @@ def read_contract(path: str | os.PathLike) -> tuple[ModelContract, dict[str, str
     """The heartseg contract and all metadata of an ONNX file, without starting a session."""
     ort = _ort()
     path = Path(path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session, model = open_model(path, options, ["CPUExecutionProvider"])
+    return _contract_of(path, session, model)
+
+
+def open_model(path: Path, options, providers: list[str]) -> tuple[object, ModelFile]:
+    """An ONNX Runtime session of the file and what walking its bytes found, the file read once: ONNX Runtime
+    parses the very bytes that were hashed."""
+    ort = _ort()
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
     try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the model file ({exc.strerror or exc})") from None
+    try:
+        model, damage = scan_model(data), None
+    except DigestError as exc:
+        model, damage = None, exc
+    if model is not None and model.external_tensors:
+        # Checked before ONNX Runtime parses the bytes: it would look for those files in the working folder.
+        raise ModelError(f"{path}: the model keeps {len(model.external_tensors)} tensor(s) in external data files "
+                         f"(e.g. {model.external_tensors[0]!r}), which its digest cannot cover; heartseg runs "
+                         "self-contained model files only (export the model again)")
+    try:
+        session = ort.InferenceSession(data, options, providers=providers)
     except Exception as exc:
         raise ModelError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
-    return _contract_of(path, session)
+    if damage is not None:
+        raise ModelError(f"{path}: the model file is altered or damaged ({damage})")
+    return session, model
 
 
-def _contract_of(path: Path, session) -> tuple[ModelContract, dict[str, str]]:
+def _contract_of(path: Path, session, model: ModelFile) -> tuple[ModelContract, dict[str, str]]:
     meta = dict(session.get_modelmeta().custom_metadata_map)
     if CONTRACT_KEY not in meta:
         raise ModelError(f"{path}: an ONNX file without heartseg metadata ({CONTRACT_KEY!r} is missing); "
@@ -63,7 +93,18 @@ def _contract_of(path: Path, session) -> tuple[ModelContract, dict[str, str]]:
         check_graph(contract, session.get_inputs(), session.get_outputs())
     except ContractError as exc:
         raise ModelError(f"{path}: {exc}") from None
+    check_weights(path, model, meta)
     return contract, meta
+
+
+def check_weights(path: Path, model: ModelFile, meta: dict[str, str]) -> None:
+    """ModelError when the file differs from the digest recorded at export; a warning when none is recorded."""
+    if not verify_model_digest(path, model, meta):
+        # Files exported before the digest was recorded still run: the metadata is not signed, so a refusal
+        # would stop only them, not a deliberate edit that rewrites the digest too.
+        warnings.warn(f"{path}: the file records no weights digest (exported by an older heartseg), so altered or "
+                      "damaged weights cannot be detected; export it again to have them checked",
+                      UnverifiedModelWarning, stacklevel=2)
 
 
 def check_graph(contract: ModelContract, inputs, outputs) -> None:
@@ -104,11 +145,10 @@ class OnnxSession:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as exc:
-            raise ModelError(f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
-        self.contract, self.metadata = _contract_of(self.path, self._session)
+        self._session, model = open_model(self.path, options, providers)
+        self.contract, self.metadata = _contract_of(self.path, self._session, model)
+        # The identity of the file as run (its every byte, metadata included), for records of what made a mask.
+        self.file_sha256 = model.file_sha256
         used = self._session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in used else "cpu"
         self._inputs = {i.name: i for i in self._session.get_inputs()}
@@ -135,3 +175,32 @@ class OnnxSession:
     def mask(self, stage_name: str, batch: np.ndarray) -> np.ndarray:
         """The graph's own binary mask output (its baked-in threshold) for one stage."""
         return self._run(stage_name, batch, "mask")
+
+
+def identity(file_sha256: str, tta: bool = False) -> dict[str, Any]:
+    """What made a mask, wherever the model file lies: the model file's SHA-256, and test-time flips."""
+    return {"sha256": file_sha256, "tta": bool(tta)}
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's bytes (cached per path, size and time: a model is digested once per process)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(model: str | os.PathLike, tta: bool = False) -> dict[str, Any]:
+    """The identity of a model file that no session of this process has opened (a Ray driver, a merge).
+
+    A Segmenter takes its identity from its own session (OnnxSession.file_sha256): what its records name is
+    the file as it opened it.
+    """
+    path = Path(model).resolve()
+    try:
+        stat = path.stat()
+        return identity(_file_sha256(str(path), stat.st_size, stat.st_mtime_ns), tta)
+    except OSError as exc:
+        raise ModelError(f"{model}: cannot read the model file ({exc.strerror or exc})") from None

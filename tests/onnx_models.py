@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from heartseg.export.stamp import stamp_digest
 from heartseg.runtime.contract import CONTRACT_KEY, ModelContract, StageContract
 
 OPSET = 17
@@ -106,6 +107,7 @@ def build_test_model(path: str | Path, *, cascade: bool = False, threshold: floa
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
+    stamp_digest(model)  # the weights digest heartseg-export records, checked when the model opens
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path

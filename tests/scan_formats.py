@@ -9,7 +9,9 @@ independent derivations of the geometry.
 from __future__ import annotations
 
 import datetime
+import io
 import zipfile
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -142,3 +144,99 @@ def write_mha(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path))
     return path
+
+
+# Writers of hand-made headers: they write whatever they are given, so that a test can declare sizes, data files
+# and encodings that no library writer would produce.
+
+ZERO_CHUNK = 1 << 24
+
+
+def compressed_zeros(count: int, container: str = "gzip") -> bytes:
+    """count zero bytes deflated at level 1 in a gzip or zlib container (about 5 KB per MB)."""
+    wbits = {"gzip": 16 + 15, "zlib": 15}[container]
+    compressor = zlib.compressobj(1, zlib.DEFLATED, wbits)
+    parts, left = [], count
+    while left:
+        n = min(left, ZERO_CHUNK)
+        parts.append(compressor.compress(bytes(n)))
+        left -= n
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+def write_zeros(handle, count: int) -> None:
+    """Write count zero bytes to handle in chunks."""
+    left = count
+    while left:
+        n = min(left, ZERO_CHUNK)
+        handle.write(bytes(n))
+        left -= n
+
+
+def write_nrrd_text(path: Path, fields: dict[str, str], body: bytes = b"") -> Path:
+    """A NRRD file of exactly these header fields ('name: value' lines), then (without a data file) a blank line
+    and body."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "NRRD0004\n" + "".join(f"{name}: {value}\n" for name, value in fields.items())
+    path.write_bytes(text.encode() + (b"" if "data file" in fields else b"\n" + body))
+    return path
+
+
+def nrrd_fields(sizes: tuple[int, ...], spacing: float = 1.0, **extra: str) -> dict[str, str]:
+    """NRRD header fields of an LPS volume of uint8 voxels, sizes along its axes (extra overrides, '_' for ' ')."""
+    directions = " ".join("(" + ",".join(str(spacing if i == j else 0) for j in range(3)) + ")" for i in range(3))
+    fields = {"type": "uint8", "dimension": str(len(sizes)), "space": "left-posterior-superior",
+              "sizes": " ".join(map(str, sizes)), "space directions": directions, "endian": "little",
+              "encoding": "raw"}
+    fields.update({name.replace("_", " "): value for name, value in extra.items()})
+    return fields
+
+
+def write_mha_text(path: Path, fields: dict[str, str], body: bytes = b"") -> Path:
+    """A MetaImage header of exactly these fields ('Name = value' lines, ElementDataFile last), then body."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{name} = {value}\n" for name, value in fields.items() if name != "ElementDataFile")
+    text += f"ElementDataFile = {fields.get('ElementDataFile', 'LOCAL')}\n"
+    path.write_bytes(text.encode() + body)
+    return path
+
+
+def mha_fields(sizes: tuple[int, ...], spacing: float = 1.0, **extra: str) -> dict[str, str]:
+    """MetaImage header fields of a volume of MET_UCHAR voxels (extra overrides or adds fields)."""
+    fields = {"ObjectType": "Image", "NDims": str(len(sizes)), "BinaryData": "True",
+              "BinaryDataByteOrderMSB": "False", "CompressedData": "False",
+              "TransformMatrix": "1 0 0 0 1 0 0 0 1", "Offset": "0 0 0",
+              "ElementSpacing": " ".join([str(spacing)] * len(sizes)), "DimSize": " ".join(map(str, sizes)),
+              "ElementType": "MET_UCHAR", "ElementDataFile": "LOCAL"}
+    fields.update(extra)
+    return fields
+
+
+def dicom_trailing_padding(count: int) -> bytes:
+    """The element header of DataSetTrailingPadding (FFFC,FFFC), explicit VR little endian, of count bytes."""
+    return b"\xfc\xff\xfc\xffOB\x00\x00" + count.to_bytes(4, "little")
+
+
+def zip_with_members(folder: Path, path: Path, members: dict[str, tuple[bytes, int]]) -> Path:
+    """A zip of the files under folder plus members, each name: (head, n), its head followed by n zero bytes
+    (deflated as they are written, so that no member is ever held whole)."""
+    zip_folder(folder, path)
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for name, (head, zeros) in members.items():
+            with archive.open(name, "w", force_zip64=True) as handle:
+                handle.write(head)
+                write_zeros(handle, zeros)
+    return path
+
+
+def dicom_bytes(ds) -> bytes:
+    """A pydicom dataset as the bytes of a DICOM file."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def pixel_data_header(count: int) -> bytes:
+    """The element header of PixelData (7FE0,0010) as OW, explicit VR little endian, of count bytes."""
+    return b"\xe0\x7f\x10\x00OW\x00\x00" + count.to_bytes(4, "little")

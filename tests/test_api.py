@@ -104,10 +104,11 @@ def test_simpleitk_image_and_the_axis_order_trap(segmenter) -> None:
 
 
 def test_run_writes_like_heartseg_infer(tmp_path: Path, segmenter) -> None:
+    from heartseg import segment_files
     from heartseg.runtime.pipeline import OutputOptions
 
     scan, _ = make_scan(tmp_path / "in" / "s.nii.gz")
-    results = segmenter.run([scan], tmp_path / "out", OutputOptions(save_prob=True))
+    results = segment_files(segmenter, [scan], tmp_path / "out", OutputOptions(save_prob=True))
     assert [r.status for r in results] == ["ok"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s_mask.nii.gz", "s_prob.nii.gz"]
     assert results[0].timings["write"] > 0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,6 +122,40 @@ def patched_pixdim(value: float, gz: bool) -> Callable[[Path], Path]:
     return make
 
 
+def nifti2_pixdim(value: float, gz: bool) -> Callable[[Path], Path]:
+    """Write a NIfTI-2 scan byte by byte, without qform or sform (codes 0), whose first voxel size is value."""
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        data = good_image()
+        header = nib.Nifti2Header()
+        header.set_data_dtype(np.float32)
+        header.set_data_shape(data.shape)
+        header["pixdim"][1:4] = (value, 1.25, 1.25)
+        header["vox_offset"] = header.single_vox_offset
+        raw = header.binaryblock + b"\0" * 4 + data.astype("<f4").tobytes(order="F")
+        assert struct.unpack_from("<i", raw, 0)[0] == 540  # little-endian NIfTI-2
+        assert struct.unpack_from("<h", raw, 252)[0] == 0 and struct.unpack_from("<h", raw, 254)[0] == 0  # codes
+        path = folder / ("scan.nii.gz" if gz else "scan.nii")
+        path.write_bytes(gzip.compress(raw) if gz else raw)
+        return path
+
+    return make
+
+
+def float64_beyond_float32(folder: Path) -> Path:
+    data = good_image().astype(np.float64)
+    data[3, 4, 5] = 1e300
+    data[4, 5, 6] = -4e38
+    return write(data, folder / "scan.nii.gz")
+
+
+def float64_with_nan(folder: Path) -> Path:
+    data = good_image().astype(np.float64)
+    data[3, 4, 5] = np.nan
+    return write(data, folder / "scan.nii.gz")
+
+
 BAD_SCANS = {
     "not_nifti": (not_nifti, "not a readable NIfTI"),
     "plain_text": (plain_text, "not a readable NIfTI"),
@@ -132,6 +169,12 @@ BAD_SCANS = {
     "constant": (constant, "constant"),
     "zero_spacing": (patched_pixdim(0.0, gz=True), "spacing"),
     "negative_spacing": (patched_pixdim(-1.25, gz=False), "spacing"),
+    "nifti2_zero_spacing": (nifti2_pixdim(0.0, gz=True), "voxel spacing in the header must be positive"),
+    "nifti2_negative_spacing": (nifti2_pixdim(-1.25, gz=False), "voxel spacing in the header must be positive"),
+    "nifti2_nan_spacing": (nifti2_pixdim(float("nan"), gz=False), "voxel spacing in the header must be positive"),
+    "nifti2_inf_spacing": (nifti2_pixdim(float("inf"), gz=True), "voxel spacing in the header must be positive"),
+    "float64_beyond_float32": (float64_beyond_float32, "beyond the float32 range"),
+    "float64_nan": (float64_with_nan, "NaN"),
 }
 
 
@@ -141,11 +184,11 @@ def test_bad_scan(tmp_path: Path, single_model: Path, run_cli, case: str) -> Non
     scan = make(tmp_path / "in")
     out = tmp_path / "out"
     result = run_cli(infer_app, scan, "-o", out, "--model", single_model, "--threads", 1)
-    assert_one_line_error(result, fragment, "scan")
+    assert_one_line_error(result, fragment, scan.name)
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("case", ["nan", "not_nifti", "zero_spacing"])
+@pytest.mark.parametrize("case", ["nan", "not_nifti", "zero_spacing", "nifti2_zero_spacing"])
 def test_bad_scan_through_the_console_script(tmp_path: Path, single_model: Path, case: str) -> None:
     """The real entry point: the message is one line on stderr (no library warnings), with no traceback."""
     script = Path(sys.executable).with_name("heartseg-infer")
@@ -327,3 +370,177 @@ def test_eval_unreadable_prediction(tmp_path: Path, run_cli) -> None:
     gt = write(np.zeros((24, 24, 24), np.uint8), tmp_path / "gt" / "scan.nii.gz")
     result = run_cli(eval_app, pred, gt)
     assert_one_line_error(result, "truncated or corrupt")
+
+
+def test_beyond_float32_is_not_called_nan() -> None:
+    from heartseg.runtime.errors import InputError
+    from heartseg.runtime.image import volume_from_array
+
+    data = good_image().astype(np.float64)
+    data[1, 2, 3] = 1e39
+    with pytest.raises(InputError) as caught:
+        volume_from_array(data, default_affine(), "big.nii.gz")
+    message = str(caught.value)
+    assert "big.nii.gz" in message and "float32 range" in message and "1e+39" in message, message
+    assert "NaN" not in message and "infinite" not in message, message
+
+
+# --- inputs that are not regular files ----------------------------------------------------------
+
+HANG_TIMEOUT_S = 60
+MEMORY_LIMIT_BYTES = 4 << 30
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
+
+
+def run_console(*args) -> subprocess.CompletedProcess:
+    """heartseg-infer as a process with a time and memory limit, so that an input it blocks on fails the test."""
+    script = Path(sys.executable).with_name("heartseg-infer")
+    if not script.exists():
+        pytest.skip(f"{script} is not installed (pip install -e .)")
+    command = [str(script), *(str(a) for a in args)]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
+                              preexec_fn=_limit_memory, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(command)} still ran after {HANG_TIMEOUT_S} s: it blocked on its input")
+
+
+def assert_console_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stdout + proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def make_fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def make_socket(path: Path) -> Path:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+    return path
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.nii", "scan.NII.GZ", "scan.nrrd", "scan.mha", "scan.zip"])
+def test_fifo_as_scan_is_refused_at_once(tmp_path: Path, single_model: Path, name: str) -> None:
+    scan = make_fifo(tmp_path / name)
+    out = tmp_path / "out"
+    proc = run_console(scan, "-o", out, "--model", single_model, "--threads", 1)
+    assert_console_error(proc, str(scan), "not a regular file")
+    assert_nothing_written(out)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_fifo_as_label_is_named_as_such(tmp_path: Path, single_model: Path) -> None:
+    scan, _ = make_scan(tmp_path / "scan.nii.gz")
+    label = make_fifo(tmp_path / "label.nii.gz")
+    out = tmp_path / "out"
+    proc = run_console(scan, "--label", label, "-o", out, "--model", single_model, "--threads", 1)
+    assert_console_error(proc, str(label), "not a regular file")
+    assert_nothing_written(out)
+
+
+def test_socket_as_scan_is_refused(tmp_path: Path, single_model: Path) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="hs", dir="/tmp"))  # a socket path must be short
+    try:
+        scan = make_socket(folder / "s.nii.gz")
+        out = tmp_path / "out"
+        proc = run_console(scan, "-o", out, "--model", single_model, "--threads", 1)
+        assert_console_error(proc, str(scan), "not a regular file")
+        assert_nothing_written(out)
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_device_as_scan_is_refused(tmp_path: Path, single_model: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_console("/dev/zero", "-o", out, "--model", single_model, "--threads", 1)
+    assert_console_error(proc, "/dev/zero", "not a regular file")
+    assert_nothing_written(out)
+
+
+def test_fifo_inside_a_folder_is_not_listed(tmp_path: Path, single_model: Path) -> None:
+    make_scan(tmp_path / "in" / "a.nii.gz")
+    make_fifo(tmp_path / "in" / "b.nii.gz")
+    out = tmp_path / "out"
+    proc = run_console(tmp_path / "in", "-o", out, "--model", single_model, "--threads", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["a_mask.nii.gz"]
+
+
+def test_load_volume_refuses_a_fifo_without_opening_it(tmp_path: Path) -> None:
+    from heartseg.runtime.errors import InputError
+    from heartseg.runtime.image import load_volume
+
+    def hung(signum, frame):
+        raise TimeoutError(f"load_volume still ran after {HANG_TIMEOUT_S} s: it blocked on the pipe")
+
+    scan = make_fifo(tmp_path / "scan.nii.gz")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(HANG_TIMEOUT_S)
+    try:
+        with pytest.raises(InputError, match="not a regular file"):
+            load_volume(scan)  # opening it would block until a writer came
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --- scan lists ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_scan_list_from_an_endless_device(tmp_path: Path, single_model: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_console("--scan-list", "/dev/zero", "-o", out, "--model", single_model)
+    assert_console_error(proc, "--scan-list /dev/zero", "not a regular file")
+    assert_nothing_written(out)
+
+
+def test_scan_list_from_a_fifo(tmp_path: Path, single_model: Path) -> None:
+    listing = make_fifo(tmp_path / "scans.txt")
+    out = tmp_path / "out"
+    proc = run_console("--scan-list", listing, "-o", out, "--model", single_model)
+    assert_console_error(proc, str(listing), "not a regular file")
+    assert_nothing_written(out)
+
+
+def test_scan_list_larger_than_the_cap(tmp_path: Path, single_model: Path) -> None:
+    from heartseg.runtime.cohort import MAX_SCAN_LIST_BYTES
+
+    listing = tmp_path / "scans.txt"
+    with open(listing, "wb") as handle:
+        handle.truncate(MAX_SCAN_LIST_BYTES + 1)  # sparse: costs no disk
+    out = tmp_path / "out"
+    proc = run_console("--scan-list", listing, "-o", out, "--model", single_model)
+    assert_console_error(proc, str(listing), f"larger than {MAX_SCAN_LIST_BYTES >> 20} MiB")
+    assert_nothing_written(out)
+
+
+def test_scan_list_with_too_many_lines(tmp_path: Path, single_model: Path, run_cli) -> None:
+    from heartseg.runtime.cohort import MAX_SCAN_LIST_BYTES, MAX_SCAN_LIST_LINES
+
+    listing = tmp_path / "scans.txt"
+    listing.write_text("#\n" * (MAX_SCAN_LIST_LINES + 1))
+    assert listing.stat().st_size <= MAX_SCAN_LIST_BYTES
+    out = tmp_path / "out"
+    result = run_cli(infer_app, "--scan-list", listing, "-o", out, "--model", single_model)
+    assert_one_line_error(result, str(listing), f"more than {MAX_SCAN_LIST_LINES} lines")
+    assert_nothing_written(out)
+
+
+def test_scan_list_that_is_a_folder(tmp_path: Path, single_model: Path, run_cli) -> None:
+    result = run_cli(infer_app, "--scan-list", tmp_path, "-o", tmp_path / "out", "--model", single_model)
+    assert_one_line_error(result, str(tmp_path), "a folder")

@@ -83,7 +83,7 @@ def test_ray_missing_exits_2(tmp_path: Path, cohort: Path, single_model: Path, r
                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     result = run_cli(app, cohort, "-o", tmp_path / "out", "--model", single_model, "--ray", "auto")
-    assert_one_line_error(result, "pip install 'heartseg[ray]'")
+    assert_one_line_error(result, "pip install ray, or pip install -e '.[ray]'")
     assert not (tmp_path / "out").exists()
 
 

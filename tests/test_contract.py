@@ -249,3 +249,221 @@ def test_a_stage_context_round_trips_and_a_format_5_stage_reads_as_padded() -> N
     assert ModelContract.from_dict(old).stages[0].context == "pad"
     with pytest.raises(ContractError, match="context"):
         StageContract("fine", (1.25, 1.25, 1.25), (64, 64, 64), context="mirror")
+
+
+# --- the model digest: a model whose graph or contract changed after export is refused when it opens ------
+
+DIGEST_KEY = "heartseg.model_digest"
+
+
+def expected_digest(proto) -> str:
+    """The model digest by its definition, computed with onnx from a file onnx wrote (fields in number order):
+    SHA-256 of the ModelProto without metadata_props, followed by the contract's JSON."""
+    import hashlib
+
+    bare = type(proto)()
+    bare.CopyFrom(proto)
+    del bare.metadata_props[:]
+    contract = {p.key: p.value for p in proto.metadata_props}["heartseg.contract"]
+    return hashlib.sha256(bare.SerializeToString() + contract.encode("utf-8")).hexdigest()
+
+
+def _edit_proto(path: Path, edit) -> Path:
+    """Load the model file with onnx, let edit change the ModelProto in place, and save it back."""
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(path))
+    edit(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _flip_sign(name: str):
+    """An edit that negates one initializer, leaving the metadata (the recorded digest too) as it was."""
+    from onnx import numpy_helper
+
+    def edit(proto) -> None:
+        (index,) = [i for i, init in enumerate(proto.graph.initializer) if init.name == name]
+        flipped = -numpy_helper.to_array(proto.graph.initializer[index])
+        proto.graph.initializer[index].CopyFrom(numpy_helper.from_array(flipped, name))
+
+    return edit
+
+
+def _drop_metadata(key: str):
+    def edit(proto) -> None:
+        kept = [(p.key, p.value) for p in proto.metadata_props if p.key != key]
+        del proto.metadata_props[:]
+        for k, v in kept:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+
+    return edit
+
+
+def test_a_model_whose_weights_changed_after_export_is_refused(tmp_path: Path, run_cli) -> None:
+    model = build_test_model(tmp_path / "m.onnx", cascade=True, bias=-2.0)
+    scan, _ = make_scan(tmp_path / "scans" / "s.nii.gz")
+    assert run_cli(infer_app, scan, "-o", tmp_path / "before", "--model", model).exit_code == 0
+    _edit_proto(model, _flip_sign("fine_bias"))
+    with pytest.raises(ModelError, match="altered or damaged"):
+        read_contract(model)
+    out = tmp_path / "out"
+    result = run_cli(infer_app, scan, "-o", out, "--model", model)
+    assert_one_line_error(result, str(model), "altered or damaged")
+    assert_nothing_written(out)
+    assert_one_line_error(run_cli(infer_app, "--model", model, "--info"), str(model), "altered or damaged")
+
+
+def test_a_damaged_byte_in_the_weights_is_refused(tmp_path: Path) -> None:
+    """A single flipped bit in a stored weight (the file still loads in ONNX Runtime) is caught without onnx."""
+    import struct
+
+    model = build_test_model(tmp_path / "m.onnx", scale=1.75)
+    data = bytearray(model.read_bytes())
+    weight = struct.pack("<f", 1.75)
+    assert data.count(weight) == 1
+    data[data.index(weight) + 3] ^= 0x01  # a bit of the exponent: 1.75 becomes 0.4375
+    model.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="altered or damaged"):
+        read_contract(model)
+
+
+def _file_digest(model: Path) -> str:
+    from heartseg.runtime.model_digest import scan_model
+
+    onnx = pytest.importorskip("onnx")
+    contract = {p.key: p.value for p in onnx.load(str(model)).metadata_props}["heartseg.contract"]
+    return scan_model(model.read_bytes()).digest(contract)
+
+
+def test_the_digest_is_of_all_but_the_metadata_and_other_metadata_may_change(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    model = build_test_model(tmp_path / "m.onnx", cascade=True)
+    proto = onnx.load(str(model))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta[DIGEST_KEY] == expected_digest(proto)
+    assert _file_digest(model) == meta[DIGEST_KEY]
+
+    def annotate(proto) -> None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "site.note", "reviewed"
+
+    _edit_proto(model, annotate)
+    contract, meta = read_contract(model)
+    assert meta["site.note"] == "reviewed" and meta[DIGEST_KEY] == _file_digest(model)
+
+
+def test_a_model_without_a_digest_opens_with_a_warning(tmp_path: Path) -> None:
+    """Files exported before the digest was recorded still run, but say that their weights cannot be checked."""
+    from heartseg.runtime.model_digest import UnverifiedModelWarning
+
+    model = _edit_proto(build_test_model(tmp_path / "old.onnx"), _drop_metadata(DIGEST_KEY))
+    with pytest.warns(UnverifiedModelWarning, match="no weights digest"):
+        contract, meta = read_contract(model)
+    assert DIGEST_KEY not in meta and contract.final_stage.name == "single"
+
+
+@pytest.mark.parametrize("raw,problem", [
+    (b"", "no graph"),
+    (b"\x3a\x02ab\x3a\x01c", "more than one graph"),
+    (b"\x3a\x05ab", "ends inside"),
+    (b"\x08\xff", "ends inside"),
+    (b"\x0b", "wire type 3"),
+], ids=["empty", "two-graphs", "truncated-graph", "truncated-varint", "group"])
+def test_the_digest_reader_refuses_a_malformed_file(raw: bytes, problem: str) -> None:
+    from heartseg.runtime.model_digest import DigestError, scan_model
+
+    with pytest.raises(DigestError, match=problem):
+        scan_model(raw)
+
+
+def test_a_model_without_a_digest_is_one_warning_line_in_the_cli(tmp_path: Path) -> None:
+    """The CLI shows the missing digest as one 'warning:' line, not as Python's warning with file and line."""
+    import subprocess
+    import sys
+
+    model = _edit_proto(build_test_model(tmp_path / "old.onnx"), _drop_metadata(DIGEST_KEY))
+    scan, _ = make_scan(tmp_path / "in" / "s.nii.gz")
+    proc = subprocess.run([sys.executable, "-m", "heartseg.runtime.cli_infer", str(scan), "-o", str(tmp_path / "out"),
+                           "--model", str(model), "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 3), proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "no weights digest" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), proc.stderr
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
+    assert (tmp_path / "out" / "s_mask.nii.gz").is_file()
+
+
+def _bump_opset(proto) -> None:
+    proto.opset_import[0].version += 1
+
+
+def _add_function(proto) -> None:
+    from onnx import helper
+
+    proto.functions.append(helper.make_function("site.local", "Unused", ["x"], ["y"],
+                                                [helper.make_node("Identity", ["x"], ["y"])],
+                                                [helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("edit", [_bump_opset, _add_function], ids=["opset", "model-local-function"])
+def test_a_model_changed_outside_its_graph_after_export_is_refused(tmp_path: Path, edit) -> None:
+    """The operator sets and model-local functions decide what the graph computes: they are digested too."""
+    model = _edit_proto(build_test_model(tmp_path / "m.onnx"), edit)
+    with pytest.raises(ModelError, match="altered or damaged"):
+        read_contract(model)
+
+
+def test_a_model_whose_contract_changed_after_export_is_refused(tmp_path: Path) -> None:
+    """An edited threshold in the metadata would change every mask as surely as an edited weight."""
+
+    def lower_threshold(proto) -> None:
+        (entry,) = [p for p in proto.metadata_props if p.key == "heartseg.contract"]
+        contract = json.loads(entry.value)
+        contract["stages"][0]["threshold"] = 0.25
+        entry.value = json.dumps(contract)
+
+    model = _edit_proto(build_test_model(tmp_path / "m.onnx"), lower_threshold)
+    with pytest.raises(ModelError, match="altered or damaged"):
+        read_contract(model)
+
+
+def test_a_model_with_external_weights_is_refused_at_export_and_when_it_opens(tmp_path: Path, monkeypatch) -> None:
+    """Weights in a file beside the model are outside any digest of the model file: never written, never run."""
+    onnx = pytest.importorskip("onnx")
+    from heartseg.export.stamp import write_model
+    from heartseg.runtime.errors import HeartsegError
+
+    external = tmp_path / "external.onnx"
+    proto = onnx.load(str(build_test_model(tmp_path / "m.onnx")))
+    for tensor in proto.graph.initializer:  # raw bytes, the form onnx moves into external files
+        tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+    onnx.save(proto, str(external), save_as_external_data=True, location="external.weights", size_threshold=0)
+    assert (tmp_path / "external.weights").stat().st_size > 0
+    proto = onnx.load(str(external), load_external_data=False)
+    with pytest.raises(HeartsegError, match="external data"):
+        write_model(proto, tmp_path / "stamped.onnx")
+    assert not (tmp_path / "stamped.onnx").exists()
+    monkeypatch.chdir(tmp_path)  # where ONNX Runtime looks for the weights of a model given as bytes
+    with pytest.raises(ModelError, match="external data"):
+        read_contract(external)
+
+
+def test_a_session_keeps_the_file_sha256_and_runs_the_bytes_it_verified(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    import onnxruntime
+    from heartseg.runtime.session import OnnxSession
+
+    model = build_test_model(tmp_path / "m.onnx", cascade=True)
+    parsed = []
+    real = onnxruntime.InferenceSession
+
+    def recording(source, *args, **kwargs):
+        parsed.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    session = OnnxSession(model, device="cpu", threads=1)
+    assert session.file_sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
+    (source,) = parsed  # the file is parsed once, from the bytes that were hashed
+    assert isinstance(source, bytes) and hashlib.sha256(source).hexdigest() == session.file_sha256

@@ -435,6 +435,11 @@ def test_fp16_and_int8_variants_are_measured_on_held_out_cases(trained_run, tmp_
         assert report["within_tolerance"] == (report["dice_fp32"] - report["dice_variant"] <= 0.005)
         meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         assert meta["heartseg.variant"] == report["variant"]
+        # The file carries its own measurement, and the report the size of the file as finally written.
+        recorded = json.loads(meta["heartseg.variant_metrics"])
+        assert {k: recorded[k] for k in ("dice_fp32", "dice_variant", "cases")} == \
+            {k: report[k] for k in ("dice_fp32", "dice_variant", "cases")}
+        assert report["size_mb"] == path.stat().st_size / 1e6
         assert read_contract(path)[0] == read_contract(out)[0]
         assert report["variant"] in unwrapped(result.output)
     # The int8 file stores int8 weights: it must be markedly smaller than the fp32 one.
@@ -445,3 +450,86 @@ def test_variants_need_the_dataset(trained_run, tmp_path):
     out = tmp_path / "V.onnx"
     _assert_refused(_export(trained_run.model, out, "--int8"), ["--data"])
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every written file passes the full ONNX checker and records the digest of its own graph
+
+
+@pytest.fixture(scope="module")
+def fresh_variants(exported, tmp_path_factory) -> dict[str, Path]:
+    """fp16 and int8 variants of the exported tiny model (int8 calibrated on random patches)."""
+    from heartseg.export.variants import make_fp16, make_int8
+
+    folder = tmp_path_factory.mktemp("variants")
+    contract, _ = read_contract(exported)
+    rng = np.random.default_rng(0)
+    feeds = [{s.input_name: rng.standard_normal((1, 1, *s.patch_size)).astype(np.float32) for s in contract.stages}
+             for _ in range(2)]
+    return {"fp16": make_fp16(exported, folder / "M.fp16.onnx"),
+            "int8": make_int8(exported, folder / "M.int8.onnx", feeds)}
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8"])
+def test_export_and_its_variants_pass_the_full_onnx_checker(exported, fresh_variants, variant):
+    path = exported if variant == "fp32" else fresh_variants[variant]
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def test_export_and_its_variants_record_the_digest_of_their_own_graph(exported, fresh_variants):
+    from heartseg.runtime.model_digest import DIGEST_KEY
+    from test_contract import expected_digest
+
+    digests = []
+    for path in (exported, *fresh_variants.values()):
+        proto = onnx.load(str(path))
+        keys = [p.key for p in proto.metadata_props]
+        assert keys.count(DIGEST_KEY) == 1, keys
+        digests.append({p.key: p.value for p in proto.metadata_props}[DIGEST_KEY])
+        assert digests[-1] == expected_digest(proto)
+        assert OnnxSession(path, device="cpu", threads=1).contract == read_contract(exported)[0]
+    assert len(set(digests)) == 3  # each file its own digest, not that of the file it was converted from
+
+
+def test_an_export_whose_head_changed_afterwards_is_refused(exported, tmp_path):
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(exported))
+    (head,) = [t for t in proto.graph.initializer if t.name == "heads.1.network.head.bias"]
+    head.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(head), head.name))
+    altered = tmp_path / "altered.onnx"
+    onnx.save(proto, str(altered))
+    with pytest.raises(HeartsegError, match="altered or damaged"):
+        OnnxSession(altered, device="cpu", threads=1)
+
+
+def test_a_variant_records_its_accuracy_and_info_shows_it_first(fresh_variants, tmp_path, run_cli):
+    from heartseg.export.variants import VariantReport, record_metrics
+    from heartseg.runtime.cli_infer import app as infer_app
+
+    path = tmp_path / "M.fp16.onnx"
+    path.write_bytes(fresh_variants["fp16"].read_bytes())
+    report = record_metrics(VariantReport("fp16", str(path), 0.0, ["syn_000", "syn_005"], 0.91, 0.9075, -0.0025,
+                                          True))
+    assert report.size_mb == path.stat().st_size / 1e6
+    result = run_cli(infer_app, "--info", "--model", path)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"model: {path}" and lines[1].startswith("variant: fp16"), lines[:3]
+    assert lines[2] == "held-out Dice 0.9075 on 2 cases (fp32 0.9100, change -0.0025: within the 0.005 allowed)"
+    assert lines[3].startswith("weights: SHA-256 ")
+
+
+def test_recording_a_variants_accuracy_does_not_check_the_model_again(fresh_variants, tmp_path, monkeypatch):
+    """The variant was checked in full when it was made; recording its accuracy changes only its metadata."""
+    from heartseg.export.variants import VariantReport, record_metrics
+
+    path = tmp_path / "M.int8.onnx"
+    path.write_bytes(fresh_variants["int8"].read_bytes())
+    checks = []
+    monkeypatch.setattr(onnx.checker, "check_model", lambda *args, **kwargs: checks.append(args))
+    record_metrics(VariantReport("int8", str(path), 0.0, ["syn_000"], 0.91, 0.905, -0.005, True))
+    assert not checks
+    monkeypatch.undo()
+    onnx.checker.check_model(str(path), full_check=True)
+    assert OnnxSession(path, device="cpu", threads=1).contract == read_contract(fresh_variants["int8"])[0]

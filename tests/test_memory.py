@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -169,3 +170,172 @@ def test_segmenter_plans_with_its_tta(single_model: Path) -> None:
     gap = plain.plan(geometry).max_network_voxels - tta.plan(geometry).max_network_voxels
     expected = geometry.voxels * TTA_HELD_BYTES / plain.contract.bytes_per_voxel
     assert 0.9 * expected < gap < 1.1 * expected  # the process's resident memory moves a little between plans
+
+
+# Scans in the other formats declare 700^3 voxels at 0.5 mm: a plausible field of view (350 mm), but far more than
+# 4000 MB to segment. Each file holds 300 MB of compressed zeros (about 1.5 MB on disk): far less than it declares,
+# and enough that inflating them would show in the peak.
+HUGE_SIZES, HUGE_SPACING, HELD_ZEROS = (700, 700, 700), 0.5, 300_000_000
+
+
+def huge_nrrd(folder: Path, layout: str) -> Path:
+    """A gzip NRRD declaring HUGE_SIZES uint8 voxels, its data attached or in a detached file beside it."""
+    from scan_formats import compressed_zeros, nrrd_fields, write_nrrd_text
+
+    body = compressed_zeros(HELD_ZEROS)
+    fields = nrrd_fields(HUGE_SIZES, HUGE_SPACING, encoding="gzip")
+    if layout == "detached":
+        (folder / "huge.raw.gz").write_bytes(body)
+        return write_nrrd_text(folder / "huge.nhdr", {**fields, "data file": "huge.raw.gz"})
+    return write_nrrd_text(folder / "huge.nrrd", fields, body)
+
+
+def huge_mha(folder: Path, layout: str) -> Path:
+    """A compressed MetaImage declaring HUGE_SIZES MET_UCHAR voxels, its data LOCAL or in a detached file."""
+    from scan_formats import compressed_zeros, mha_fields, write_mha_text
+
+    body = compressed_zeros(HELD_ZEROS, "zlib")
+    fields = mha_fields(HUGE_SIZES, HUGE_SPACING, CompressedData="True", CompressedDataSize=str(len(body)))
+    if layout == "detached":
+        (folder / "huge.zraw").write_bytes(body)
+        return write_mha_text(folder / "huge.mhd", {**fields, "ElementDataFile": "huge.zraw"})
+    return write_mha_text(folder / "huge.mha", fields, body)
+
+
+@pytest.mark.parametrize("layout", ["attached", "detached"])
+@pytest.mark.parametrize("fmt", ["nrrd", "mha"])
+def test_compressed_nrrd_and_metaimage_are_refused_before_they_inflate(tmp_path: Path, fmt: str, layout: str) -> None:
+    pytest.importorskip({"nrrd": "nrrd", "mha": "SimpleITK"}[fmt])
+    scan = (huge_nrrd if fmt == "nrrd" else huge_mha)(tmp_path, layout)
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) < 3_000_000
+    rc, stderr, peak = run_measured("heartseg.runtime.cli_infer", scan, "-o", tmp_path / "out", "--model", SHIPPED,
+                                    "--memory-limit-mb", 4000)
+    assert_refused(rc, stderr, str(scan), "memory budget of 4000 MB")
+    assert peak < REFUSAL_PEAK_MB, f"{fmt} {layout}: peak RSS {peak:.0f} MB"
+
+
+def test_gzip_nrrd_inflating_past_its_header_is_refused_before_it_inflates(tmp_path: Path) -> None:
+    """The compressed data holds far more than the 10^3 voxels the header declares: inflation stops there."""
+    pytest.importorskip("nrrd")
+    from heartseg.runtime.errors import InputError
+    from heartseg.runtime.formats import discover_sources, read_scan
+    from scan_formats import compressed_zeros, nrrd_fields, write_nrrd_text
+
+    scan = write_nrrd_text(tmp_path / "bomb.nrrd", nrrd_fields((10, 10, 10), encoding="gzip"),
+                           compressed_zeros(100_000_000))
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="more than the 1000 bytes its header declares") as info:
+            read_scan(discover_sources([scan])[0])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(scan) in str(info.value)
+    assert peak < 20_000_000, f"traced peak {peak / 1e6:.0f} MB"
+
+
+def test_nrrd_line_skip_over_a_line_without_end_is_refused_before_it_is_held(tmp_path: Path) -> None:
+    """The lines a NRRD header skips in its data file are header lines: 20 MB without a line end is not one."""
+    pytest.importorskip("nrrd")
+    from heartseg.runtime.errors import InputError
+    from heartseg.runtime.formats import discover_sources, read_scan
+    from scan_formats import nrrd_fields, write_nrrd_text
+
+    sizes = (500, 400, 100)
+    (tmp_path / "s.raw").write_bytes(b"\x01" * int(np.prod(sizes)))
+    scan = write_nrrd_text(tmp_path / "s.nhdr", {**nrrd_fields(sizes), "data file": "s.raw", "line skip": "1"})
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="line skip") as info:
+            read_scan(discover_sources([scan])[0])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(scan) in str(info.value)
+    assert peak < 8_000_000, f"traced peak {peak / 1e6:.0f} MB"
+
+
+def _large_slices_zip(folder: Path, path: Path, side: int) -> Path:
+    """A zip of a two-slice series whose slices are side x side int16 pixels of zeros (its members streamed)."""
+    pydicom = pytest.importorskip("pydicom")
+    from scan_formats import dicom_bytes, pixel_data_header, write_dicom_series, zip_with_members
+
+    members = {}
+    for file in write_dicom_series(np.zeros((4, 4, 2), np.float32), np.diag([1.0, 1.0, 2.0, 1.0]), folder / "src"):
+        ds = pydicom.dcmread(str(file))
+        ds.Rows = ds.Columns = side
+        del ds.PixelData
+        members[file.name] = (dicom_bytes(ds) + pixel_data_header(side * side * 2), side * side * 2)
+        file.unlink()
+    return zip_with_members(folder / "src", path, members)
+
+
+def test_dicom_zip_is_listed_and_refused_from_its_headers(tmp_path: Path) -> None:
+    """Two 10000 x 10000 slices (400 MB of pixels in a 1 MB zip): the series is listed from the members' headers,
+    streamed, and refused from them (a 10 m field of view) before any pixel is read."""
+    scan = _large_slices_zip(tmp_path, tmp_path / "large.zip", 10_000)
+    assert scan.stat().st_size < 3_000_000
+    rc, stderr, peak = run_measured("heartseg.runtime.cli_infer", scan, "-o", tmp_path / "out", "--model", SHIPPED,
+                                    "--memory-limit-mb", 4000)
+    assert_refused(rc, stderr, str(scan), "field of view")
+    assert peak < REFUSAL_PEAK_MB, f"peak RSS {peak:.0f} MB"
+
+
+def test_dicom_zip_bomb_member_is_refused(tmp_path: Path) -> None:
+    """One slice of a small series inflates to 300 MB (trailing padding): refused from its size in the zip."""
+    pytest.importorskip("pydicom")
+    from scan_formats import dicom_trailing_padding, write_dicom_series, zip_with_members
+
+    image = np.random.default_rng(0).uniform(0, 200, (48, 48, 40)).astype(np.float32)
+    files = write_dicom_series(image, np.diag([1.25, 1.25, 1.37, 1.0]), tmp_path / "src")
+    bomb = files[7]
+    head = bomb.read_bytes() + dicom_trailing_padding(300_000_000)
+    bomb.unlink()
+    scan = zip_with_members(tmp_path / "src", tmp_path / "bomb.zip", {bomb.name: (head, 300_000_000)})
+    assert scan.stat().st_size < 3_000_000
+    rc, stderr, peak = run_measured("heartseg.runtime.cli_infer", scan, "-o", tmp_path / "out", "--model", SHIPPED,
+                                    "--memory-limit-mb", 4000)
+    assert_refused(rc, stderr, str(scan), bomb.name, "zip bomb")
+    assert peak < REFUSAL_PEAK_MB, f"peak RSS {peak:.0f} MB"
+
+
+def _segmenter_whose_network_grows(model: Path, monkeypatch: pytest.MonkeyPatch, growth: float):
+    """A Segmenter with a budget of 1.5 times what a small scan needs beside 100 MB in use, whose resident memory
+    (faked) grows by growth times that need during each scan; returns it, the scan and the fake memory."""
+    from heartseg.runtime import segmenter as segmenter_module
+    from heartseg.runtime.image import ScanGeometry, Volume
+
+    rss = {"now": 100 * 2**20}
+    monkeypatch.setattr(segmenter_module, "current_rss", lambda: rss["now"])
+    volume = Volume(np.random.default_rng(0).random((40, 48, 36), np.float32), np.diag([1.25, 1.25, 1.25, 1.0]))
+    probe = segmenter_module.Segmenter(model, device="cpu", threads=1, memory_limit_mb=10_000)
+    need = probe.plan(ScanGeometry(volume.shape, volume.affine), loaded=True).total_bytes
+    seg = segmenter_module.Segmenter(model, device="cpu", threads=1, memory_limit_mb=(rss["now"] + 1.5 * need) / 2**20)
+    real_infer = segmenter_module.infer_canonical
+
+    def infer_that_grows(*args, **kwargs):
+        rss["now"] += int(growth * need)
+        return real_infer(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter_module, "infer_canonical", infer_that_grows)
+    return seg, volume, rss, need
+
+
+def test_memory_a_scan_left_for_reuse_is_not_counted_again(single_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a folder run, the memory one scan leaves to ONNX Runtime's arena and the allocator is reused by the
+    next: the next scan's plan must not count it as in use on top of what it needs itself."""
+    seg, volume, rss, need = _segmenter_whose_network_grows(single_model, monkeypatch, 1.0)
+    seg.segment(volume)
+    assert rss["now"] == 100 * 2**20 + need
+    seg.segment(volume)  # refused before: 'needs about ... beside the ... MB in use'
+
+
+def test_memory_growth_beyond_a_scan_counts_as_in_use(single_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a scan's pipeline may keep for reuse is at most what it was allowed to use: more growth (a caller's
+    arrays, a leak) is memory in use, and a scan that does not fit beside it is refused."""
+    from heartseg.runtime.errors import InputError
+
+    seg, volume, _, _ = _segmenter_whose_network_grows(single_model, monkeypatch, 10.0)
+    seg.segment(volume)
+    with pytest.raises(InputError, match="memory budget"):
+        seg.segment(volume)

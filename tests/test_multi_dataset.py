@@ -19,6 +19,7 @@ from heartseg.runtime.plausibility import interior_rank, learn_plausibility, mas
 from heartseg.train.augment import AugmentConfig
 from heartseg.train.cache import PreparedCase
 from heartseg.train.cli import app
+from heartseg.train.lineage import trained_cases
 from heartseg.train.sampler import PatchSampler, SamplerConfig, WorkerBatches, sampler_reach
 from heartseg.train.unet import UNetConfig, build_unet
 from heartseg.runtime.contract import StageContract
@@ -218,6 +219,27 @@ def test_init_from_one_stages_best_checkpoint_starts_that_stage_only(two_run, tw
     source_coarse = torch.load(run / "model.pt", map_location="cpu", weights_only=True)["networks"]["coarse"]["state_dict"]
     coarse = torch.load(tuned / "fold_0" / "coarse" / "best.pt", map_location="cpu", weights_only=True)["model"]
     assert not torch.allclose(_first_conv(coarse), _first_conv(source_coarse), atol=1e-3)
+
+
+def test_init_from_one_stages_last_checkpoint_starts_that_stage_only(two_run, two_sequences, tmp_path):
+    run, _ = two_run
+    last = run / "fold_0" / "fine" / "last.pt"
+    tuned = tmp_path / "tuned"
+    result = CliRunner().invoke(app, [str(two_sequences[1]), "-o", str(tuned), "--init-from", str(last),
+                                      *_tiny_args("2"), "--lr", "1e-12"])
+    assert result.exit_code in (0, 1), f"{result.output}\n{result.exception!r}"
+    before = torch.load(last, map_location="cpu", weights_only=True)["model"]
+    after = torch.load(tuned / "fold_0" / "fine" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    for key, value in before.items():
+        if key.endswith(".weight") and value.dim() == 5:
+            assert torch.allclose(after[key], value, atol=1e-6), key
+    source_coarse = _stage_weights(run / "model.pt", "coarse")
+    coarse = torch.load(tuned / "fold_0" / "coarse" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    assert not torch.allclose(_first_conv(coarse), _first_conv(source_coarse), atol=1e-3)
+    # Its run's split says which cases trained it, as for a best.pt.
+    lineage = trained_cases(last)
+    assert lineage.untraced == []
+    assert lineage.trained == set(json.loads((run / "splits.json").read_text())["folds"][0]["train"])
 
 
 def _stage_weights(path: Path, stage: str) -> dict:

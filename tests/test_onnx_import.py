@@ -18,7 +18,7 @@ from conftest import TINY_TRAIN_ARGS, unwrapped, with_options  # noqa: E402
 from heartseg.export.cli import app as export_app  # noqa: E402
 from heartseg.runtime.errors import HeartsegError  # noqa: E402
 from heartseg.train import onnx_import  # noqa: E402
-from heartseg.train.checkpoint import read_model_checkpoint  # noqa: E402
+from heartseg.train.model_files import read_model  # noqa: E402
 from heartseg.train.cli import app  # noqa: E402
 from heartseg.train.unet import build_unet  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
@@ -49,8 +49,8 @@ def _from_file(trained_run, exported, out, args: list[str]):
 
 
 def test_the_file_reads_back_as_its_checkpoint(trained_run, exported):
-    original = read_model_checkpoint(trained_run.model)
-    imported = read_model_checkpoint(exported)
+    original = read_model(trained_run.model)
+    imported = read_model(exported)
     assert imported.path == exported and imported.kind == "exported"
     assert [s.name for s in imported.contract.stages] == [s.name for s in original.contract.stages]
     assert imported.contract.info == original.contract.info
@@ -64,8 +64,8 @@ def test_the_file_reads_back_as_its_checkpoint(trained_run, exported):
 
 
 def test_a_folded_batchnorm_stage_computes_what_it_computed_before_export(trained_run, exported):
-    (original,) = read_model_checkpoint(trained_run.model).networks["coarse"]
-    (imported,) = read_model_checkpoint(exported).networks["coarse"]
+    (original,) = read_model(trained_run.model).networks["coarse"]
+    (imported,) = read_model(exported).networks["coarse"]
     assert original.unet.norm == "batch"
     nets = []
     for weights in (original, imported):
@@ -94,7 +94,7 @@ def test_a_wrong_reading_of_the_weights_is_refused(exported, monkeypatch):
 
     monkeypatch.setattr(onnx_import, "_conv_nodes", swapped)
     with pytest.raises(HeartsegError, match="do not reproduce the file's output"):
-        read_model_checkpoint(exported)
+        read_model(exported)
 
 
 def test_a_run_started_from_the_file_scores_as_the_model_it_was_exported_from(trained_run, exported, tmp_path):
@@ -106,7 +106,7 @@ def test_a_run_started_from_the_file_scores_as_the_model_it_was_exported_from(tr
     assert ours["val_cases"] == theirs["val_cases"]
     assert ours["calibration"]["fine"]["threshold"] == theirs["calibration"]["fine"]["threshold"]
     assert ours["mean"]["dice"] == pytest.approx(theirs["mean"]["dice"], abs=1e-3)
-    assert read_model_checkpoint(out / "model.pt").contract.info["init_from"] == str(exported.resolve())
+    assert read_model(out / "model.pt").contract.info["init_from"] == str(exported.resolve())
 
 
 def test_fine_tuning_from_the_file_trains_and_warns_before_training_its_folded_batchnorm(trained_run, exported,
@@ -115,8 +115,8 @@ def test_fine_tuning_from_the_file_trains_and_warns_before_training_its_folded_b
     kept = _from_file(trained_run, exported, tmp_path / "kept", TUNE_ARGS)
     assert kept.exit_code == 0, f"{kept.output}\n{kept.exception!r}"
     assert "BatchNorm" not in unwrapped(kept.output)
-    before = read_model_checkpoint(exported).networks["fine"][0].state_dict
-    after = read_model_checkpoint(tmp_path / "kept" / "model.pt").networks["fine"][0].state_dict
+    before = read_model(exported).networks["fine"][0].state_dict
+    after = read_model(tmp_path / "kept" / "model.pt").networks["fine"][0].state_dict
     assert any(not torch.equal(before[key], after[key]) for key in before)
 
     trained = _from_file(trained_run, exported, tmp_path / "trained", TINY_TRAIN_ARGS)
@@ -138,7 +138,7 @@ def test_a_rounded_variant_is_refused_with_a_message(trained_run, tmp_path):
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     for variant in ("fp16", "int8"):
         with pytest.raises(HeartsegError, match=f"a {variant} variant, whose weights are rounded"):
-            read_model_checkpoint(tmp_path / f"M.{variant}.onnx")
+            read_model(tmp_path / f"M.{variant}.onnx")
 
 
 def test_a_file_without_the_networks_description_is_refused_with_a_message(cascade_model, no_contract_model,
@@ -180,5 +180,5 @@ def test_a_patch_differing_from_the_starting_weights_is_named_only_for_a_stage_t
 def test_a_single_stage_run_takes_its_stage_from_a_two_stage_file(trained_run, exported, tmp_path):
     result = _from_file(trained_run, exported, tmp_path / "fine", [*TUNE_ARGS, "--stage", "fine"])
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
-    tuned = read_model_checkpoint(tmp_path / "fine" / "model.pt")
+    tuned = read_model(tmp_path / "fine" / "model.pt")
     assert [s.name for s in tuned.contract.stages] == ["fine"]

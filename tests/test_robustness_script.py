@@ -61,15 +61,8 @@ def test_script_runs_on_a_tiny_model(tmp_path):
     scan, label = make_scan(tmp_path / "c1.nii.gz")
     (root / "imagesTr" / "c1.nii.gz").write_bytes(scan.read_bytes())
     (root / "labelsTr" / "c1.nii.gz").write_bytes(label.read_bytes())
-    model = build_test_model(tmp_path / "m.onnx")
-    import onnx
-
-    proto = onnx.load(str(model))
-    meta = {p.key: p for p in proto.metadata_props}
-    contract = json.loads(meta["heartseg.contract"].value)
-    contract.setdefault("info", {})["val_cases"] = "c1"
-    meta["heartseg.contract"].value = json.dumps(contract)
-    onnx.save(proto, str(model))
+    model = build_test_model(tmp_path / "m.onnx",
+                             edit_contract=lambda contract: contract.setdefault("info", {}).update(val_cases="c1"))
     out = tmp_path / "r.json"
     assert robustness.main(["--model", str(model), "--data", str(root), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

@@ -83,3 +83,99 @@ def test_infer_without_model_option_uses_the_shipped_model(data_dir, tmp_path):
     reference = np.asarray(nib.load(data_dir / "labelsTr" / "la_011.nii.gz").dataobj) > 0
     overlap = np.logical_and(np.asarray(mask.dataobj) > 0, reference).sum()
     assert overlap > 0.8 * reference.sum()
+
+
+# --- every shipped file: the full ONNX checker, its recorded weights digest, and --model/--info by name -----
+
+MODELS = REPO / "models"
+SHIPPED = sorted(p.name for p in MODELS.glob("*.onnx"))
+SHIPPED_NAMES = ("fp32", "fp16", "int8", "ensemble")
+
+
+def test_every_shipped_model_is_listed_by_name():
+    from heartseg.runtime.segmenter import VARIANTS
+
+    assert sorted(VARIANTS) == sorted(SHIPPED_NAMES) and sorted(VARIANTS.values()) == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_passes_the_full_onnx_checker(name):
+    onnx = pytest.importorskip("onnx")
+    onnx.checker.check_model(str(MODELS / name), full_check=True)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_records_the_digest_of_its_own_graph_and_contract(name):
+    import warnings
+
+    from heartseg.runtime.model_digest import DIGEST_KEY
+    from test_contract import expected_digest
+
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(MODELS / name))
+    keys = [p.key for p in proto.metadata_props]
+    assert keys.count(DIGEST_KEY) == 1 and len(keys) == len(set(keys)), keys
+    recorded = {p.key: p.value for p in proto.metadata_props}[DIGEST_KEY]
+    assert recorded == expected_digest(proto)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a verified file opens without the unverified-weights warning
+        read_contract(MODELS / name)
+
+
+def test_shipped_model_with_a_flipped_head_weight_is_refused(tmp_path):
+    """The fine stage's output layer negated after export would move the volume and still read as ok: refused."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(default_model_path()))
+    (head,) = [t for t in proto.graph.initializer if t.name == "heads.1.network.head.weight"]
+    head.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(head), head.name))
+    altered = tmp_path / "altered.onnx"
+    onnx.save(proto, str(altered))
+    result = subprocess.run([sys.executable, "-m", "heartseg.runtime.cli_infer", str(EXAMPLE), "-o",
+                             str(tmp_path / "out"), "--model", str(altered), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and "altered or damaged" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _infer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "heartseg.runtime.cli_infer", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_an_unknown_model_name_lists_the_shipped_ones(tmp_path):
+    for args in (["--model", "int4", "--info"], ["--model", "int4", str(EXAMPLE), "-o", str(tmp_path / "out")]):
+        result = _infer(*args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "int4" in lines[0], result.stderr
+        assert all(name in lines[0] for name in SHIPPED_NAMES), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("variant", ["fp16", "int8"])
+def test_info_on_a_variant_starts_with_its_own_identity_and_accuracy(variant):
+    (report,) = [r for r in json.loads((MODELS / "heartseg-la.variants.json").read_text())
+                 if r["variant"] == variant]
+    result = _infer("--model", variant, "--info")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    head = "\n".join(lines[:lines.index(next(line for line in lines if line.startswith("kind:")))])
+    assert f"heartseg-la.{variant}.onnx" in head and f"variant: {variant}" in head, head
+    assert f"held-out Dice {report['dice_variant']:.4f}" in head, head
+    assert f"fp32 {report['dice_fp32']:.4f}" in head and f"{len(report['cases'])} cases" in head, head
+    assert "weights: SHA-256" in head, head
+
+
+@pytest.mark.parametrize("name,kind", [("fp32", "fp32"), ("ensemble", "ensemble of 3")])
+def test_info_on_a_full_precision_model_starts_with_its_own_accuracy(name, kind):
+    path = MODELS / ("heartseg-la.onnx" if name == "fp32" else f"heartseg-la.{name}.onnx")
+    cv = json.loads(read_contract(path)[1]["heartseg.cv_metrics"])
+    result = _infer("--model", name, "--info")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    head = "\n".join(lines[:lines.index(next(line for line in lines if line.startswith("kind:")))])
+    assert f"variant: {kind}" in head and f"held-out Dice {cv['mean']['dice']:.4f}" in head, head
+    assert f"{len(cv['val_cases'])} cases" in head, head

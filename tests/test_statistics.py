@@ -110,10 +110,11 @@ def test_vtk_mesh_reads_back(tmp_path: Path) -> None:
     mesh = surface_mesh(mask, affine)
     raw = write_mesh(mesh, tmp_path / "la.vtk", "vtk", "lps").read_bytes()
     head, _, rest = raw.partition(b"POINTS ")
-    assert b"SPACE=LPS" in head and b"DATASET POLYDATA" in head
+    assert b"SPACE=LPS" in head and b"DATASET UNSTRUCTURED_GRID" in head
     count = int(rest.split(b" ")[0])
     body = rest[rest.index(b"\n") + 1:]
     points = np.frombuffer(body, ">f4", count=3 * count).reshape(-1, 3)
     np.testing.assert_allclose(points, mesh.in_space("lps"), atol=1e-4)
     polygons = body[12 * count:]
-    assert polygons.startswith(f"\nPOLYGONS {len(mesh.faces)} {4 * len(mesh.faces)}\n".encode())
+    assert polygons.startswith(f"\nCELLS {len(mesh.faces)} {4 * len(mesh.faces)}\n".encode())
+    assert f"\nCELL_TYPES {len(mesh.faces)}\n".encode() in polygons  # each cell a triangle (VTK type 5)

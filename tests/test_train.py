@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
-from conftest import unwrapped
+from conftest import unwrapped, with_options
 from heartseg.runtime.errors import InputError
 from heartseg.runtime.metrics import degenerate_reason
 from heartseg.train.calibrate import (
@@ -481,3 +481,67 @@ def test_a_case_flagged_at_every_threshold_does_not_block_calibration():
     assert all("case 3: empty" in text for text in cal.flags.values()) and len(cal.flags) == len(cal.thresholds)
     with pytest.raises(CalibrationError, match="2 or more of 4"):
         calibrate_threshold(good[:2] + [failed, failed], _threshold_mask, _fraction_flag(0.2))
+
+
+def test_calibration_failure_names_the_cases_and_the_best_threshold_tried():
+    """The message shows the threshold that came closest and why each case's mask was refused there, by name."""
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[5:11, 5:11, 5:11] = 1
+    learned = np.where(label == 1, 0.99, 0.3).astype(np.float32)  # all foreground below 0.3, the label above
+    lost = np.full(label.shape, 0.001, np.float32)  # empty at every threshold
+    pairs = [(learned, label), (lost, label)]
+    with pytest.raises(CalibrationError) as info:
+        calibrate_threshold(pairs, _threshold_mask, _fraction_flag(0.5), names=["la_a", "la_b"])
+    message = str(info.value)
+    assert "best threshold tried, 0.3 " in message, message
+    assert "la_b (empty)" in message and "la_a" not in message, message
+    assert "case " not in message, message
+
+
+def test_a_short_run_that_fails_calibration_keeps_its_networks_and_says_how_to_go_on(synthetic_data, tmp_path):
+    run = tmp_path / "short"
+    args = [str(synthetic_data), "--steps", "1", "--coarse-steps", "1", "--val-every", "1", *SMALL]
+    result = CliRunner().invoke(app, [*args[:1], "-o", str(run), *args[1:]])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    message = unwrapped(result.output[result.output.index("error:"):])
+    held_out = json.loads((run / "splits.json").read_text())["folds"][0]["val"]
+    assert all(case in message for case in held_out), message
+    assert "best threshold tried" in message and "--coarse-steps" in message, message
+    kept = [run / "fold_0" / stage / "best.pt" for stage in ("coarse", "fine")]
+    assert all(f"--init-from {path}" in message for path in kept), message
+    assert all(path.is_file() for path in kept) and not (run / "model.pt").exists()
+    # Following the advice: the same command, a new folder, more steps, from the kept networks.
+    longer = with_options(args, steps="60", coarse_steps="40", val_every="30")
+    go_on = [*longer[:1], "-o", str(tmp_path / "longer"), *longer[1:],
+             *[part for path in kept for part in ("--init-from", str(path))]]
+    result = CliRunner().invoke(app, go_on)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "longer" / "model.pt").is_file()
+
+
+def test_a_calibration_error_survives_pickling_with_its_advice_once():
+    """Errors cross process boundaries (distributed training, worker pools) pickled: they must come back the same."""
+    import pickle
+
+    error = CalibrationError("threshold calibration of stage 'fine' failed", "fine").with_advice("train longer")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is CalibrationError and str(copy) == str(error)
+    assert str(copy).count("train longer") == 1 and "the model was not written" not in str(copy)
+    assert (copy.diagnosis, copy.stage, copy.exit_code) == (error.diagnosis, "fine", 1)
+
+
+def test_calibration_advice_names_the_validated_networks_and_that_the_latest_ones_serve_too(tmp_path):
+    from heartseg.runtime.contract import ModelContract, StageContract
+    from heartseg.train.pipeline import _calibration_advice
+
+    contract = ModelContract(stages=[
+        StageContract(name, spacing, (16, 16, 16), input_name=f"{name}_image", prob_name=f"{name}_prob",
+                      mask_name=f"{name}_mask", role=role)
+        for name, spacing, role in (("coarse", (4.0,) * 3, "localiser"), ("fine", (1.25,) * 3, "segmenter"))])
+    advice = _calibration_advice(contract, tmp_path / "fold_0", "coarse")
+    assert "--coarse-steps" in advice, advice
+    for stage in ("coarse", "fine"):
+        assert f"--init-from {tmp_path / 'fold_0' / stage / 'best.pt'}" in advice, advice
+    assert "last.pt" in advice, advice

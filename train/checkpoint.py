@@ -85,6 +85,21 @@ def read_best(path: Path) -> dict[str, Any]:
     return data
 
 
+# One stage's training checkpoints in RUN/fold_K/STAGE/, read inside their run folder (which says their network).
+STAGE_CHECKPOINTS = ("best.pt", "last.pt")
+
+
+def is_stage_checkpoint(path: str | Path) -> bool:
+    """Whether a path names one stage's training checkpoint (best.pt or last.pt) rather than a model file."""
+    return Path(path).name in STAGE_CHECKPOINTS
+
+
+def read_stage_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a stage's best.pt (its best validation) or last.pt (its latest step), validated."""
+    path = Path(path)
+    return (read_last if path.name == "last.pt" else read_best)(path)["model"]
+
+
 @dataclass(frozen=True)
 class StageWeights:
     """One stage's network configuration and weights."""
@@ -141,13 +156,9 @@ def is_exported_file(path: str | Path) -> bool:
 
 
 def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
-    """Load model.pt safely and validate all of it: format, contract schema and thresholds, a network per stage;
-    an exported model file (.onnx) is read back through train.onnx_import."""
+    """Load model.pt safely and validate all of it: format, contract schema and thresholds, a network per stage
+    (an exported model file: train.model_files.read_model)."""
     path = Path(path)
-    if is_exported_file(path):
-        from .onnx_import import read_onnx_model
-
-        return read_onnx_model(path)
     data = load_safe(path)
     _require(data, ("format", "contract", "networks"), path, "checkpoint")
     if data["format"] != CHECKPOINT_FORMAT:

@@ -12,7 +12,8 @@ from heartseg.runtime.atomic import write_text_atomic
 from heartseg.runtime.errors import HeartsegError
 
 from .cache import cache_root, prepare_case
-from .checkpoint import ModelCheckpoint, StageWeights, model_checkpoint, read_model_checkpoint, save_atomic
+from .checkpoint import ModelCheckpoint, StageWeights, model_checkpoint, save_atomic
+from .model_files import read_model
 from .dataset import Case, DatasetInfo, dataset_info, image_hash, read_datasets
 from .evaluate import calibrate_and_evaluate, learned_plausibility, stage_network
 from .lineage import info_cases, members_lineage
@@ -73,7 +74,7 @@ def read_members(members: list[Path], what: str) -> list[ModelCheckpoint]:
         raise HeartsegError("a member model is given twice")
     if len(members) < 2:
         raise HeartsegError(f"{what} needs at least two member models")
-    checkpoints = [read_model_checkpoint(p) for p in members]
+    checkpoints = [read_model(p) for p in members]
     for checkpoint in checkpoints:
         if any(len(w) > 1 for w in checkpoint.networks.values()):
             raise HeartsegError(f"{checkpoint.path}: is an ensemble already; give its members")

@@ -86,11 +86,13 @@ def calibrate_and_evaluate(contract: ModelContract, networks: dict[str, nn.Modul
     networks = {name: net.to(device).to(memory_format=torch.channels_last_3d).eval() for name, net in networks.items()}
     predict: StagePredictFn = torch_predictor(networks, device, amp=False)
     calibrations: dict[str, Calibration] = {}
+    names = [c.case_id for c in val_cases]
     if contract.localiser is not None:
         localiser = contract.localiser
         pairs = validation_pairs(localiser, contract, val_cases, predict)
         calibrations[localiser.name] = calibrate_threshold(pairs, localiser_mask,
-                                                           lambda i, mask: degenerate_reason(mask, 0.5))
+                                                           lambda i, mask: degenerate_reason(mask, 0.5),
+                                                           names=names, stage=localiser.name)
         contract = contract.with_threshold(localiser.name, calibrations[localiser.name].threshold)
     final = contract.final_stage
     # The final threshold is calibrated on what the whole pipeline produces on held-out cases.
@@ -99,7 +101,7 @@ def calibrate_and_evaluate(contract: ModelContract, networks: dict[str, nn.Modul
     pairs = [(p, np.asarray(c.label)) for p, c in zip(probs, val_cases)]
     calibrations[final.name] = calibrate_threshold(
         pairs, lambda prob, t: mask_from_prob(prob, contract, t),
-        lambda i, mask: mask_flag(mask, val_cases[i].spacing, plausibility))
+        lambda i, mask: mask_flag(mask, val_cases[i].spacing, plausibility), names=names, stage=final.name)
     contract = contract.with_threshold(final.name, calibrations[final.name].threshold)
     per_case = {}
     for case, prob in zip(val_cases, probs):

@@ -13,7 +13,13 @@ from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.session import read_contract
 
-from .checkpoint import ModelCheckpoint, is_exported_file, read_best, read_model_checkpoint
+from .checkpoint import (
+    ModelCheckpoint,
+    is_exported_file,
+    is_stage_checkpoint,
+    read_stage_weights,
+)
+from .model_files import read_model
 
 
 @dataclass
@@ -36,15 +42,15 @@ def info_cases(info: dict, key: str) -> list[str]:
 
 
 def _run_init_from(best: Path) -> list[str]:
-    """The --init-from sources of the run that a RUN/fold_K/STAGE/best.pt belongs to."""
+    """The --init-from sources of the run that a RUN/fold_K/STAGE/best.pt (or last.pt) belongs to."""
     parents = json.loads((best.resolve().parents[2] / "config.json").read_text()).get("init_from") or []
     return [parents] if isinstance(parents, str) else parents
 
 
 def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None = None) -> Lineage:
     """The training cases of a model.pt (its contract's info; a checkpoint already read is not read again) or of a
-    RUN/fold_K/STAGE/best.pt (its run's splits.json), and of every --init-from source before it, as far as those
-    files can still be read."""
+    RUN/fold_K/STAGE/best.pt or last.pt (its run's splits.json), and of every --init-from source before it, as far
+    as those files can still be read."""
     lineage = lineage if lineage is not None else Lineage()
     checkpoint = source if isinstance(source, ModelCheckpoint) else None
     path = Path(checkpoint.path if checkpoint is not None else source)
@@ -53,7 +59,7 @@ def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None 
         return lineage
     lineage.visited.add(key)
     try:
-        if path.name == "best.pt":
+        if is_stage_checkpoint(path):
             run, fold = path.resolve().parents[2], path.resolve().parents[1].name
             index = int(fold.removeprefix("fold_"))
             splits = json.loads((run / "splits.json").read_text())["folds"]
@@ -73,7 +79,7 @@ def trained_cases(source: str | Path | ModelCheckpoint, lineage: Lineage | None 
 
 def _contract(path: Path) -> ModelContract:
     """A model.pt's or an exported file's contract; an exported file's networks are not read back for it."""
-    return read_contract(path)[0] if is_exported_file(path) else read_model_checkpoint(path).contract
+    return read_contract(path)[0] if is_exported_file(path) else read_model(path).contract
 
 
 def members_lineage(checkpoints: list[ModelCheckpoint], log: Callable[[str], None]) -> Lineage:
@@ -98,9 +104,9 @@ def weights_fingerprint(state: dict) -> str:
 
 def _stage_source(parents: list[str], stage: str) -> str | None:
     """The --init-from source a stage started from: the last one holding it (a model.pt holds every stage, a
-    RUN/fold_K/STAGE/best.pt only its own)."""
+    RUN/fold_K/STAGE/best.pt or last.pt only its own)."""
     for parent in reversed(parents):
-        if Path(parent).name != "best.pt" or Path(parent).parent.name == stage:
+        if not is_stage_checkpoint(parent) or Path(parent).parent.name == stage:
             return parent
     return None
 
@@ -119,11 +125,11 @@ def stage_origins(source: str | Path | ModelCheckpoint, stage: str) -> set[str]:
             break
         seen.add(key)
         try:
-            if path.name == "best.pt":
-                state = read_best(path)["model"]
+            if is_stage_checkpoint(path):
+                state = read_stage_weights(path)
                 parents = _run_init_from(path)
             else:
-                checkpoint = checkpoint or read_model_checkpoint(path)
+                checkpoint = checkpoint or read_model(path)
                 weights = checkpoint.networks.get(stage)
                 if not weights or len(weights) != 1:
                     break

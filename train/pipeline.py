@@ -18,7 +18,8 @@ from heartseg.runtime.errors import HeartsegError
 
 from .augment import AugmentConfig
 from .cache import PreparedCase, cache_root, fingerprint, prepare_case
-from .checkpoint import model_checkpoint, read_best, read_model_checkpoint, save_atomic
+from .calibrate import CalibrationError
+from .checkpoint import is_stage_checkpoint, model_checkpoint, read_stage_weights, save_atomic
 from .dataset import DatasetInfo, dataset_info, image_hash, read_datasets
 from .evaluate import (
     calibrate_and_evaluate,
@@ -28,6 +29,7 @@ from .evaluate import (
     summarize_dicts,
 )
 from .lineage import Lineage, trained_cases
+from .model_files import read_model
 from .onnx_import import folded_batchnorm
 from .options import FOLDS, SEED, STAGE_KIND, ConfigError, integer_at_least, one_of
 from .plan import STAGE_KINDS, PlanOptions, TrainPlan, fingerprint_dict, plan_stages
@@ -124,7 +126,7 @@ InitWeights = dict[str, tuple[str, UNetConfig, dict, StageContract]]
 
 def _model_weights(path: Path) -> InitWeights:
     """Every stage's (role, network, weights, stage contract) from a model.pt or an exported model file."""
-    source = read_model_checkpoint(path)
+    source = read_model(path)
     weights = {}
     for stage in source.contract.stages:
         members = source.networks[stage.name]
@@ -135,14 +137,14 @@ def _model_weights(path: Path) -> InitWeights:
     return weights
 
 
-def _best_weights(path: Path) -> InitWeights:
-    """One stage's (role, network, weights, stage contract) from RUN/fold_K/STAGE/best.pt; its run's config.json
-    and plan.json say which network it is."""
+def _stage_weights(path: Path) -> InitWeights:
+    """One stage's (role, network, weights, stage contract) from RUN/fold_K/STAGE/best.pt (or last.pt); its run's
+    config.json and plan.json say which network it is."""
     path = path.resolve()
     run = path.parents[2] if len(path.parents) > 2 else path.parent
     if not ((run / "config.json").is_file() and (run / "plan.json").is_file()):
-        raise HeartsegError(f"{path}: a best.pt is read inside its run folder (RUN/fold_K/STAGE/best.pt, with "
-                            f"RUN/config.json and RUN/plan.json)")
+        raise HeartsegError(f"{path}: a {path.name} is read inside its run folder (RUN/fold_K/STAGE/{path.name}, "
+                            f"with RUN/config.json and RUN/plan.json)")
     config = RunConfig.load(run / "config.json")
     try:
         contract = ModelContract.from_dict(json.loads((run / "plan.json").read_text())["contract"])
@@ -151,7 +153,7 @@ def _best_weights(path: Path) -> InitWeights:
     stage = next((s for s in contract.stages if s.name == path.parent.name), None)
     if stage is None:
         raise HeartsegError(f"{path}: its run has no stage {path.parent.name!r}")
-    return {stage.name: (stage.role, _stage_configs(config, stage.role)[1], read_best(path)["model"], stage)}
+    return {stage.name: (stage.role, _stage_configs(config, stage.role)[1], read_stage_weights(path), stage)}
 
 
 def _grid(stage: StageContract, patch: bool) -> str:
@@ -292,8 +294,11 @@ class Run:
         if rank != 0:
             return {}
         networks = {name: stage_network([(o.unet, o.state_dict)]) for name, o in outcomes.items()}
-        evaluation = calibrate_and_evaluate(contract, networks, pick_device(self.config.fine.device), val_cases,
-                                            plausibility)
+        try:
+            evaluation = calibrate_and_evaluate(contract, networks, pick_device(self.config.fine.device), val_cases,
+                                                plausibility)
+        except CalibrationError as exc:
+            raise exc.with_advice(_calibration_advice(contract, fold_dir, exc.stage)) from None
         contract = evaluation.contract
         metrics = {
             "fold": fold.index, "train_cases": fold.train, "val_cases": fold.val,
@@ -323,8 +328,8 @@ class Run:
 
     def init_weights(self, contract: ModelContract) -> dict[str, dict]:
         """Per-stage weights of the --init-from sources (empty without one), a later source replacing the
-        stages it holds: each a model.pt or exported file (every stage) or one stage's best.pt. Warns where a
-        stage starts from weights made for another grid than this run's plan (the patch only if it trains)."""
+        stages it holds: each a model.pt or exported file (every stage) or one stage's best.pt or last.pt. Warns
+        where a stage starts from weights made for another grid than this run's plan (the patch only if it trains)."""
         sources = self._init_sources
         planned = {stage.name: stage for stage in contract.stages}
         for name, (role, unet, state, theirs) in sources.items():
@@ -348,7 +353,7 @@ class Run:
         weights: InitWeights = {}
         for source in self.config.init_from:
             path = Path(source)
-            found = _best_weights(path) if path.name == "best.pt" else _model_weights(path)
+            found = _stage_weights(path) if is_stage_checkpoint(path) else _model_weights(path)
             for name, (role, theirs, state, stage) in found.items():
                 train, ours = _stage_configs(self.config, role)
                 if role == SEGMENTER and can_widen(theirs, ours):  # --width sets the segmenter's network only
@@ -406,6 +411,16 @@ class Run:
                          f"heartseg-train --resume {self.dir} --recalibrate)")
         write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+
+def _calibration_advice(contract: ModelContract, fold_dir: Path, failed: str | None) -> str:
+    """What a run whose threshold calibration failed leaves, and how to train its networks longer from there."""
+    role = next((s.role for s in contract.stages if s.name == failed), SEGMENTER)
+    option = "--coarse-steps" if role == LOCALISER else "--steps"
+    sources = " ".join(f"--init-from {fold_dir / s.name / 'best.pt'}" for s in contract.stages)
+    return (f"the model was not written, the trained networks are kept: train them longer (more {option}) by running "
+            f"the same command with a new -o folder and {sources} (the networks calibrated, at their best validation; "
+            "each stage's last.pt, its latest step, serves too); or check the labels")
 
 
 def _count_by_dataset(cases, ids: list[str]) -> str:

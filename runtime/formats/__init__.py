@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import InputError
+from ..image import ScanGeometry, require_regular_file
 from .base import ScanImage, ScanSource, optional_import
 from .dicom import DicomReader, is_dicom_file
 from .dicom_seg import DicomSegWriter
@@ -19,7 +20,7 @@ from .nifti import NiftiReader, NiftiWriter
 from .nrrd import NrrdReader
 
 __all__ = ["READERS", "WRITERS", "ScanImage", "ScanSource", "discover_sources", "optional_import", "read_scan",
-           "scan_files", "scan_name", "writer"]
+           "scan_files", "scan_geometry", "scan_name", "writer"]
 
 # File readers first; the DICOM reader takes folders and zips, so it is asked last.
 FILE_READERS = (NiftiReader(), NrrdReader(), MetaImageReader())
@@ -74,6 +75,7 @@ def sources_of(item: Path, series: str | None = None) -> list[ScanSource]:
         if _holds_dicom(item):
             return DICOM_READER.sources(item, series)
         return []
+    require_regular_file(item)  # before any reader opens it: a named pipe would block, a device never end
     reader = _file_reader(item)
     if reader is not None:
         return reader.sources(item, None)
@@ -105,6 +107,13 @@ def read_scan(source: ScanSource) -> ScanImage:
     if reader is None:
         raise InputError(f"{source.path}: not a scan heartseg reads (expected {KNOWN})")
     return reader.read(source)
+
+
+def scan_geometry(source: ScanSource) -> ScanGeometry | None:
+    """What a scan's header says about its grid and voxel storage, before any voxel is read (its data checked
+    to be there); None for a format whose reader does not read its header apart."""
+    geometry = getattr(READERS.get(source.format), "geometry", None)
+    return geometry(source) if geometry is not None else None
 
 
 def writer(name: str):

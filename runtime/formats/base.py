@@ -13,17 +13,23 @@ import numpy as np
 from ..errors import InputError
 from ..image import Volume
 
-# Optional extra that provides each third-party module a format needs.
+# Optional extra of pyproject.toml that provides each third-party module, and the package that holds it.
 EXTRAS = {"pydicom": "dicom", "highdicom": "dicom", "nrrd": "nrrd", "SimpleITK": "itk", "skimage": "mesh"}
+PACKAGES = {"pydicom": "pydicom", "highdicom": "highdicom", "nrrd": "pynrrd", "SimpleITK": "SimpleITK",
+            "skimage": "scikit-image"}
 
 
 def optional_import(module: str, purpose: str) -> ModuleType:
-    """Import an optional dependency, or fail with the pip command that installs it (exit 2)."""
+    """Import an optional dependency, or fail with the pip commands that install it (exit 2)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        extra = EXTRAS.get(module, module)
-        raise InputError(f"{purpose} needs {module}: pip install \"heartseg[{extra}]\"") from None
+        top = module.split(".")[0]
+        package = PACKAGES.get(top, top)
+        hint = f"pip install {package}"
+        if top in EXTRAS:
+            hint += f", or heartseg's '{EXTRAS[top]}' extra: pip install -e '.[{EXTRAS[top]}]' in its source folder"
+        raise InputError(f"{purpose}: {package} is not installed ({hint})") from None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ import torch
 from heartseg.runtime.contract import ModelContract
 from heartseg.train.augment import AugmentConfig
 from heartseg.train.cache import PreparedCase
-from heartseg.train.checkpoint import read_last, read_model_checkpoint
+from heartseg.train.checkpoint import read_last
+from heartseg.train.model_files import read_model
 from heartseg.train.trainer import TrainConfig, train_stage
 from heartseg.train.unet import UNetConfig
 
@@ -77,7 +78,7 @@ def main() -> None:
                                   if v is not None})
     init = None
     if args.init_from:
-        init = read_model_checkpoint(args.init_from).networks[stage.name][0].state_dict
+        init = read_model(args.init_from).networks[stage.name][0].state_dict
     base = TrainConfig(steps=args.probe_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, amp=args.device == "cuda",
                        workers=args.workers)
