@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from heartseg.runtime.confidence import SILENT_BELOW, spearman
-from heartseg.runtime.image import Volume, load_mask, load_volume
+from heartseg.runtime.qc import SILENT_BELOW, spearman
+from heartseg.runtime.formats.nifti import load_mask, load_volume
+from heartseg.runtime.image import Volume
 from heartseg.runtime.metrics import dice_score
 from scipy import ndimage
 

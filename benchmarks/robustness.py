@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from heartseg.runtime.image import Volume, load_mask, load_volume, strip_nifti_suffix
+from heartseg.runtime.formats.nifti import load_mask, load_volume, strip_nifti_suffix
+from heartseg.runtime.image import Volume
 from heartseg.runtime.metrics import dice_score
 from heartseg.runtime.segmenter import Segmenter
 from scipy import ndimage

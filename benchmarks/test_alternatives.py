@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 from heartseg.runtime.bench import PeakMemory
-from heartseg.runtime.image import load_volume
+from heartseg.runtime.formats.nifti import load_volume
 from heartseg.runtime.inference import infer_canonical
 from heartseg.runtime.postprocess import binarize, largest_component
 from heartseg.runtime.preprocess import stage_grid, to_canonical

@@ -18,7 +18,7 @@ from heartseg.runtime.bench import (
     network_flops,
     sgemm_gflops_with_threads,
 )
-from heartseg.runtime.image import load_volume
+from heartseg.runtime.formats.nifti import load_volume
 from heartseg.runtime.segmenter import Segmenter
 
 pytestmark = pytest.mark.benchmark_suite

@@ -45,8 +45,7 @@ def _tiny_setup(folder: Path) -> tuple[Path, list[qclib.QCCase]]:
 
     if str(benchlib.TESTS_DIR) not in sys.path:
         sys.path.insert(0, str(benchlib.TESTS_DIR))
-    from heartseg.runtime.confidence import fit_score_calibration
-    from heartseg.runtime.plausibility import scans_plausibility
+    from heartseg.runtime.qc import fit_score_calibration, scans_plausibility
     from onnx_models import TEST_MODEL_BIAS, build_test_model, make_scan
 
     cases = []

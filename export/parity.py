@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from heartseg.runtime.errors import HeartsegError
-from heartseg.runtime.image import load_volume
+from heartseg.runtime.formats.nifti import load_volume
 from heartseg.runtime.inference import infer_canonical, mask_from_prob
 from heartseg.runtime.preprocess import to_canonical
 from heartseg.runtime.session import OnnxSession

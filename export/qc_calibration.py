@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from heartseg.runtime.confidence import CALIBRATED_SCORES, ScoreCalibration
+from heartseg.runtime.qc.calibration import CALIBRATED_SCORES, ScoreCalibration
 from heartseg.runtime.contract import ContractError, check_score_calibration
 from heartseg.runtime.errors import HeartsegError
 

@@ -41,7 +41,7 @@ from rich.progress import (
 from .atomic import write_text_atomic
 from .errors import EXIT_FAILED, HeartsegError, HeartsegWarning, InputError
 from .formats import scan_files, scan_name
-from .image import is_nifti_path
+from .formats.nifti import is_nifti_path
 from .strict_json import json_ready
 
 EXIT_OK = 0

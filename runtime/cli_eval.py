@@ -31,14 +31,15 @@ from .cli_common import (
     warn,
     write_json,
 )
-from .confidence import SILENT_BELOW, spearman
 from .errors import InputError
 from .formats import scan_name
-from .image import load_label, same_grid, voxel_volume_mm3
+from .formats.nifti import load_label
+from .image import same_grid, voxel_volume_mm3
 from .memory import check_eval_budget
 from .outputs import check_outputs
-from .metrics import SegmentationMetrics, compute_metrics, degenerate_reason, summarize
+from .metrics import SegmentationMetrics, compute_metrics, summarize
 from .naming import find_label
+from .qc import SILENT_BELOW, mask_flag, spearman
 
 app = new_app()
 
@@ -96,7 +97,7 @@ def evaluate_pair(name: str, pred_path: Path, gt_path: Path, max_fraction: float
         raise InputError(f"prediction {pred_path} (shape {pred.shape}) and label {gt_path} (shape {gt.shape}) "
                          f"are not on the same grid: their {what} differ")
     metrics = compute_metrics(pred.data, gt.data, gt.spacing, voxel_volume_mm3(gt.affine))
-    return Case(name, pred_path, gt_path, metrics, degenerate_reason(pred.data, max_fraction))
+    return Case(name, pred_path, gt_path, metrics, mask_flag(pred.data, None, None, max_fraction))
 
 
 def check_label_value(value: float | None) -> None:

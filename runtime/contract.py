@@ -15,9 +15,9 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .confidence import SCORE_NAME, ScoreCalibration
 from .errors import ModelError
-from .plausibility import DEFAULT_INPUT_MARGIN, Plausibility
+from .qc.calibration import SCORE_NAME, ScoreCalibration
+from .qc.ranges import DEFAULT_INPUT_MARGIN, Plausibility
 
 # 1: a fixed largest foreground fraction; 2: plausibility learned from the training labels;
 # 3: an explicit role per stage; 4: the QC blocks a format-3 reader does not know (tta_score_calibration,
@@ -162,6 +162,8 @@ def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility |
         interior_rank=None if value.get("interior_rank") is None else _range(value["interior_rank"],
                                                                              f"{name}.interior_rank", 0.0, 1.0,
                                                                              closed=True),
+        noise_level=None if value.get("noise_level") is None else _range(value["noise_level"],
+                                                                         f"{name}.noise_level"),
         **optional,
     )
 

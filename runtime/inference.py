@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .contract import ModelContract, StageContract
-from .plausibility import scan_geometry
 from .postprocess import binarize, largest_component
 from .preprocess import (
     CanonicalVolume,
@@ -25,6 +24,7 @@ from .preprocess import (
     stage_grid,
     target_shape,
 )
+from .qc.measures import scan_geometry
 from .sliding_window import predict_volume
 
 StagePredictFn = Callable[[str, np.ndarray], np.ndarray]

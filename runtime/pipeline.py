@@ -45,20 +45,12 @@ from .formats import WRITERS, ScanImage, ScanSource, discover_sources, read_scan
 from .formats import metaimage, nrrd
 from .formats.base import optional_import
 from .formats.dicom import container_members
-from .image import (
-    Volume,
-    is_nifti_path,
-    load_mask,
-    read_geometry,
-    require_regular_file,
-    same_grid,
-    save_volume,
-    strip_nifti_suffix,
-    voxel_volume_mm3,
-)
+from .formats.nifti import is_nifti_path, load_mask, save_volume, strip_nifti_suffix
+from .image import Volume, require_regular_file, same_grid, voxel_volume_mm3
 from .mesh import MESH_FORMATS, surface_mesh, write_mesh
 from .metrics import compute_metrics
 from .naming import find_label, label_key
+from .outputs import find_collision
 from .qc import QCReport
 from .segmenter import Prediction, Segmenter
 from .statistics import atrium_statistics
@@ -256,18 +248,15 @@ def plan_jobs(sources: Sequence[ScanSource], output: Path | None, options: Outpu
 
 
 def _check_collisions(jobs: list[ScanJob]) -> None:
-    inputs = {p.resolve(): p for job in jobs for p in (job.source.path, job.label) if p is not None}
-    outputs: dict[Path, ScanSource] = {}
-    for job in jobs:
-        for out in job.outputs():
-            resolved = out.resolve()
-            if resolved in inputs:
-                raise InputError(f"{out}: the output would overwrite the input {inputs[resolved]}; "
-                                 "choose another output folder")
-            if resolved in outputs:
-                raise InputError(f"{outputs[resolved]} and {job.source}: two scans with the same name would write "
-                                 f"to the same output {out}")
-            outputs[resolved] = job.source
+    collision = find_collision([p for job in jobs for p in (job.source.path, job.label)],
+                               [(job.source, out) for job in jobs for out in job.outputs()])
+    if collision is None:
+        return
+    if collision.input is not None:
+        raise InputError(f"{collision.path}: the output would overwrite the input {collision.input}; "
+                         "choose another output folder")
+    raise InputError(f"{collision.earlier} and {collision.owner}: two scans with the same name would write "
+                     f"to the same output {collision.path}")
 
 
 def output_folders(jobs: Sequence[ScanJob]) -> list[Path]:
@@ -356,9 +345,7 @@ def process(segmenter: Segmenter, job: ScanJob, options: OutputOptions, benchmar
             write: bool = True) -> ScanResult:
     """Read, check, segment (benchmark: N more timed times), write, measure and score one scan."""
     start = time.perf_counter()
-    if is_nifti_path(job.source.path):  # its header tells the memory needed before any voxel is read
-        segmenter.check_header(read_geometry(job.source.path), job.source.path)
-    elif (geometry := scan_geometry(job.source)) is not None:  # so do NRRD's, MetaImage's and a DICOM series'
+    if (geometry := scan_geometry(job.source)) is not None:  # from the header, before any voxel is read
         segmenter.check_header(geometry, str(job.source))
     scan = read_scan(job.source)
     if write:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from heartseg.runtime.atomic import atomic_output, remove_stale_temporaries, write_text_atomic
-from heartseg.runtime.image import save_volume
+from heartseg.runtime.formats.nifti import save_volume
 
 
 def temporaries(folder: Path) -> list[Path]:

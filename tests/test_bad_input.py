@@ -482,7 +482,7 @@ def test_fifo_inside_a_folder_is_not_listed(tmp_path: Path, single_model: Path) 
 
 def test_load_volume_refuses_a_fifo_without_opening_it(tmp_path: Path) -> None:
     from heartseg.runtime.errors import InputError
-    from heartseg.runtime.image import load_volume
+    from heartseg.runtime.formats.nifti import load_volume
 
     def hung(signum, frame):
         raise TimeoutError(f"load_volume still ran after {HANG_TIMEOUT_S} s: it blocked on the pipe")

@@ -169,7 +169,7 @@ def test_prediction_counts_every_stage_of_a_cascade(tmp_path: Path) -> None:
     model = _model_with_flops(tmp_path / "cascade.onnx", {"coarse": 1.0, "fine": 10.0}, cascade=True)
     segmenter = Segmenter(model, device="cpu", threads=1)
     scan, _ = make_scan(tmp_path / "a.nii.gz", shape=(40, 48, 36))
-    from heartseg.runtime.image import load_volume
+    from heartseg.runtime.formats.nifti import load_volume
 
     voxels = segmenter.segment(load_volume(scan)).network_voxels
     assert set(voxels) == {"coarse", "fine"}

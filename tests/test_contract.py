@@ -179,8 +179,8 @@ def test_contract_error_is_a_model_error() -> None:
 
 
 def _qc_contract() -> ModelContract:
-    from heartseg.runtime.confidence import ScoreCalibration
-    from heartseg.runtime.plausibility import Plausibility
+    from heartseg.runtime.qc import ScoreCalibration
+    from heartseg.runtime.qc import Plausibility
 
     plausibility = Plausibility(volume_ml=(20.0, 200.0), extent_mm=((20.0, 80.0), (25.0, 100.0), (30.0, 120.0)),
                                 cases=12, margin=1.5, spacing_mm=((0.5, 2.0), (0.5, 2.0), (0.6, 2.5)),

@@ -12,7 +12,7 @@ import pytest
 from heartseg.runtime.cli_eval import app
 from heartseg.runtime.image import Volume
 from heartseg.runtime.metrics import compute_metrics
-from heartseg.runtime.plausibility import mask_measures
+from heartseg.runtime.qc import mask_measures
 from heartseg.runtime.segmenter import Prediction
 from test_bad_input import assert_one_line_error
 
@@ -124,7 +124,7 @@ def test_label_value_that_is_not_finite_is_refused(tmp_path: Path, run_cli, valu
 
 def test_load_label_refuses_a_value_no_voxel_holds_naming_its_values(tmp_path: Path) -> None:
     from heartseg.runtime.errors import InputError
-    from heartseg.runtime.image import load_label
+    from heartseg.runtime.formats.nifti import load_label
 
     gt = write(blob() + blob((6, 6, 6), (9, 9, 9), value=1), tmp_path / "gt.nii.gz")  # values 0, 1, 2
     with pytest.raises(InputError, match=r"no voxel equals --label-value 7 \(its values: 0, 1, 2\)"):

@@ -25,7 +25,7 @@ from conftest import unwrapped
 from heartseg.export.cli import app
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
-from heartseg.runtime.image import load_volume
+from heartseg.runtime.formats.nifti import load_volume
 from heartseg.runtime.preprocess import stage_grid, to_canonical
 from heartseg.runtime.session import OnnxSession, read_contract
 from typer.testing import CliRunner
@@ -224,7 +224,7 @@ def test_metadata_round_trip(exported, trained_run, checkpoint):
 
 def test_metadata_carries_the_qc_calibration(exported, trained_run):
     """The score calibration fitted on the fold's held-out cases travels in the contract."""
-    from heartseg.runtime.confidence import ScoreCalibration
+    from heartseg.runtime.qc import ScoreCalibration
 
     contract, _ = read_contract(exported)
     metrics = json.loads((trained_run.run / "fold_0" / "metrics.json").read_text())
@@ -235,7 +235,7 @@ def test_metadata_carries_the_qc_calibration(exported, trained_run):
 
 
 def test_export_takes_the_pooled_score_calibration(trained_run, tmp_path):
-    from heartseg.runtime.confidence import ScoreCalibration
+    from heartseg.runtime.qc import ScoreCalibration
 
     summary = json.loads((trained_run.run / "summary.json").read_text())
     pooled = summary["score_calibration"]

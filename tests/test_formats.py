@@ -346,7 +346,7 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path: Path) -> None:
                                             ("nii", None), ("y.gz", None)])
 def test_nifti_suffix_in_any_case(name: str, stem: str | None) -> None:
     from heartseg.runtime.formats import scan_name
-    from heartseg.runtime.image import is_nifti_path, strip_nifti_suffix
+    from heartseg.runtime.formats.nifti import is_nifti_path, strip_nifti_suffix
 
     assert is_nifti_path(Path(name)) is (stem is not None)
     assert strip_nifti_suffix(name) == (stem if stem is not None else name)
@@ -477,7 +477,7 @@ def test_metaimage_failure_is_one_line_with_its_reason(tmp_path: Path, single_mo
 
 def test_valid_nifti2_is_read_as_written(tmp_path: Path) -> None:
     """A NIfTI-2 header is not read with the NIfTI-1 layout (whose fields would land on other bytes)."""
-    from heartseg.runtime.image import load_volume
+    from heartseg.runtime.formats.nifti import load_volume
 
     data = np.random.default_rng(2).uniform(0, 100, (20, 22, 6)).astype(np.float32)
     affine = np.diag([0.8, 0.9, 2.5, 1.0])
@@ -491,6 +491,21 @@ def test_valid_nifti2_is_read_as_written(tmp_path: Path) -> None:
         volume = load_volume(tmp_path / name)
         np.testing.assert_array_equal(volume.data, data)
         np.testing.assert_allclose(volume.affine, affine, atol=1e-6)
+
+
+
+def test_nifti_geometry_comes_from_its_reader_before_the_voxels(tmp_path: Path) -> None:
+    """The NIfTI reader reports its header's grid like the other readers, from the header alone."""
+    from heartseg.runtime.formats import discover_sources, scan_geometry
+
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros((20, 22, 6), np.int16), affine), str(tmp_path / "s.nii"))
+    with open(tmp_path / "s.nii", "r+b") as handle:  # voxel data cut short: the header is still whole
+        handle.truncate(400)
+    geometry = scan_geometry(discover_sources([tmp_path / "s.nii"])[0])
+    assert geometry is not None
+    assert geometry.shape == (20, 22, 6) and geometry.itemsize == 2 and not geometry.scaled
+    np.testing.assert_allclose(geometry.spacing, (0.8, 0.9, 2.5))
 
 
 # --- Readers reached through the Python API -----------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from heartseg.runtime.cli_infer import app as infer_app
 from heartseg.runtime.errors import InputError
-from heartseg.runtime.image import load_volume
+from heartseg.runtime.formats.nifti import load_volume
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx_models import build_test_model, ellipsoid_image

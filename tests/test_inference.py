@@ -10,7 +10,7 @@ from scipy import ndimage
 from heartseg.runtime.contract import LOCALISER, ModelContract, StageContract
 import heartseg.runtime.inference as inference
 from heartseg.runtime.inference import fits_final_stage, grown_box, infer_canonical, stage_box_footprint
-from heartseg.runtime.plausibility import Plausibility
+from heartseg.runtime.qc import Plausibility
 from heartseg.runtime.postprocess import largest_component
 from heartseg.runtime.preprocess import CanonicalVolume, resample_to_shape
 

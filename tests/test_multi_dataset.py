@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("torch", reason="the training side needs PyTorch: pip install -e '.[train]'")
 import torch
 from conftest import TINY_TRAIN_ARGS, unwrapped, with_options
-from heartseg.runtime.image import load_volume
-from heartseg.runtime.plausibility import interior_rank, learn_plausibility, mask_measures
+from heartseg.runtime.formats.nifti import load_volume
+from heartseg.runtime.qc import interior_rank, learn_plausibility, mask_measures
 from heartseg.train.augment import AugmentConfig
 from heartseg.train.cache import PreparedCase
 from heartseg.train.cli import app

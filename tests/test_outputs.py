@@ -13,7 +13,9 @@ from heartseg.runtime.cli_bench import app as bench_app
 from heartseg.runtime.cli_eval import app as eval_app
 from heartseg.runtime.cli_infer import app as infer_app
 from heartseg.runtime.errors import InputError
-from heartseg.runtime.outputs import check_outputs
+from heartseg.runtime.formats import discover_sources
+from heartseg.runtime.outputs import check_outputs, find_collision
+from heartseg.runtime.pipeline import OutputOptions, plan_jobs
 from onnx_models import make_scan
 from test_bad_input import assert_one_line_error
 
@@ -163,3 +165,24 @@ def test_rule_itself(tmp_path: Path) -> None:
         check_outputs([a], [("--json", tmp_path / "." / "a")])
     with pytest.raises(InputError, match="own file"):
         check_outputs([a], [("--json", tmp_path / "b"), ("--csv", tmp_path / "sub" / ".." / "b")])
+
+
+def test_planned_mask_through_a_link_to_the_scan(tmp_path: Path, scan_and_label) -> None:
+    scan, _ = scan_and_label
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(scan, out / "s_mask.nii.gz")
+    with pytest.raises(InputError, match="s_mask.nii.gz: the output would overwrite the input .*s.nii.gz"):
+        plan_jobs(discover_sources([scan]), out, OutputOptions(overwrite=True))
+
+
+def test_collision_names_the_owners(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    a.write_text("a")
+    link = tmp_path / "link"
+    os.link(a, link)
+    assert find_collision([a], [("x", tmp_path / "b"), ("y", tmp_path / "c")]) is None
+    onto_input = find_collision([a], [("x", link)])
+    assert (onto_input.owner, onto_input.path, onto_input.input, onto_input.earlier) == ("x", link, a, None)
+    twice = find_collision([None], [("x", tmp_path / "b"), ("y", tmp_path / "sub" / ".." / "b")])
+    assert (twice.owner, twice.input, twice.earlier) == ("y", None, "x")

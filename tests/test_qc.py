@@ -7,15 +7,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from heartseg.runtime.confidence import REVIEW_BELOW, ScoreCalibration, fit_score_calibration, soft_dice_score
+from heartseg.runtime.qc.calibration import REVIEW_BELOW, ScoreCalibration, fit_score_calibration, soft_dice_score
 from heartseg.runtime.contract import ModelContract, StageContract
-from heartseg.runtime.plausibility import (
+from heartseg.runtime.qc import (
     Plausibility,
     image_sharpness,
     input_reasons,
     intensity_skewness,
     interior_rank,
     learn_plausibility,
+    noise_level,
     scans_plausibility,
 )
 from heartseg.runtime.postprocess import largest_component
@@ -306,9 +307,10 @@ def test_scans_plausibility_learns_every_range_from_the_scans() -> None:
     expected = learn_plausibility([(m, SPACING) for m in masks],
                                   skewness=[intensity_skewness(i) for i, _, _ in scans],
                                   edge_sharpness=[image_sharpness(i, m) for i, m, _ in scans],
-                                  interior_rank=[interior_rank(i, m, SPACING) for i, m, _ in scans])
+                                  interior_rank=[interior_rank(i, m, SPACING) for i, m, _ in scans],
+                                  noise=[noise_level(i, m) for i, m, _ in scans])
     assert learned == expected
-    assert None not in (learned.skewness, learned.interior_rank) and learned.cases == 2
+    assert None not in (learned.skewness, learned.interior_rank, learned.noise_level) and learned.cases == 2
 
 
 def test_learn_plausibility_widens_the_training_interior_ranks() -> None:
@@ -447,7 +449,7 @@ def _qc_model(path, review_below: float):
 
 
 def test_tta_is_judged_by_its_own_score_calibration(tmp_path) -> None:
-    from heartseg.runtime.image import load_volume
+    from heartseg.runtime.formats.nifti import load_volume
     from heartseg.runtime.segmenter import Segmenter
     from onnx_models import TEST_MODEL_BIAS, make_scan
 

@@ -22,7 +22,7 @@ import pytest
 from heartseg.runtime.cli_infer import app
 from heartseg.runtime.formats import ScanSource, discover_sources, read_scan
 from heartseg.runtime.formats.nifti import NiftiWriter
-from heartseg.runtime.image import save_volume
+from heartseg.runtime.formats.nifti import save_volume
 from heartseg.runtime.pipeline import (
     RECORDS_FOLDER,
     OutputOptions,

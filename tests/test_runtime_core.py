@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from heartseg.runtime.cli_infer import app
-from heartseg.runtime.image import Volume, load_volume
+from heartseg.runtime.formats.nifti import load_volume
+from heartseg.runtime.image import Volume
 from heartseg.runtime.postprocess import largest_component
 from heartseg.runtime.preprocess import from_canonical, resample_to_shape, to_canonical
 from heartseg.runtime.segmenter import Segmenter

@@ -10,8 +10,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from heartseg.runtime.confidence import MIN_SLOPE
-from heartseg.runtime.image import Volume, load_mask, load_volume
+from heartseg.runtime.qc.calibration import MIN_SLOPE
+from heartseg.runtime.formats.nifti import load_mask, load_volume
+from heartseg.runtime.image import Volume
 from heartseg.runtime.metrics import compute_metrics
 from heartseg.runtime.segmenter import DEFAULT_MODEL_NAME, Segmenter, default_model_path
 from heartseg.runtime.session import read_contract

@@ -64,7 +64,7 @@ def test_tiny_cascade_learns_on_held_out_cases(trained_run):
 
 
 def test_qc_score_is_calibrated_on_the_held_out_cases(trained_run):
-    from heartseg.runtime.confidence import ScoreCalibration, fit_score_calibration
+    from heartseg.runtime.qc import ScoreCalibration, fit_score_calibration
     from heartseg.runtime.contract import ModelContract
 
     metrics = json.loads((trained_run.run / "fold_0" / "metrics.json").read_text())

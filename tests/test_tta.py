@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heartseg.runtime.image import load_volume
+from heartseg.runtime.formats.nifti import load_volume
 from heartseg.runtime.inference import infer_canonical
 from heartseg.runtime.preprocess import to_canonical
 from heartseg.runtime.segmenter import Segmenter

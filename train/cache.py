@@ -112,7 +112,7 @@ def prepare_case(case: Case, contract: ModelContract, cache_root: Path | None) -
 
 def fingerprint(cases: list[Case]) -> DataFingerprint:
     """Canonical spacing, shape and label box size of each case (headers and labels only)."""
-    from heartseg.runtime.image import load_volume
+    from heartseg.runtime.formats.nifti import load_volume
 
     spacings, shapes, boxes, datasets = [], [], [], []
     for case in cases:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 from heartseg.runtime.errors import InputError
-from heartseg.runtime.image import Volume, load_volume, same_grid, strip_nifti_suffix
+from heartseg.runtime.formats.nifti import load_volume, strip_nifti_suffix
+from heartseg.runtime.image import Volume, same_grid
 
 
 @dataclass(frozen=True)

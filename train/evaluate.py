@@ -7,11 +7,18 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from heartseg.runtime.confidence import CALIBRATED_SCORES, fit_score_calibration, soft_dice_score
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.inference import StagePredictFn, infer_canonical, localiser_mask, mask_from_prob
-from heartseg.runtime.metrics import compute_metrics, degenerate_reason, dice_score
-from heartseg.runtime.plausibility import Plausibility, mask_flag, scans_plausibility
+from heartseg.runtime.metrics import compute_metrics, dice_score
+from heartseg.runtime.qc import (
+    CALIBRATED_SCORES,
+    Plausibility,
+    fit_score_calibration,
+    localiser_flag,
+    mask_flag,
+    scans_plausibility,
+    soft_dice_score,
+)
 from heartseg.runtime.tta import infer_canonical_tta
 from torch import nn
 
@@ -91,7 +98,7 @@ def calibrate_and_evaluate(contract: ModelContract, networks: dict[str, nn.Modul
         localiser = contract.localiser
         pairs = validation_pairs(localiser, contract, val_cases, predict)
         calibrations[localiser.name] = calibrate_threshold(pairs, localiser_mask,
-                                                           lambda i, mask: degenerate_reason(mask, 0.5),
+                                                           lambda i, mask: localiser_flag(mask),
                                                            names=names, stage=localiser.name)
         contract = contract.with_threshold(localiser.name, calibrations[localiser.name].threshold)
     final = contract.final_stage

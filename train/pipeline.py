@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
-from heartseg.runtime.confidence import CALIBRATED_SCORES, pooled_score_calibration
+from heartseg.runtime.qc import CALIBRATED_SCORES, pooled_score_calibration
 from heartseg.runtime.contract import LOCALISER, SEGMENTER, ModelContract, StageContract
 from heartseg.runtime.errors import HeartsegError
 

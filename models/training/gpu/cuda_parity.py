@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from heartseg.export.model_file import load_trained_model
 from heartseg.export.parity import ParityError, check_parity
-from heartseg.runtime.image import load_volume
+from heartseg.runtime.formats.nifti import load_volume
 from heartseg.runtime.inference import infer_canonical, mask_from_prob
 from heartseg.runtime.metrics import dice_score
 from heartseg.runtime.preprocess import to_canonical

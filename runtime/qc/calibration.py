@@ -21,18 +21,33 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 SCORE_NAME = "soft_dice"
-# A slope is only fitted when the held-out scores spread this much (sd); otherwise it is 1.
-MIN_SCORE_SD = 0.02
-# A fitted slope is never below this: a drop of the score never means a smaller drop of the estimated Dice.
-MIN_SLOPE = 1.0
-MIN_CASES_FOR_SLOPE = 8
-# The interval is never narrower than this on either side: a handful of held-out cases cannot show
-# the tails of the error distribution.
-MIN_HALF_WIDTH = 0.03
-DEFAULT_COVERAGE = 0.9
-# Verdict thresholds on the estimated Dice.
-REVIEW_BELOW = 0.85
-FAIL_BELOW = 0.5
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a score calibration is fitted, and the verdict thresholds a new calibration carries."""
+
+    # A slope is only fitted when the held-out scores spread this much (sd) over at least this many cases;
+    # otherwise it is 1.
+    min_score_sd: float = 0.02
+    min_cases_for_slope: int = 8
+    # A fitted slope is never below this: a drop of the score never means a smaller drop of the estimated Dice.
+    min_slope: float = 1.0
+    # The interval is never narrower than this on either side: a handful of held-out cases cannot show
+    # the tails of the error distribution.
+    min_half_width: float = 0.03
+    coverage: float = 0.9
+    # Verdict thresholds on the estimated Dice.
+    review_below: float = 0.85
+    fail_below: float = 0.5
+
+
+FIT = FitConfig()
+# The defaults by name: a stored calibration's fields default to them (the contract's format).
+MIN_SLOPE = FIT.min_slope
+DEFAULT_COVERAGE = FIT.coverage
+REVIEW_BELOW = FIT.review_below
+FAIL_BELOW = FIT.fail_below
 # A mask below this true Dice that QC lets through as ok is a silent failure (benchmarks and heartseg-eval).
 SILENT_BELOW = 0.80
 # Each calibration the contract holds, and the per-case (score, true Dice) entries of a run's metrics it is fitted on.
@@ -88,7 +103,8 @@ class ScoreCalibration:
 
 
 def fit_score_calibration(scores: Sequence[float], dices: Sequence[float], coverage: float = DEFAULT_COVERAGE,
-                          review_below: float = REVIEW_BELOW, fail_below: float = FAIL_BELOW) -> ScoreCalibration:
+                          review_below: float = REVIEW_BELOW, fail_below: float = FAIL_BELOW,
+                          config: FitConfig = FIT) -> ScoreCalibration:
     """Fit the score -> Dice map on held-out (score, true Dice) pairs."""
     s = np.asarray(scores, float)
     d = np.asarray(dices, float)
@@ -96,16 +112,16 @@ def fit_score_calibration(scores: Sequence[float], dices: Sequence[float], cover
         raise ValueError(f"need as many scores as Dice values, at least one (got {s.size} and {d.size})")
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(d))):
         raise ValueError("scores and Dice values must be finite")
-    if s.size >= MIN_CASES_FOR_SLOPE and s.std() >= MIN_SCORE_SD:
+    if s.size >= config.min_cases_for_slope and s.std() >= config.min_score_sd:
         slope, intercept = np.polyfit(s, d, 1)
-        slope = max(float(slope), MIN_SLOPE)
+        slope = max(float(slope), config.min_slope)
         intercept = float(np.median(d - slope * s))
     else:
         slope, intercept = 1.0, float(np.median(d - s))
     residuals = d - (intercept + slope * s)
     tail = (1.0 - coverage) / 2.0
-    lo = min(float(np.quantile(residuals, tail)), -MIN_HALF_WIDTH)
-    hi = max(float(np.quantile(residuals, 1.0 - tail)), MIN_HALF_WIDTH)
+    lo = min(float(np.quantile(residuals, tail)), -config.min_half_width)
+    hi = max(float(np.quantile(residuals, 1.0 - tail)), config.min_half_width)
     return ScoreCalibration(slope=float(slope), intercept=intercept, residual_lo=lo, residual_hi=hi, cases=int(s.size),
                             coverage=coverage, review_below=review_below, fail_below=fail_below,
                             score_range=(float(s.min()), float(s.max())))

@@ -1,0 +1,56 @@
+"""Quality control: how far to trust one mask, and why.
+
+* measures.py: what is measured on a mask, its probabilities and its scan (the same functions in training);
+* ranges.py: what is learned from the training labels and scans (Plausibility), once, into the contract;
+* calibration.py: the confidence score and its calibration into an estimated Dice (ScoreCalibration);
+* evidence.py: the measures of one mask, taken once into one record (Evidence);
+* rules.py: the rules over the evidence, the one rule list and its run-time and calibration profiles;
+* report.py: assess (the run-time verdict) and its QCReport.
+"""
+
+from .calibration import (
+    CALIBRATED_SCORES,
+    SCORE_NAME,
+    SILENT_BELOW,
+    FitConfig,
+    ScoreCalibration,
+    fit_score_calibration,
+    pooled_score_calibration,
+    soft_dice_score,
+    spearman,
+)
+from .evidence import Evidence, gather
+from .measures import (
+    MeasureConfig,
+    bounding_slices,
+    component_sizes,
+    face_shares,
+    image_sharpness,
+    intensity_skewness,
+    interior_rank,
+    mask_measures,
+    noise_level,
+    noise_sigma,
+    scan_geometry,
+)
+from .ranges import DEFAULT_INPUT_MARGIN, Plausibility, RangeConfig, learn_plausibility, scans_plausibility
+from .report import VERDICTS, QCReport, assess, stage_box_on_native
+from .rules import (
+    CALIBRATION_RULES,
+    RULES,
+    QCConfig,
+    Standards,
+    input_reasons,
+    judge,
+    localiser_flag,
+    mask_flag,
+)
+
+__all__ = [
+    "CALIBRATED_SCORES", "CALIBRATION_RULES", "DEFAULT_INPUT_MARGIN", "RULES", "SCORE_NAME", "SILENT_BELOW",
+    "VERDICTS", "Evidence", "FitConfig", "MeasureConfig", "Plausibility", "QCConfig", "QCReport", "RangeConfig",
+    "ScoreCalibration", "Standards", "assess", "bounding_slices", "component_sizes", "face_shares",
+    "fit_score_calibration", "gather", "image_sharpness", "input_reasons", "intensity_skewness", "interior_rank",
+    "judge", "learn_plausibility", "localiser_flag", "mask_flag", "mask_measures", "noise_level", "noise_sigma",
+    "pooled_score_calibration", "scan_geometry", "scans_plausibility", "soft_dice_score", "spearman", "stage_box_on_native",
+]

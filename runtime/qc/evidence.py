@@ -1,0 +1,118 @@
+"""Everything QC's rules look at, measured once per mask into one record."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..metrics import degenerate_reason
+from .measures import (
+    Box,
+    bounding_slices,
+    component_sizes,
+    face_shares,
+    image_sharpness,
+    intensity_skewness,
+    interior_rank,
+    mask_measures,
+    noise_level,
+    scan_geometry,
+)
+from .ranges import Plausibility
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What was measured on one mask (and its probabilities and scan); None where it was not measured.
+
+    The mask's own measures are only taken for a mask that is not degenerate and a model with learned ranges;
+    the image measures only with the scan, and only those the model has a learned range for.
+    """
+
+    degenerate: str | None = None
+    score: float | None = None
+    volume_ml: float | None = None
+    extents_mm: tuple[float, float, float] | None = None
+    component_voxels: tuple[int, ...] | None = None
+    voxel_ml: float | None = None
+    box_border_share: float | None = None
+    scan_edge_share: float | None = None
+    spacing_mm: tuple[float, ...] | None = None
+    fov_mm: tuple[float, ...] | None = None
+    skewness: float | None = None
+    edge_sharpness: float | None = None
+    interior_rank: float | None = None
+    noise_level: float | None = None
+
+    @property
+    def largest_share(self) -> float | None:
+        """The kept (largest) component's share of the thresholded foreground, None without components."""
+        sizes = self.component_voxels
+        return float(sizes[0]) / float(np.sum(sizes)) if sizes else None
+
+    def measures(self) -> dict[str, Any]:
+        """The JSON-able measures a QC report records."""
+        out: dict[str, Any] = {"score": self.score}
+        if self.volume_ml is None:
+            return out
+        sizes = self.component_voxels or ()
+        out.update(volume_ml=self.volume_ml, extents_mm=list(self.extents_mm or ()), components=len(sizes),
+                   component_ml=[float(n) * float(self.voxel_ml or 0.0) for n in sizes[:3]])
+        if sizes:
+            out["largest_share"] = self.largest_share
+        out.update(box_border_share=self.box_border_share, scan_edge_share=self.scan_edge_share,
+                   spacing_mm=list(self.spacing_mm or ()), fov_mm=list(self.fov_mm or ()), skewness=self.skewness,
+                   edge_sharpness=self.edge_sharpness, interior_rank=self.interior_rank,
+                   noise_level=self.noise_level)
+        return out
+
+
+def mask_evidence(mask: np.ndarray, spacing: Iterable[float], voxel_volume_mm3: float | None = None,
+                  prob: np.ndarray | None = None, threshold: float | None = None,
+                  box: Box | None = None) -> dict[str, Any]:
+    """The mask's own measures: volume and extents (within the box of prob above threshold when given, else of the
+    mask), the components of prob above threshold when given, and the mask's share on box's and the scan's faces."""
+    spacing = tuple(float(s) for s in spacing)
+    above = np.asarray(mask).astype(bool) if prob is None or threshold is None else prob > float(threshold)
+    crop = bounding_slices(above)
+    region = mask[crop] if crop is not None else mask
+    volume, extents = mask_measures(region, spacing, voxel_volume_mm3)
+    sizes = None
+    if prob is not None and threshold is not None:
+        sizes = tuple(int(n) for n in component_sizes(above[crop])) if crop is not None else ()
+    box_share, edge_share = face_shares(mask, box)
+    return dict(volume_ml=volume, extents_mm=extents, component_voxels=sizes,
+                voxel_ml=float(np.prod(spacing) if voxel_volume_mm3 is None else voxel_volume_mm3) / 1000.0,
+                box_border_share=box_share if box is not None else None, scan_edge_share=edge_share)
+
+
+def image_evidence(image: np.ndarray | None, mask: np.ndarray, spacing: Iterable[float],
+                   ranges: Plausibility) -> dict[str, Any]:
+    """The scan's measures around the mask: its geometry always; with the image, those it has a learned range for
+    (a measure nothing judges is not worth its cost)."""
+    spacing_sorted, fov_sorted = scan_geometry(mask.shape, spacing)
+    found: dict[str, Any] = dict(spacing_mm=spacing_sorted, fov_mm=fov_sorted)
+    if image is not None:
+        found.update(skewness=intensity_skewness(image) if ranges.skewness is not None else None,
+                     edge_sharpness=image_sharpness(image, mask) if ranges.edge_sharpness is not None else None,
+                     interior_rank=interior_rank(image, mask, spacing) if ranges.interior_rank is not None else None,
+                     noise_level=noise_level(image, mask) if ranges.noise_level is not None else None)
+    return found
+
+
+def gather(mask: np.ndarray, spacing: Iterable[float], ranges: Plausibility | None, *,
+           max_fraction: float | None = None, score: float | None = None, prob: np.ndarray | None = None,
+           threshold: float | None = None, box: Box | None = None, voxel_volume_mm3: float | None = None,
+           image: np.ndarray | None = None) -> Evidence:
+    """The evidence on one mask: whether it is degenerate; for a model with learned ranges and a mask that is not,
+    the mask's measures (components of prob above threshold when given) and the scan's."""
+    degenerate = degenerate_reason(mask, max_fraction)
+    if ranges is None or degenerate is not None:
+        return Evidence(degenerate=degenerate, score=score)
+    spacing = tuple(float(s) for s in spacing)
+    return Evidence(degenerate=None, score=score,
+                    **mask_evidence(mask, spacing, voxel_volume_mm3, prob, threshold, box),
+                    **image_evidence(image, mask, spacing, ranges))

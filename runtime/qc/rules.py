@@ -1,0 +1,259 @@
+"""QC's rules: named functions over the evidence, each returning None or (severity, reason), and the one rule list.
+
+A rule sees the evidence and the standards it is judged by (the model's learned ranges and score calibration,
+and the fixed thresholds of QCConfig); a rule whose evidence or standard is missing (a degenerate mask, a model
+trained before a range was learned, no scan given) returns None. Severity is "review" or "fail"; a report lists
+the fails first, then the reviews, each in the order of the rule list.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .calibration import ScoreCalibration
+from .evidence import Evidence, gather
+from .measures import scan_geometry
+from .ranges import Plausibility
+
+Finding = tuple[str, str]
+_ORDINALS = ("smallest", "middle", "largest")
+
+
+@dataclass(frozen=True)
+class QCConfig:
+    """Thresholds of the rules that are not learned from data."""
+
+    # The kept (largest) component must hold at least this share of the thresholded foreground.
+    min_largest_share: float = 0.9
+    # Mask area on one face of the fine stage's box (or of the scan), over the mask's largest
+    # cross-section along that axis: near 0 when the mask only grazes the face, near 1 when cut.
+    max_border_share: float = 0.25
+    # A volume beyond the plausible range by this further factor fails instead of asking for review.
+    volume_fail_factor: float = 2.0
+    # The largest share of its grid a localiser's mask may cover when its threshold is calibrated.
+    localiser_max_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class Standards:
+    """What the evidence is judged against: the model's learned ranges and score calibration (None: not learned)."""
+
+    ranges: Plausibility | None = None
+    calibration: ScoreCalibration | None = None
+    config: QCConfig = QCConfig()
+
+
+Rule = Callable[[Evidence, Standards], "Finding | None"]
+
+
+def degenerate_mask(evidence: Evidence, standards: Standards) -> Finding | None:
+    """An empty mask, one of all foreground, or one above the model's plausible share of the scan."""
+    return None if evidence.degenerate is None else ("fail", evidence.degenerate)
+
+
+def implausible_volume(evidence: Evidence, standards: Standards) -> Finding | None:
+    """A volume outside the learned range; beyond it by volume_fail_factor, a fail."""
+    volume, ranges = evidence.volume_ml, standards.ranges
+    if volume is None or ranges is None:
+        return None
+    lo, hi = ranges.volume_ml
+    factor = standards.config.volume_fail_factor
+    if not lo / factor <= volume <= hi * factor:
+        return "fail", f"volume {volume:.1f} mL far outside the plausible {lo:.1f}-{hi:.1f} mL"
+    if not lo <= volume <= hi:
+        return "review", f"volume {volume:.1f} mL outside the plausible {lo:.1f}-{hi:.1f} mL"
+    return None
+
+
+def implausible_extent(axis: int) -> Rule:
+    """The rule on the mask's axis-th smallest extent: outside the learned range."""
+    def rule(evidence: Evidence, standards: Standards) -> Finding | None:
+        if evidence.extents_mm is None or standards.ranges is None:
+            return None
+        value, (lo, hi) = evidence.extents_mm[axis], standards.ranges.extent_mm[axis]
+        if lo <= value <= hi:
+            return None
+        return "review", f"{_ORDINALS[axis]} extent {value:.0f} mm outside the plausible {lo:.0f}-{hi:.0f} mm"
+
+    rule.__name__ = f"implausible_{_ORDINALS[axis]}_extent"
+    rule.__doc__ = f"The mask's {_ORDINALS[axis]} extent outside the learned range."
+    return rule
+
+
+def fragmented(evidence: Evidence, standards: Standards) -> Finding | None:
+    """The kept component holds too little of the thresholded foreground."""
+    share = evidence.largest_share
+    if share is None or share >= standards.config.min_largest_share:
+        return None
+    return "review", (f"fragmented: the kept component is {100 * share:.0f} % of the foreground "
+                      f"({len(evidence.component_voxels or ())} components)")
+
+
+def cut_by_box(evidence: Evidence, standards: Standards) -> Finding | None:
+    """The mask cut by the face of the fine stage's box."""
+    share = evidence.box_border_share
+    if share is None or not share > standards.config.max_border_share:
+        return None
+    return "review", f"cut by the fine stage's box ({100 * share:.0f} % of a cross-section on its border)"
+
+
+def cut_by_scan_edge(evidence: Evidence, standards: Standards) -> Finding | None:
+    """The mask cut by the edge of the scan."""
+    share = evidence.scan_edge_share
+    if share is None or not share > standards.config.max_border_share:
+        return None
+    return "review", f"cut by the edge of the scan ({100 * share:.0f} % of a cross-section on it)"
+
+
+def _geometry_rule(what: str, field: str, axis: int, digits: int) -> Rule:
+    """The rule on a scan's axis-th smallest voxel size or field of view (field of Evidence and Plausibility)."""
+    def rule(evidence: Evidence, standards: Standards) -> Finding | None:
+        values = getattr(evidence, field)
+        ranges = getattr(standards.ranges, field) if standards.ranges is not None else None
+        if values is None or ranges is None:
+            return None
+        value, (lo, hi) = values[axis], ranges[axis]
+        if lo <= value <= hi:
+            return None
+        return "review", (f"{_ORDINALS[axis]} {what} {value:.{digits}f} mm outside the trained {lo:.{digits}f}-"
+                          f"{hi:.{digits}f} mm")
+
+    rule.__name__ = f"untrained_{_ORDINALS[axis]}_{what.replace(' ', '_')}"
+    rule.__doc__ = f"The scan's {_ORDINALS[axis]} {what} outside the training scans' range."
+    return rule
+
+
+def untrained_voxel_size(axis: int) -> Rule:
+    """The rule on the scan's axis-th smallest voxel size: outside the training scans' range."""
+    return _geometry_rule("voxel size", "spacing_mm", axis, 2)
+
+
+def untrained_field_of_view(axis: int) -> Rule:
+    """The rule on the scan's axis-th smallest field of view: outside the training scans' range."""
+    return _geometry_rule("field of view", "fov_mm", axis, 0)
+
+
+def untrained_contrast(evidence: Evidence, standards: Standards) -> Finding | None:
+    """Intensity skewness outside the training scans' range (inverted or unfamiliar contrast)."""
+    value = evidence.skewness
+    limits = standards.ranges.skewness if standards.ranges is not None else None
+    if value is None or limits is None or limits[0] <= value <= limits[1]:
+        return None
+    return "review", (f"intensity skewness {value:.2f} outside the trained {limits[0]:.2f} to {limits[1]:.2f} "
+                      f"(inverted or unfamiliar contrast)")
+
+
+def soft_edges(evidence: Evidence, standards: Standards) -> Finding | None:
+    """Edges softer than any the model trained on."""
+    # Only soft edges are flagged: coarser voxels and noise both raise edge sharpness, and the model copes with both.
+    value = evidence.edge_sharpness
+    limits = standards.ranges.edge_sharpness if standards.ranges is not None else None
+    if value is None or limits is None or not value < limits[0]:
+        return None
+    return "review", (f"edge sharpness {value:.2f} below the trained {limits[0]:.2f} (blurred, or "
+                      f"interpolated to finer voxels than acquired)")
+
+
+def dark_interior(evidence: Evidence, standards: Standards) -> Finding | None:
+    """A mask interior darker among its surroundings than the training labels'."""
+    # Only a dark interior is flagged: a blood pool brighter than everything around it is what the model expects.
+    value = evidence.interior_rank
+    limits = standards.ranges.interior_rank if standards.ranges is not None else None
+    if value is None or limits is None or not value < limits[0]:
+        return None
+    return "review", (f"the mask's interior is brighter than only {100 * value:.0f} % of its surroundings, "
+                      f"below the trained {100 * limits[0]:.0f} % (inverted contrast, or not the blood pool)")
+
+
+def noisy_scan(evidence: Evidence, standards: Standards) -> Finding | None:
+    """Noise far above that of the noisiest scan the model trained on (learned as the other ranges are)."""
+    value = evidence.noise_level
+    limits = standards.ranges.noise_level if standards.ranges is not None else None
+    if value is None or limits is None or not value > limits[1]:
+        return None
+    return "review", (f"noise level {value:.2f} above the trained {limits[1]:.2f} of the intensity spread "
+                      "(a very noisy scan)")
+
+
+def low_estimated_dice(evidence: Evidence, standards: Standards) -> Finding | None:
+    """An estimated Dice below the calibration's fail_below (fail) or review_below (review)."""
+    calibration = standards.calibration
+    if calibration is None or evidence.score is None or evidence.degenerate is not None:
+        return None
+    estimate = calibration.estimate(evidence.score)[0]
+    if estimate < calibration.fail_below:
+        return "fail", f"estimated Dice {estimate:.2f} below {calibration.fail_below:g}"
+    if estimate < calibration.review_below:
+        return "review", f"estimated Dice {estimate:.2f} below {calibration.review_below:g}"
+    return None
+
+
+EXTENT_RULES = tuple(implausible_extent(axis) for axis in range(3))
+INPUT_RULES = (*(untrained_voxel_size(axis) for axis in range(3)),
+               *(untrained_field_of_view(axis) for axis in range(3)),
+               untrained_contrast, soft_edges, dark_interior)
+
+# The one rule list, in the order a report gives the reasons of each severity.
+RULES: tuple[Rule, ...] = (
+    degenerate_mask,
+    implausible_volume,
+    *EXTENT_RULES,
+    fragmented,
+    cut_by_box,
+    cut_by_scan_edge,
+    *INPUT_RULES,
+    noisy_scan,
+    low_estimated_dice,
+)
+
+# The run-time profile (heartseg-infer's verdict) is every rule. The calibration profile judges the held-out
+# masks a threshold makes while the threshold is being calibrated: only what a threshold can change and has a
+# standard yet, the degenerate mask and the learned volume and extents. The scan's geometry and contrast do not
+# depend on the threshold, box and edge cuts or fragments are left to run time, and the score calibration is
+# fitted after the threshold. Every flag counts the same there, so a volume far outside the range is not set apart
+# (an infinite fail factor keeps its reason "outside the plausible").
+CALIBRATION_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r in {degenerate_mask, implausible_volume,
+                                                                     *EXTENT_RULES})
+CALIBRATION_CONFIG = QCConfig(volume_fail_factor=math.inf)
+
+
+def judge(evidence: Evidence, standards: Standards, rules: Iterable[Rule] = RULES) -> tuple[list[str], list[str]]:
+    """(fail reasons, review reasons) of the rules that find something, each in rule order."""
+    findings = [f for f in (rule(evidence, standards) for rule in rules) if f is not None]
+    return [r for s, r in findings if s == "fail"], [r for s, r in findings if s == "review"]
+
+
+def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: Plausibility,
+                  skewness: float | None = None, edge_sharpness: float | None = None,
+                  interior_rank: float | None = None) -> list[str]:
+    """Why a scan's voxel size, field of view, intensity skewness, edge sharpness or the brightness of the mask's
+    interior among its surroundings is outside what the model trained on."""
+    spacing_sorted, fov_sorted = scan_geometry(shape, spacing)
+    evidence = Evidence(spacing_mm=spacing_sorted, fov_mm=fov_sorted, skewness=skewness,
+                        edge_sharpness=edge_sharpness, interior_rank=interior_rank)
+    fails, reviews = judge(evidence, Standards(plausibility), INPUT_RULES)
+    return fails + reviews
+
+
+def mask_flag(mask: np.ndarray, spacing: Iterable[float] | None, plausibility: Plausibility | None,
+              max_fraction: float | None = None, voxel_volume_mm3: float | None = None,
+              config: QCConfig = CALIBRATION_CONFIG) -> str | None:
+    """Why a mask must not be reported as a result (empty, all foreground, implausible), or None: the calibration
+    profile's rules (spacing may be None without plausibility)."""
+    if plausibility is not None and spacing is None:
+        raise ValueError("a mask judged against learned ranges needs its voxel spacing")
+    evidence = gather(mask, spacing or (), plausibility, max_fraction=max_fraction, voxel_volume_mm3=voxel_volume_mm3)
+    if evidence.degenerate is not None:
+        return evidence.degenerate
+    fails, reviews = judge(evidence, Standards(plausibility, None, config), CALIBRATION_RULES)
+    return "implausible: " + "; ".join(fails + reviews) if fails or reviews else None
+
+
+def localiser_flag(mask: np.ndarray, config: QCConfig = QCConfig()) -> str | None:
+    """Why a localiser's mask must not be used while its threshold is calibrated (empty, all foreground, or above
+    config.localiser_max_fraction of its grid), or None."""
+    return mask_flag(mask, None, None, config.localiser_max_fraction)
