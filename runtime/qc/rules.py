@@ -137,12 +137,19 @@ def untrained_field_of_view(axis: int) -> Rule:
     return _geometry_rule("field of view", "fov_mm", axis, 0)
 
 
+def _learned(evidence: Evidence, standards: Standards, name: str) -> tuple[float, tuple[float, float]] | None:
+    """The evidence's measure and the model's learned range of that name, or None when either is missing."""
+    value = getattr(evidence, name)
+    limits = getattr(standards.ranges, name) if standards.ranges is not None else None
+    return None if value is None or limits is None else (value, limits)
+
+
 def untrained_contrast(evidence: Evidence, standards: Standards) -> Finding | None:
     """Intensity skewness outside the training scans' range (inverted or unfamiliar contrast)."""
-    value = evidence.skewness
-    limits = standards.ranges.skewness if standards.ranges is not None else None
-    if value is None or limits is None or limits[0] <= value <= limits[1]:
+    found = _learned(evidence, standards, "skewness")
+    if found is None or found[1][0] <= found[0] <= found[1][1]:
         return None
+    value, limits = found
     return "review", (f"intensity skewness {value:.2f} outside the trained {limits[0]:.2f} to {limits[1]:.2f} "
                       f"(inverted or unfamiliar contrast)")
 
@@ -150,10 +157,10 @@ def untrained_contrast(evidence: Evidence, standards: Standards) -> Finding | No
 def soft_edges(evidence: Evidence, standards: Standards) -> Finding | None:
     """Edges softer than any the model trained on."""
     # Only soft edges are flagged: coarser voxels and noise both raise edge sharpness, and the model copes with both.
-    value = evidence.edge_sharpness
-    limits = standards.ranges.edge_sharpness if standards.ranges is not None else None
-    if value is None or limits is None or not value < limits[0]:
+    found = _learned(evidence, standards, "edge_sharpness")
+    if found is None or not found[0] < found[1][0]:
         return None
+    value, limits = found
     return "review", (f"edge sharpness {value:.2f} below the trained {limits[0]:.2f} (blurred, or "
                       f"interpolated to finer voxels than acquired)")
 
@@ -161,20 +168,20 @@ def soft_edges(evidence: Evidence, standards: Standards) -> Finding | None:
 def dark_interior(evidence: Evidence, standards: Standards) -> Finding | None:
     """A mask interior darker among its surroundings than the training labels'."""
     # Only a dark interior is flagged: a blood pool brighter than everything around it is what the model expects.
-    value = evidence.interior_rank
-    limits = standards.ranges.interior_rank if standards.ranges is not None else None
-    if value is None or limits is None or not value < limits[0]:
+    found = _learned(evidence, standards, "interior_rank")
+    if found is None or not found[0] < found[1][0]:
         return None
+    value, limits = found
     return "review", (f"the mask's interior is brighter than only {100 * value:.0f} % of its surroundings, "
                       f"below the trained {100 * limits[0]:.0f} % (inverted contrast, or not the blood pool)")
 
 
 def noisy_scan(evidence: Evidence, standards: Standards) -> Finding | None:
     """Noise far above that of the noisiest scan the model trained on (learned as the other ranges are)."""
-    value = evidence.noise_level
-    limits = standards.ranges.noise_level if standards.ranges is not None else None
-    if value is None or limits is None or not value > limits[1]:
+    found = _learned(evidence, standards, "noise_level")
+    if found is None or not found[0] > found[1][1]:
         return None
+    value, limits = found
     return "review", (f"noise level {value:.2f} above the trained {limits[1]:.2f} of the intensity spread "
                       "(a very noisy scan)")
 
