@@ -109,6 +109,28 @@ def build_tiny_model(path: Path) -> Path:
     return Path(path)
 
 
+_NETWORKS: dict[Path, Path] = {}
+
+
+def networks_file(model: Path) -> Path:
+    """The stages' networks of a model file, side by side (what the Python reference and per-stage timings run):
+    taken out of a pipeline file into a temporary file once per process, or the file itself when it is one."""
+    from heartseg.runtime.session import read_contract
+
+    if not read_contract(model)[0].pipeline:
+        return model
+    if model not in _NETWORKS:
+        import tempfile
+
+        import onnx
+        from heartseg.export.pipeline_file import unwrap
+        from heartseg.export.stamp import write_model
+
+        target = Path(tempfile.mkdtemp(prefix="heartseg-networks-")) / model.name
+        _NETWORKS[model] = write_model(unwrap(onnx.load(str(model)), model), target)
+    return _NETWORKS[model]
+
+
 def network_input(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     """A reproducible (1, 1, X, Y, Z) float32 input with the statistics of a z-scored scan."""
     return np.random.default_rng(seed).standard_normal((1, 1) + tuple(shape), dtype=np.float32)

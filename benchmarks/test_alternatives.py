@@ -25,7 +25,7 @@ def test_cascade_vs_single_pass(benchmark, bench_model: Path, bench_scans: list[
     """Network and preprocessing seconds and peak memory of the model's own path vs its final network on the whole grid."""
     benchmark.group = "design: cascade vs one full-resolution pass"
     threads = max(benchlib.thread_counts())
-    session = OnnxSession(bench_model, device="cpu", threads=threads)
+    session = OnnxSession(benchlib.networks_file(bench_model), device="cpu", threads=threads)
     contract = session.contract
     final = contract.final_stage
     canonical = to_canonical(load_volume(bench_scans[0]), contract.orientation)
@@ -61,7 +61,7 @@ def _largest_on_the_whole_grid(mask: np.ndarray) -> np.ndarray:
 def test_largest_component_box_vs_whole_grid(benchmark, bench_model: Path, bench_scans: list[Path], design: str) -> None:
     """Seconds to keep the largest component of the model's own thresholded mask on a scan's grid."""
     benchmark.group = "postprocess: largest component"
-    session = OnnxSession(bench_model, device="cpu", threads=max(benchlib.thread_counts()))
+    session = OnnxSession(benchlib.networks_file(bench_model), device="cpu", threads=max(benchlib.thread_counts()))
     contract = session.contract
     canonical = to_canonical(load_volume(bench_scans[0]), contract.orientation)
     mask = binarize(infer_canonical(canonical, contract, session.predict).prob, contract.final_stage.threshold)

@@ -95,7 +95,7 @@ def test_model_precision(benchmark, bench_model: Path, precision: str) -> None:
     benchmark.group = "model precision"
     threads = max(THREADS)
     try:
-        session = OnnxSession(path, device="cpu", threads=threads)
+        session = OnnxSession(benchlib.networks_file(path), device="cpu", threads=threads)
     except HeartsegError as exc:
         pytest.skip(f"{precision} variant not usable by the runtime: {exc}")
     stage = session.contract.final_stage

@@ -30,8 +30,9 @@ def metadata(model: TrainedModel) -> dict[str, str]:
     """The ONNX metadata_props: the contract plus human-readable provenance."""
     import onnx
 
-    # The written contract carries every field of this format (roles included), whatever the checkpoint's.
-    contract = replace(model.contract, format_version=FORMAT_VERSION)
+    # The written contract carries every field of this format (roles included), whatever the checkpoint's; it
+    # describes the networks side by side (the pipeline graph is wrapped around them afterwards).
+    contract = replace(model.contract, format_version=FORMAT_VERSION, pipeline=False)
     final = contract.final_stage
     metrics = model.metrics or {}
     calibration = metrics.get("calibration", {}).get(final.name, {})

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.formats.nifti import load_volume
-from heartseg.runtime.inference import infer_canonical, mask_from_prob
+from heartseg.runtime.inference import infer_canonical
+from heartseg.runtime.postprocess import mask_from_prob
 from heartseg.runtime.preprocess import to_canonical
 from heartseg.runtime.session import OnnxSession
 from heartseg.train.trainer import torch_predictor
 
+from .graph_parity import ParityError
 from .model_file import TrainedModel
 from .onnx_export import random_input
+from .pipeline_file import networks_file
 
 MAX_ABS_DIFF = 1e-4
 # ONNX Runtime and PyTorch sum float32 convolutions in different orders. On real scans the trained,
@@ -25,12 +27,6 @@ MAX_ABS_DIFF = 1e-4
 # 1e-3) where the map crosses the threshold; the masks are compared on their own below.
 MAX_ABS_DIFF_SCAN = 1e-3
 MIN_MASK_AGREEMENT = 0.9999
-
-
-class ParityError(HeartsegError):
-    """ONNX Runtime does not reproduce PyTorch: the export is refused."""
-
-    exit_code = 1
 
 
 @dataclass
@@ -65,8 +61,10 @@ def check_parity(model: TrainedModel, onnx_path: Path, scans: list[Path] = (), t
                  max_abs_diff: float = MAX_ABS_DIFF,
                  max_abs_diff_scan: float = MAX_ABS_DIFF_SCAN, torch_device: str = "cpu") -> list[ParityResult]:
     """Compare ONNX Runtime (CPU) with PyTorch (float32 on torch_device) per stage on a real-size random input,
-    and end to end on scans."""
-    session = OnnxSession(onnx_path, device="cpu", threads=threads)
+    and end to end on scans through the Python pipeline: the networks of onnx_path (a pipeline file's taken back
+    out of its graph)."""
+    with networks_file(onnx_path) as networks:
+        session = OnnxSession(networks, device="cpu", threads=threads)
     device = torch.device(torch_device)
     networks = {name: copy.deepcopy(net).to(device) for name, net in model.networks.items()} \
         if device.type != "cpu" else model.networks

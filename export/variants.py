@@ -1,9 +1,13 @@
-"""Smaller model variants for the edge (fp16, int8), each with its measured held-out accuracy change."""
+"""Smaller model variants for the edge (fp16, int8), each with its measured held-out accuracy change.
+
+A variant is made from the stages' networks (a pipeline file's taken back out), then wrapped in the pipeline graph
+like any export: the networks rounded inside, the graph's own arithmetic in float32."""
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -11,13 +15,12 @@ import numpy as np
 from heartseg.runtime.atomic import atomic_output
 from heartseg.runtime.contract import VARIANT_KEY, VARIANT_METRICS_KEY, ModelContract
 from heartseg.runtime.errors import HeartsegError
-from heartseg.runtime.inference import infer_canonical, mask_from_prob
 from heartseg.runtime.metrics import dice_score
 from heartseg.runtime.preprocess import crop_padded, round_up
 from heartseg.runtime.session import OnnxSession
 from heartseg.train.cache import PreparedCase
-from heartseg.train.trainer import canonical_of
 
+from .pipeline_file import unwrap, wrap
 from .stamp import save_stamped, set_metadata, write_model
 
 MAX_DICE_DROP = 0.005
@@ -46,18 +49,31 @@ class VariantReport:
                 "max_dice_drop": MAX_DICE_DROP}
 
 
-def _save_tagged(proto, path: Path, variant: str) -> None:
+def _networks(source: Path):
+    """The networks model of a model file: a networks file's own, a pipeline file's taken back out."""
+    import onnx
+
+    return unwrap(onnx.load(str(source)), source)
+
+
+def _save_tagged(networks, path: Path, variant: str) -> None:
+    """The variant's networks wrapped in the pipeline graph, named as the variant, checked in full and written."""
+    proto = wrap(networks)
     set_metadata(proto, VARIANT_KEY, variant)
     write_model(proto, path)
 
 
 def make_fp16(source: Path, target: Path) -> Path:
-    """Weights and activations in float16; inputs and outputs stay float32 (the contract is unchanged)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """The networks' weights and activations in float16 (their inputs and outputs, and the graph around them, stay
+    float32: the contract is unchanged)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    proto = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    # Thresholds stay float32, as the probabilities they are compared with: networks taken out of a pipeline graph
+    # and wrapped again carry their thresholds into the new graph's initialisers, and networks_model compares the
+    # float32 probabilities it takes back out with those.
+    proto = convert_float_to_float16(_networks(source), keep_io_types=True,
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Greater"])
     # The converter appends the inputs' Casts after the nodes that read them: ONNX requires the nodes in
     # topological order (the full checker and onnx's reference evaluator refuse the file otherwise).
     OnnxModel.graph_topological_sort(proto.graph)
@@ -86,7 +102,8 @@ def calibration_feeds(contract: ModelContract, cases: list[PreparedCase], per_ca
 
 
 def make_int8(source: Path, target: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
-    """ONNX Runtime static quantisation (QDQ, per-channel int8 weights) calibrated on the given feeds."""
+    """The networks in ONNX Runtime static quantisation (QDQ, per-channel int8 weights) calibrated on the given
+    feeds (each stage's input)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -107,22 +124,27 @@ def make_int8(source: Path, target: Path, feeds: list[dict[str, np.ndarray]]) ->
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser logs advice at WARNING on the root logger
     try:
-        with atomic_output(target) as tmp:
-            quantize_static(str(source), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        with tempfile.TemporaryDirectory(prefix="heartseg-int8-") as folder:
+            networks, quantised = Path(folder) / "networks.onnx", Path(folder) / "int8.onnx"
+            networks.write_bytes(_networks(source).SerializeToString())
+            quantize_static(str(networks), str(quantised), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-            _save_tagged(onnx.load(str(tmp)), tmp, "int8")
+            proto = onnx.load(str(quantised))
     finally:
         root.setLevel(level)
+    with atomic_output(target) as tmp:
+        _save_tagged(proto, tmp, "int8")
     return target
 
 
 def held_out_dice(model: Path, cases: list[PreparedCase], threads: int | None = None) -> float:
-    """Mean Dice of a model file over prepared held-out cases, through the runtime's inference path."""
+    """Mean Dice of a pipeline file over prepared held-out cases (on the canonical grid), through its graph: what
+    the runtime runs."""
     session = OnnxSession(model, device="cpu", threads=threads)
     scores = []
     for case in cases:
-        prob = infer_canonical(canonical_of(case), session.contract, session.predict).prob
-        scores.append(dice_score(mask_from_prob(prob, session.contract), np.asarray(case.label)))
+        mask = session.segment(np.asarray(case.image), case.spacing).mask
+        scores.append(dice_score(mask > 0, np.asarray(case.label) > 0))
     return float(np.mean(scores))
 
 

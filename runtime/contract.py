@@ -25,8 +25,16 @@ from .qc.ranges import DEFAULT_INPUT_MARGIN, Plausibility
 # interior_rank, likewise; 6: a stage's crop context ('scan'). The QC blocks (score_calibration,
 # tta_score_calibration, and in plausibility the training scans' voxel sizes, fields of view, skewness, edge
 # sharpness and interior rank) are optional in every format from 2: a file without them loads as before.
-FORMAT_VERSION = 6
+# 7: `pipeline`, a file that is one graph from scan to mask (PIPELINE_INPUTS in, PIPELINE_OUTPUTS out); the
+# stages' ONNX names then name their networks inside it.
+FORMAT_VERSION = 7
 CONTRACT_KEY = "heartseg.contract"
+# A pipeline file's graph: the scan's voxels in RAS+ order and their voxel size in, the mask on the same grid, its
+# probabilities, the confidence score QC calibrates and the final stage's box (voxels of the scan's grid) out.
+PIPELINE_INPUTS = ("image", "spacing")
+PIPELINE_OUTPUTS = ("mask", "probability", "score", "box")
+# Its optional input: the most voxels one call of the final stage's network may take (default: no limit).
+MAX_VOXELS = "max_voxels"
 # A variant's file (fp16, int8) names what it is, and records its held-out accuracy measured at export beside the
 # model it was made from; its other metadata (cv_metrics, the threshold's calibration) is that model's.
 VARIANT_KEY = "heartseg.variant"
@@ -254,6 +262,9 @@ class ModelContract:
     # The same fitted on test-time-augmented held-out predictions (--tta), whose scores run otherwise;
     # None: --tta uses score_calibration.
     tta_score_calibration: ScoreCalibration | None = None
+    # True: the file is one graph from scan to mask; False: the stages' networks side by side (what training and
+    # the export's parity checks run, and files exported before format 7).
+    pipeline: bool = False
 
     def __post_init__(self) -> None:
         put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731
@@ -280,8 +291,9 @@ class ModelContract:
         put("stages", stages)
         put("orientation", _choice(self.orientation, "orientation", ORIENTATIONS))
         put("normalization", _choice(self.normalization, "normalization", NORMALIZATIONS))
-        if not isinstance(self.largest_component, bool):
-            raise ContractError("largest_component", f"must be true or false, got {self.largest_component!r}")
+        for key in ("largest_component", "pipeline"):
+            if not isinstance(getattr(self, key), bool):
+                raise ContractError(key, f"must be true or false, got {getattr(self, key)!r}")
         put("plausibility", check_plausibility(self.plausibility))
         if self.max_foreground_fraction is not None:
             put("max_foreground_fraction", _number(self.max_foreground_fraction, "max_foreground_fraction", 0.0, 1.0,

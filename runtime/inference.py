@@ -1,7 +1,8 @@
-"""The inference path on a canonical volume, independent of the network backend.
+"""The Python reference of the inference pipeline on a canonical volume, independent of the network backend.
 
-The runtime calls it with ONNX Runtime; training validates with the same functions and a PyTorch
-network, so both sides preprocess, crop, blend and resample identically.
+A model file runs this pipeline as one ONNX graph (export/pipeline_graph.py builds it, and the export checks it
+against this reference); training validates with these functions and PyTorch networks, and the export's
+parity checks run them with the file's networks.
 """
 
 from __future__ import annotations
@@ -187,8 +188,3 @@ def localiser_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
     """The localiser's mask: thresholded, largest component (its box is what the final stage sees)."""
     return largest_component(binarize(prob, threshold))
 
-
-def mask_from_prob(prob: np.ndarray, contract: ModelContract, threshold: float | None = None) -> np.ndarray:
-    """Binary mask with the model's own threshold (or the given one, when calibrating) and postprocessing."""
-    mask = binarize(prob, float(contract.final_stage.threshold if threshold is None else threshold))
-    return largest_component(mask) if contract.largest_component else mask

@@ -2,7 +2,7 @@
 
 The estimate counts the arrays the pipeline holds at once, per voxel of the scan and of each stage's
 grid, plus the network's activations (the contract's bytes per voxel). It is checked before any voxel
-is read, together with the spacing and field of view a model can plausibly be given.
+is read.
 """
 
 from __future__ import annotations
@@ -34,11 +34,6 @@ TILED_BYTES = 8
 HELD_BYTES = 8
 # With test-time augmentation, also the mirrored copy of the scan and the running sum of probabilities.
 TTA_HELD_BYTES = 8
-# A scan's voxels may span at most this many times the finest and coarsest stage spacings...
-SPACING_FACTOR = 8.0
-# ...and its field of view at most this many times the largest patch extent of any stage (at least MIN_FOV_MM).
-FOV_FACTOR = 2.0
-MIN_FOV_MM = 500.0
 DEFAULT_BUDGET_SHARE = 0.8
 
 
@@ -75,22 +70,17 @@ def canonical_geometry(geometry: ScanGeometry, orientation: str) -> tuple[tuple[
     return tuple(shape), tuple(spacing)
 
 
-def check_plausible(geometry: ScanGeometry, contract: ModelContract, source: str | Path) -> None:
-    """Refuse a scan whose spacing or field of view no stage of the model could plausibly handle."""
-    spacings = [s for stage in contract.stages for s in stage.spacing]
-    low, high = min(spacings) / SPACING_FACTOR, max(spacings) * SPACING_FACTOR
-    spacing = geometry.spacing
-    if any(not low <= s <= high for s in spacing):
-        shown = " x ".join(f"{s:.4g}" for s in spacing)
-        raise InputError(f"{source}: voxel spacing {shown} mm is outside what this model can segment "
-                         f"({low:.3g} to {high:.3g} mm per axis)")
-    longest = max(p * s for stage in contract.stages for p, s in zip(stage.patch_size, stage.spacing))
-    max_fov = max(MIN_FOV_MM, FOV_FACTOR * longest)
-    fov = [n * s for n, s in zip(geometry.shape, spacing)]
-    if max(fov) > max_fov:
-        shown = " x ".join(f"{f:.0f}" for f in fov)
-        raise InputError(f"{source}: field of view {shown} mm ({' x '.join(map(str, geometry.shape))} voxels) is "
-                         f"larger than this model can plausibly be given (at most {max_fov:.0f} mm per axis)")
+def largest_network_call(shape: tuple[int, ...], spacing: tuple[float, ...], contract: ModelContract) -> int:
+    """The most voxels one network call of the model's graph can take for a canonical scan: the largest stage grid
+    padded for its network, the final stage's at most its largest box (the learned extents plus its margins)."""
+    largest = 0
+    for stage in contract.stages:
+        size = target_shape(shape, spacing, stage.spacing)
+        if stage is contract.final_stage and contract.is_cascade and contract.plausibility is not None:
+            extent = max(hi for _, hi in contract.plausibility.extent_mm) + 2 * stage.crop_margin_mm
+            size = tuple(min(n, int(np.ceil(extent / s))) for n, s in zip(size, stage.spacing))
+        largest = max(largest, int(np.prod(padded_shape(size, stage.patch_size, stage.divisor), dtype=np.int64)))
+    return largest
 
 
 @dataclass(frozen=True)

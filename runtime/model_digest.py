@@ -113,6 +113,8 @@ class ModelFile:
     file_sha256: str
     external_tensors: tuple[str, ...]
     _content: Any = field(repr=False, compare=False)  # SHA-256 state over every top-level field but metadata
+    # metadata_props as a parser reads them (a repeated key: the last entry).
+    metadata: dict[str, str] = field(default_factory=dict, compare=False)
 
     def digest(self, contract: str | None) -> str:
         """The model digest (hex) of this file's content with the given contract JSON."""
@@ -126,10 +128,13 @@ def scan_model(data: bytes) -> ModelFile:
     view = memoryview(data)
     whole, content = hashlib.sha256(), hashlib.sha256()
     graphs, messages = 0, []
+    metadata: dict[str, str] = {}
     for number, wire, begin, payload, end in _fields(view, 0, len(view)):
         whole.update(view[begin:end])
         if number != METADATA_FIELD:
             content.update(view[begin:end])
+        elif wire == LENGTH_DELIMITED:
+            metadata.update([_entry(view, payload, end)])
         if wire == LENGTH_DELIMITED and number in SCHEMA["model"]:
             messages.append((payload, end, SCHEMA["model"][number]))
             graphs += number == GRAPH_FIELD
@@ -137,7 +142,16 @@ def scan_model(data: bytes) -> ModelFile:
         # A parser merges repeated message fields: which weights run would be ambiguous.
         raise DigestError("the file holds no graph" if not graphs else "the file holds more than one graph")
     external = [name for payload, end, kind in messages for name in _external_tensors(view, payload, end, kind)]
-    return ModelFile(whole.hexdigest(), tuple(external), content)
+    return ModelFile(whole.hexdigest(), tuple(external), content, metadata)
+
+
+def _entry(data: memoryview, start: int, end: int) -> tuple[str, str]:
+    """The key and value of one StringStringEntryProto (fields 1 and 2)."""
+    found = {1: "", 2: ""}
+    for number, wire, _, payload, stop in _fields(data, start, end):
+        if number in found and wire == LENGTH_DELIMITED:
+            found[number] = bytes(data[payload:stop]).decode("utf-8", "replace")
+    return found[1], found[2]
 
 
 def verify_model_digest(path: str | os.PathLike, model: ModelFile, metadata: dict[str, str]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .contract import ModelContract
 from .preprocess import mask_box
 
 
@@ -28,3 +29,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def binarize(prob: np.ndarray, threshold: float) -> np.ndarray:
     """Mask of voxels whose probability exceeds the model's calibrated threshold."""
     return (prob > threshold).astype(np.uint8)
+
+
+def mask_from_prob(prob: np.ndarray, contract: ModelContract, threshold: float | None = None) -> np.ndarray:
+    """Binary mask with the model's own threshold (or the given one, when calibrating) and postprocessing."""
+    mask = binarize(prob, float(contract.final_stage.threshold if threshold is None else threshold))
+    return largest_component(mask) if contract.largest_component else mask

@@ -100,6 +100,13 @@ def _linear_separable(data: np.ndarray, shape: tuple[int, ...], lo: np.ndarray, 
     return out if out is not data else out.copy()
 
 
+def check_contrast(data: np.ndarray) -> None:
+    """InputError for a constant image (no contrast to segment): from its extremes, a fraction of zscore's cost."""
+    low, high = float(data.min()), float(data.max())
+    if not high - low > 1e-6 * max(1.0, abs(low), abs(high)):
+        raise InputError("the image is constant (no contrast to segment)")
+
+
 def zscore(data: np.ndarray) -> np.ndarray:
     """Per-volume z-score normalisation; a constant image is an error."""
     mean = float(data.mean(dtype=np.float64))

@@ -26,12 +26,15 @@ import numpy as np
 
 from .errors import InputError, ModelError
 from .image import ScanGeometry, Volume, volume_from_array, voxel_sizes, voxel_volume_mm3
-from .inference import infer_canonical, mask_from_prob, stage_shape
-from .memory import MB, MemoryPlan, check_plausible, current_rss, default_budget, plan_memory
-from .preprocess import from_canonical, to_canonical
-from .qc import QCReport, assess, stage_box_on_native
+from .memory import MB, MemoryPlan, canonical_geometry, current_rss, default_budget, largest_network_call, plan_memory
+from .postprocess import mask_from_prob
+from .preprocess import CanonicalVolume, check_contrast, from_canonical, target_shape, to_canonical
+from .qc import QCReport, assess, refusal_reason
+from .qc.measures import Box
+from .contract import ModelContract
 from .session import OnnxSession, identity
-from .tta import infer_canonical_tta
+from .sliding_window import padded_shape
+from .tta import DEFAULT_FLIPS, flipped_average
 
 DEFAULT_MODEL_NAME = "heartseg-la.onnx"
 # The shipped model's variants, by the name --model and Segmenter(model=...) accept; "ensemble" is the fold
@@ -90,18 +93,24 @@ class Segmenter:
                  memory_limit_mb: float | None = None, max_network_voxels: int | None = None,
                  tta: bool = False) -> None:
         """memory_limit_mb bounds the whole process (default: a share of physical memory); max_network_voxels
-        forces sliding windows above that many voxels per network call; tta averages mirrored copies."""
+        runs the final stage in tiles above that many voxels per network call; tta averages mirrored copies."""
         if memory_limit_mb is not None and not (math.isfinite(memory_limit_mb) and memory_limit_mb > 0):
             raise InputError(f"--memory-limit-mb {memory_limit_mb}: must be a positive number of megabytes")
         self.session = OnnxSession(resolve_model(model), "cuda" if device == "gpu" else device, threads)
         self.contract = self.session.contract
+        if not self.contract.pipeline:
+            path = self.session.path
+            raise ModelError(f"{path}: the stages' networks without the pipeline around them (exported by an older "
+                             f"heartseg-export): upgrade it with heartseg-export --upgrade {path} NEW.onnx")
         self.tta = tta
         # What records name as the model: its file as this session opened it, whatever lies at that path later.
         self.identity = identity(self.session.file_sha256, tta)
         # --tta's masks are judged by the calibration fitted on test-time-flipped held-out cases.
         self.qc_contract = self.contract.for_qc(tta)
-        self.budget = int(memory_limit_mb * MB) if memory_limit_mb is not None else default_budget()
         self.max_network_voxels = max_network_voxels
+        self.threads = threads
+        self._tiled: OnnxSession | None = None
+        self.budget = int(memory_limit_mb * MB) if memory_limit_mb is not None else default_budget()
         self._loaded_rss = current_rss()
         if self.budget is not None and self._loaded_rss >= self.budget:
             raise InputError(f"--memory-limit-mb {self.budget / MB:g}: the process already uses "
@@ -114,7 +123,8 @@ class Segmenter:
     def plan(self, geometry: ScanGeometry, source: str | os.PathLike = "scan", *, loaded: bool = False,
              keep_prob: bool = False) -> MemoryPlan:
         """Check a scan's header against the model's plausible spacing and field of view and the memory budget."""
-        check_plausible(geometry, self.contract, source)
+        if (reason := refusal_reason(geometry.shape, geometry.spacing, self.contract)) is not None:
+            raise InputError(f"{source}: {reason}")
         baseline = max(self._loaded_rss, current_rss() - self._kept)
         return plan_memory(geometry, self.contract, self.budget, baseline=baseline, include_read=not loaded,
                            keep_prob=keep_prob, tta=self.tta, source=source)
@@ -130,53 +140,59 @@ class Segmenter:
 
     def segment(self, volume: Volume, keep_prob: bool = False) -> Prediction:
         """Segment one loaded volume; the mask lies on exactly the volume's grid."""
-        network = [0.0]
-        voxels: dict[str, int] = {}
-        calls = [0]
-
-        def timed_predict(stage_name: str, batch: np.ndarray) -> np.ndarray:
-            voxels[stage_name] = voxels.get(stage_name, 0) + int(np.prod(batch.shape[:1] + batch.shape[2:]))
-            calls[0] += 1
-            begin = time.perf_counter()
-            try:
-                return self.session.predict(stage_name, batch)
-            finally:
-                network[0] += time.perf_counter() - begin
-
         rss_before = current_rss()
         source = volume.path or "scan"
         plan = self.plan(ScanGeometry(volume.shape, volume.affine), source, loaded=True, keep_prob=keep_prob)
-        max_voxels = plan.max_network_voxels
-        if self.max_network_voxels is not None:
-            max_voxels = min(max_voxels or self.max_network_voxels, self.max_network_voxels)
+        limits = [n for n in (plan.max_network_voxels, self.max_network_voxels) if n is not None]
+        session = self._session_for(min(limits) if limits else None, volume)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         canonical = to_canonical(volume, self.contract.orientation)
-        infer = infer_canonical_tta if self.tta else infer_canonical
-        result = infer(canonical, self.contract, timed_predict, max_voxels)
-        # Resampling, normalisation and cropping happen between the network calls: all of it is preprocessing.
-        timings["preprocess"] = time.perf_counter() - start - network[0]
-        timings["network"] = network[0]
+        # The graph refuses nothing: a constant scan has no contrast to normalise, so it is refused here.
+        check_contrast(canonical.data)
+        timings["preprocess"] = time.perf_counter() - start
         start = time.perf_counter()
-        canonical_mask = mask_from_prob(result.prob, self.contract)
+        if self.tta:
+            prob, box = flipped_average(canonical.data,
+                                        lambda data: self._run(session, data, canonical.spacing))
+            canonical_mask, score = mask_from_prob(prob, self.contract), None
+        else:
+            out = session.segment(canonical.data, canonical.spacing)
+            canonical_mask, prob, box, score = out.mask, out.prob, out.box, out.score
+        timings["network"] = time.perf_counter() - start
+        start = time.perf_counter()
         mask = from_canonical(canonical_mask, canonical)
-        prob = from_canonical(result.prob, canonical) if keep_prob else None
-        box = None
-        if result.box is not None:
-            box = stage_box_on_native(result.box, canonical.data.shape,
-                                      stage_shape(canonical, self.contract.final_stage))
+        native_prob = from_canonical(prob, canonical) if keep_prob else None
         # Reorienting only permutes and mirrors axes: the scan's voxel volume (|det| of its affine) holds for QC.
-        report = assess(canonical_mask, result.prob, canonical.spacing, self.qc_contract, box,
-                        voxel_volume_mm3=voxel_volume_mm3(volume.affine), image=canonical.data)
+        report = assess(canonical_mask, prob, canonical.spacing, self.qc_contract, box,
+                        voxel_volume_mm3=voxel_volume_mm3(volume.affine), image=canonical.data, score=score)
         # "postprocess" includes QC, so that the stages add up to the total; "qc" is its share.
         timings["postprocess"] = time.perf_counter() - start
         timings["qc"] = report.seconds
-        returned = mask.nbytes + (prob.nbytes if prob is not None else 0)
+        returned = mask.nbytes + (native_prob.nbytes if native_prob is not None else 0)
         # Never more than the largest pipeline a plan allowed: growth beyond it (a caller's own arrays, a leak)
         # is memory in use, not memory kept for the next scan.
         self._largest_plan = max(self._largest_plan, plan.total_bytes)
         self._kept = min(self._largest_plan, self._kept + max(0, current_rss() - rss_before - returned))
-        return Prediction(mask, volume.affine, prob, report.flag, self.device, timings, voxels, calls[0], report)
+        calls = len(DEFAULT_FLIPS) if self.tta else 1
+        voxels = {name: n * calls for name, n in network_voxels(canonical, self.contract, box).items()}
+        return Prediction(mask, volume.affine, native_prob, report.flag, self.device, timings, voxels,
+                          calls * len(self.contract.stages), report)
+
+    @staticmethod
+    def _run(session: OnnxSession, data: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, Box | None]:
+        out = session.segment(data, spacing)
+        return out.prob, out.box
+
+    def _session_for(self, max_voxels: int | None, volume: Volume) -> OnnxSession:
+        """The model's session, or, when the final stage's largest box for this scan may not fit in max_voxels, a
+        session of the same file that runs boxes above max_voxels in tiles (kept for the scans that follow)."""
+        shape, spacing = canonical_geometry(ScanGeometry(volume.shape, volume.affine), self.contract.orientation)
+        if max_voxels is None or max_voxels >= largest_network_call(shape, spacing, self.contract):
+            return self.session
+        if self._tiled is None or self._tiled.max_voxels != max_voxels:
+            self._tiled = OnnxSession(self.session.path, self.session.device, self.threads, max_voxels=max_voxels)
+        return self._tiled
 
     def predict(self, image: Any, spacing: tuple[float, float, float] | None = None,
                 affine: np.ndarray | None = None, series: str | None = None) -> "SegmentationResult":
@@ -217,6 +233,19 @@ class Segmenter:
         return SegmentationResult(wrap(prediction.mask.astype(np.uint8)), wrap(prediction.prob.astype(np.float32)),
                                   prediction.mask, volume.affine, prediction.volume_ml, prediction.qc, timings,
                                   prediction.device, prediction.report)
+
+
+def network_voxels(canonical: CanonicalVolume, contract: ModelContract, box: Box | None) -> dict[str, int]:
+    """The voxels each stage's network processed for one scan (what FLOP counts multiply): the localiser's padded
+    grid, and the final stage's padded box (its grid when it saw the whole scan; a grown box counted once)."""
+    voxels = {}
+    for stage in contract.stages:
+        shape = target_shape(canonical.data.shape, canonical.spacing, stage.spacing)
+        if stage is contract.final_stage and box is not None:
+            scale = np.asarray(shape, float) / np.asarray(canonical.data.shape, float)
+            shape = tuple(max(1, int(round(n))) for n in (np.asarray(box[1]) - np.asarray(box[0])) * scale)
+        voxels[stage.name] = int(np.prod(padded_shape(shape, stage.patch_size, stage.divisor), dtype=np.int64))
+    return voxels
 
 
 def array_affine(shape: tuple[int, ...], spacing: tuple[float, ...] | None,

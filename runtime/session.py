@@ -6,12 +6,13 @@ import functools
 import hashlib
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .contract import CONTRACT_KEY, ContractError, ModelContract
+from .contract import CONTRACT_KEY, MAX_VOXELS, PIPELINE_INPUTS, PIPELINE_OUTPUTS, ContractError, ModelContract
 from .errors import HeartsegError, ModelError
 from .model_digest import DigestError, ModelFile, UnverifiedModelWarning, scan_model, verify_model_digest
 
@@ -74,6 +75,9 @@ def open_model(path: Path, options, providers: list[str]) -> tuple[object, Model
         raise ModelError(f"{path}: the model keeps {len(model.external_tensors)} tensor(s) in external data files "
                          f"(e.g. {model.external_tensors[0]!r}), which its digest cannot cover; heartseg runs "
                          "self-contained model files only (export the model again)")
+    if model is not None:
+        # Before ONNX Runtime parses the file: an edit that also makes the graph unloadable is still named as one.
+        verify_model_digest(path, model, model.metadata)
     try:
         session = ort.InferenceSession(data, options, providers=providers)
     except Exception as exc:
@@ -111,6 +115,15 @@ def check_graph(contract: ModelContract, inputs, outputs) -> None:
     """The contract's input and output names against the graph's (ONNX Runtime NodeArg lists)."""
     graph_inputs = {i.name: i for i in inputs}
     graph_outputs = {o.name for o in outputs}
+    if contract.pipeline:
+        if set(graph_inputs) != set(PIPELINE_INPUTS):
+            raise ContractError("pipeline", f"a pipeline graph takes the inputs {', '.join(PIPELINE_INPUTS)}, "
+                                f"this one {', '.join(sorted(graph_inputs))}")
+        missing = [name for name in PIPELINE_OUTPUTS if name not in graph_outputs]
+        if missing:
+            raise ContractError("pipeline", f"a pipeline graph has the outputs {', '.join(PIPELINE_OUTPUTS)}; "
+                                f"{', '.join(missing)} missing")
+        return
     for index, stage in enumerate(contract.stages):
         where = f"stages[{index}]"
         if stage.input_name not in graph_inputs:
@@ -130,10 +143,23 @@ def check_graph(contract: ModelContract, inputs, outputs) -> None:
         raise ContractError("stages", f"graph inputs {sorted(extra)} belong to no stage")
 
 
+@dataclass
+class PipelineOutput:
+    """What a pipeline graph returns for one scan: all on the scan's canonical grid."""
+
+    mask: np.ndarray
+    prob: np.ndarray
+    score: float
+    box: tuple[np.ndarray, np.ndarray] | None
+
+
 class OnnxSession:
     """An ONNX Runtime session for a heartseg model file."""
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 max_voxels: int | None = None) -> None:
+        """max_voxels (pipeline files): the most voxels one call of the final stage's network may take, larger boxes
+        running in tiles (None: the file's own value, no limit)."""
         ort = _ort()
         self.path = Path(path)
         if not self.path.is_file():
@@ -145,6 +171,11 @@ class OnnxSession:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if max_voxels is not None:
+            # Overrides the graph's initialiser; ONNX Runtime reads it from this value, which must outlive the session.
+            self._max_voxels = ort.OrtValue.ortvalue_from_numpy(np.asarray(int(max_voxels), np.int64))
+            options.add_initializer(MAX_VOXELS, self._max_voxels)
+        self.max_voxels = max_voxels
         self._session, model = open_model(self.path, options, providers)
         self.contract, self.metadata = _contract_of(self.path, self._session, model)
         # The identity of the file as run (its every byte, metadata included), for records of what made a mask.
@@ -156,7 +187,21 @@ class OnnxSession:
             name: np.zeros((1, 1) + (self.contract.stages[0].divisor,) * 3, np.float32) for name in self._inputs
         }
 
+    def segment(self, image: np.ndarray, spacing: tuple[float, float, float]) -> PipelineOutput:
+        """A pipeline file's graph on a scan's voxels in the model's orientation (RAS+) and their voxel size."""
+        if not self.contract.pipeline:
+            raise HeartsegError(f"{self.path}: the stages' networks only; OnnxSession.predict runs them one stage at "
+                                "a time")
+        feeds = {PIPELINE_INPUTS[0]: np.ascontiguousarray(image, dtype=np.float32),
+                 PIPELINE_INPUTS[1]: np.asarray(spacing, dtype=np.float32)}
+        mask, prob, score, box = self._session.run(list(PIPELINE_OUTPUTS), feeds)
+        lo, hi = np.asarray(box[0], float), np.asarray(box[1], float)
+        # An empty box says the final stage saw the whole scan.
+        return PipelineOutput(mask, prob, float(score), (lo, hi) if np.any(hi > lo) else None)
+
     def _run(self, stage_name: str, batch: np.ndarray, output: str) -> np.ndarray:
+        if self.contract.pipeline:
+            raise HeartsegError(f"{self.path}: a pipeline file runs whole scans (OnnxSession.segment), not one stage")
         stage = self.contract.stage(stage_name)
         if batch.ndim != 5 or any(int(s) % stage.divisor for s in batch.shape[2:]):
             raise HeartsegError(f"stage {stage_name!r} accepts (N, 1, X, Y, Z) inputs whose spatial sizes are "

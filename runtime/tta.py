@@ -6,7 +6,7 @@ and its probabilities mirrored back before averaging. It costs one full inferenc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -54,3 +54,23 @@ def infer_canonical_tta(canonical: CanonicalVolume, contract: ModelContract, pre
     total /= float(len(flips))
     box = (np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)) if boxes else None
     return CanonicalResult(total, box)
+
+
+def flipped_average(data: np.ndarray, run: Callable[[np.ndarray], tuple[np.ndarray, Box | None]],
+                    flips: Sequence[tuple[int, ...]] = DEFAULT_FLIPS) -> tuple[np.ndarray, Box | None]:
+    """A model file's probabilities averaged over mirrored copies of a canonical scan, and the union of the boxes
+    its final stage looked in (on the scan's grid); run maps a copy to its probabilities and box."""
+    total: np.ndarray | None = None
+    boxes: list[Box] = []
+    for axes in flips:
+        axes = tuple(int(a) for a in axes)
+        prob, box = run(np.ascontiguousarray(np.flip(data, axes)) if axes else data)
+        prob = np.flip(prob, axes) if axes else prob
+        total = prob.astype(np.float32, copy=True) if total is None else total + prob
+        if box is not None:
+            boxes.append(_unflip_box(box, axes, data.shape))
+    if total is None:
+        raise ValueError("test-time augmentation needs at least one copy")
+    total /= float(len(flips))
+    box = (np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)) if boxes else None
+    return total, box

@@ -53,6 +53,18 @@ def cascade_model(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def single_networks(model_dir: Path) -> Path:
+    """single_model's network alone, without the pipeline graph around it (what the Python reference runs)."""
+    return build_test_model(model_dir / "single-networks.onnx", bias=TEST_MODEL_BIAS, pipeline=False)
+
+
+@pytest.fixture(scope="session")
+def cascade_networks(model_dir: Path) -> Path:
+    """cascade_model's two networks side by side, without the pipeline graph around them."""
+    return build_test_model(model_dir / "cascade-networks.onnx", cascade=True, bias=TEST_MODEL_BIAS, pipeline=False)
+
+
+@pytest.fixture(scope="session")
 def no_contract_model(model_dir: Path) -> Path:
     """A valid ONNX file without the heartseg contract in its metadata."""
     return build_test_model(model_dir / "no_contract.onnx", with_contract=False)

@@ -8,6 +8,7 @@ is seen in, so whole-volume and sliding-window inference must agree up to roundi
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -30,8 +31,9 @@ def _onnx():
 
 
 def _stage_nodes(prefix: str, input_name: str, prob_name: str, mask_name: str, scale: float, bias: float,
-                 threshold: float) -> tuple[list, list]:
-    """Nodes and constant initialisers of one pointwise stage."""
+                 threshold: float, smooth: bool = False) -> tuple[list, list]:
+    """Nodes and constant initialisers of one pointwise stage (smooth: a 3x3x3 mean filter first, with zero
+    padding, so that the stage sees its neighbours and the edges of what it is given, as a network does)."""
     onnx = _onnx()
     helper, TensorProto = onnx.helper, onnx.TensorProto
     p = f"{prefix}_" if prefix else ""
@@ -40,7 +42,12 @@ def _stage_nodes(prefix: str, input_name: str, prob_name: str, mask_name: str, s
         helper.make_tensor(f"{p}bias", TensorProto.FLOAT, [], [float(bias)]),
         helper.make_tensor(f"{p}threshold", TensorProto.FLOAT, [], [float(threshold)]),
     ]
-    nodes = [
+    nodes = []
+    if smooth:
+        inits.append(helper.make_tensor(f"{p}kernel", TensorProto.FLOAT, [1, 1, 3, 3, 3], [1.0 / 27] * 27))
+        nodes.append(helper.make_node("Conv", [input_name, f"{p}kernel"], [f"{p}smoothed"], pads=[1] * 6))
+        input_name = f"{p}smoothed"
+    nodes += [
         helper.make_node("Mul", [input_name, f"{p}scale"], [f"{p}scaled"]),
         helper.make_node("Add", [f"{p}scaled", f"{p}bias"], [f"{p}logits"]),
         helper.make_node("Sigmoid", [f"{p}logits"], [prob_name]),
@@ -59,8 +66,14 @@ def _value(name: str, elem_type: int, prefix: str):
 def build_test_model(path: str | Path, *, cascade: bool = False, threshold: float = 0.5, scale: float = 1.0,
                      bias: float = 0.0, with_contract: bool = True, spacing=(1.25, 1.25, 1.37),
                      coarse_spacing=(5.0, 5.0, 5.0), contract_fields: dict | None = None,
-                     edit_contract=None) -> Path:
+                     edit_contract=None, pipeline: bool = True, smooth: bool = False,
+                     context: str = "pad", margin_mm: float = 15.0, localiser_threshold: float | None = None) -> Path:
     """Write a pointwise heartseg test model (single stage or two-stage cascade) and return its path.
+
+    pipeline: the end-to-end graph heartseg-export writes (what the runtime runs); False: the stages' networks
+    side by side (what the Python reference path and per-stage checks run). smooth: stages that see their
+    neighbours (see _stage_nodes); context and margin_mm: the final stage's crop context and margin;
+    localiser_threshold: the localiser's own (default: threshold).
 
     contract_fields: further ModelContract fields (plausibility, score_calibration, ...). edit_contract, when
     given, receives the contract's dict form and may change it in place before it is written (to make models
@@ -71,26 +84,34 @@ def build_test_model(path: str | Path, *, cascade: bool = False, threshold: floa
     path = Path(path)
     if cascade:
         names = [("coarse", "coarse_image", "coarse_prob", "coarse_mask", coarse_spacing, 0.0, "localiser"),
-                 ("fine", "fine_image", "fine_prob", "fine_mask", spacing, 15.0, "segmenter")]
+                 ("fine", "fine_image", "fine_prob", "fine_mask", spacing, margin_mm, "segmenter")]
     else:
         names = [("single", "image", "prob", "mask", spacing, 0.0, "segmenter")]
     nodes, inits, inputs, outputs, stages = [], [], [], [], []
     for stage, input_name, prob_name, mask_name, stage_spacing, margin, role in names:
         prefix = stage if cascade else ""
-        stage_nodes, stage_inits = _stage_nodes(prefix, input_name, prob_name, mask_name, scale, bias, threshold)
+        stage_nodes, stage_inits = _stage_nodes(prefix, input_name, prob_name, mask_name, scale, bias, threshold,
+                                                smooth)
         nodes += stage_nodes
         inits += stage_inits
         inputs.append(_value(input_name, TensorProto.FLOAT, prefix))
         outputs += [_value(prob_name, TensorProto.FLOAT, prefix), _value(mask_name, TensorProto.UINT8, prefix)]
+        own = localiser_threshold if role == "localiser" and localiser_threshold is not None else threshold
         stages.append(StageContract(name=stage, spacing=tuple(stage_spacing), patch_size=PATCH, divisor=DIVISOR,
-                                    threshold=float(threshold), crop_margin_mm=margin, input_name=input_name,
-                                    prob_name=prob_name, mask_name=mask_name, role=role))
+                                    threshold=float(own), crop_margin_mm=margin, input_name=input_name,
+                                    prob_name=prob_name, mask_name=mask_name, role=role,
+                                    context=context if role == "segmenter" else "pad"))
     graph = helper.make_graph(nodes, "heartseg_pointwise_test", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="heartseg-tests")
     model.ir_version = 8  # readable by every ONNX Runtime >= 1.17
     if with_contract:
         contract = ModelContract(stages=stages, info={"source": "tests/onnx_models.py", "kind": "pointwise"},
                                  **(contract_fields or {}))
+        if pipeline:
+            from heartseg.export.pipeline_graph import build_pipeline
+
+            model = build_pipeline(model, contract)
+            contract = replace(contract, pipeline=True)
         contract_dict = contract.to_dict()
         if edit_contract is not None:
             edit_contract(contract_dict)

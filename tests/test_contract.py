@@ -102,12 +102,17 @@ BAD_CONTRACTS = [
     ("plausibility-input-margin", _set("plausibility", {"volume_ml": [1, 10], "extent_mm": EXTENTS,
                                                         "input_margin": 0.5}),
      "plausibility.input_margin"),
+    ("networks-claiming-pipeline", _set("pipeline", True), "pipeline"),
+    ("pipeline-not-boolean", _set("pipeline", "yes"), "pipeline"),
 ]
+# Cases about the stages' own ONNX names, which only a file of the networks side by side exposes as its inputs and
+# outputs: built without the pipeline graph around them.
+NETWORKS_CASES = {"unknown-output", "unknown-input", "networks-claiming-pipeline"}
 
 
-@pytest.mark.parametrize("edit,field", [c[1:] for c in BAD_CONTRACTS], ids=[c[0] for c in BAD_CONTRACTS])
-def test_bad_contract_is_refused_when_the_model_opens(tmp_path: Path, run_cli, edit, field: str) -> None:
-    model = build_test_model(tmp_path / "bad.onnx", cascade=True, edit_contract=edit)
+@pytest.mark.parametrize("case,edit,field", BAD_CONTRACTS, ids=[c[0] for c in BAD_CONTRACTS])
+def test_bad_contract_is_refused_when_the_model_opens(tmp_path: Path, run_cli, case: str, edit, field: str) -> None:
+    model = build_test_model(tmp_path / "bad.onnx", cascade=True, edit_contract=edit, pipeline=case not in NETWORKS_CASES)
     scan, _ = make_scan(tmp_path / "scans" / "s.nii.gz")
     out = tmp_path / "out"
     result = run_cli(infer_app, scan, "-o", out, "--model", model)
@@ -318,11 +323,11 @@ def test_a_damaged_byte_in_the_weights_is_refused(tmp_path: Path) -> None:
     """A single flipped bit in a stored weight (the file still loads in ONNX Runtime) is caught without onnx."""
     import struct
 
-    model = build_test_model(tmp_path / "m.onnx", scale=1.75)
+    model = build_test_model(tmp_path / "m.onnx", scale=1.8173)
     data = bytearray(model.read_bytes())
-    weight = struct.pack("<f", 1.75)
+    weight = struct.pack("<f", 1.8173)
     assert data.count(weight) == 1
-    data[data.index(weight) + 3] ^= 0x01  # a bit of the exponent: 1.75 becomes 0.4375
+    data[data.index(weight) + 3] ^= 0x01  # a bit of the exponent: 1.8173 becomes about 0.454
     model.write_bytes(bytes(data))
     with pytest.raises(ModelError, match="altered or damaged"):
         read_contract(model)

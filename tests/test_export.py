@@ -11,6 +11,7 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +24,7 @@ import pytest
 import torch
 from conftest import unwrapped
 from heartseg.export.cli import app
+from heartseg.export.pipeline_file import networks_file
 from heartseg.runtime.contract import ModelContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.formats.nifti import load_volume
@@ -76,14 +78,19 @@ def _fine_input(trained_run, contract: ModelContract, name: str = SCAN) -> np.nd
 
 def test_parity_report_within_tolerances(exported):
     report = json.loads(exported.with_name("M.parity.json").read_text())
-    whats = [r["what"] for r in report]
+    # PyTorch against ONNX Runtime on the networks; then the pipeline graph against the reference pipeline.
+    networks = [r for r in report if not r["what"].endswith(": pipeline graph")]
+    graph = [r for r in report if r["what"].endswith(": pipeline graph")]
+    whats = [r["what"] for r in networks]
     assert any(w.startswith("coarse") for w in whats) and any(w.startswith("fine") for w in whats)
     assert any(w.startswith(SCAN) for w in whats), whats
-    assert len(report) == 3
-    for r in report:
+    assert len(networks) == 3
+    for r in networks:
         assert r["ok"] is True, r
         assert r["max_abs_diff"] <= 1e-4, r
         assert r["mask_agreement"] >= 0.9999, r
+    assert [r["what"] for r in graph] == [f"{SCAN}: pipeline graph"]
+    assert graph[0]["ok"] is True and graph[0]["dice"] >= 0.995, graph
 
 
 def test_parity_refuses_a_file_that_computes_something_else(trained_run, exported):
@@ -92,12 +99,13 @@ def test_parity_refuses_a_file_that_computes_something_else(trained_run, exporte
     from heartseg.export.parity import ParityError, check_parity
 
     model = load_trained_model(trained_run.model)
-    assert all(r.ok for r in check_parity(model, exported, [trained_run.data / "imagesTr" / SCAN], threads=1))
-    with torch.no_grad():
-        for parameter in model.networks["fine"].parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    with pytest.raises(ParityError, match="fine: random input"):
-        check_parity(model, exported, threads=1)
+    with networks_file(exported) as networks:
+        assert all(r.ok for r in check_parity(model, networks, [trained_run.data / "imagesTr" / SCAN], threads=1))
+        with torch.no_grad():
+            for parameter in model.networks["fine"].parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        with pytest.raises(ParityError, match="fine: random input"):
+            check_parity(model, networks, threads=1)
 
 
 def test_scan_tolerance_is_wider_than_the_random_input_one():
@@ -128,7 +136,8 @@ def test_batchnorm_is_folded_into_the_convolutions(trained_run, tmp_path):
 
 
 def test_graph_is_thresholded(exported):
-    model = onnx.load(str(exported))
+    with networks_file(exported) as networks:
+        model = onnx.load(str(networks))
     ops = {node.op_type for node in model.graph.node}
     assert "BatchNormalization" not in ops
     assert {"Sigmoid", "Greater", "Conv"} <= ops
@@ -143,7 +152,8 @@ def test_dynamic_spatial_axes(exported):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+    with networks_file(exported) as networks:
+        session = ort.InferenceSession(str(networks), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for shape in [(1, 1, 16, 16, 16), (2, 1, 24, 8, 32)]:
         x = rng.standard_normal(shape).astype(np.float32)
@@ -156,7 +166,8 @@ def test_dynamic_spatial_axes(exported):
 
 
 def test_unaccepted_size_is_a_clear_error(exported):
-    session = OnnxSession(exported, device="cpu", threads=1)
+    with networks_file(exported) as networks:
+        session = OnnxSession(networks, device="cpu", threads=1)
     with pytest.raises(HeartsegError, match="multiples? of 8"):
         session.predict("fine", np.zeros((1, 1, 12, 16, 16), np.float32))
     with pytest.raises(HeartsegError, match="multiples? of 8"):
@@ -178,7 +189,8 @@ def test_baked_threshold_follows_the_checkpoint(exported, trained_run, checkpoin
     result = _export(altered_pt, altered)
     assert result.exit_code == 0, result.output
 
-    a, b = OnnxSession(exported, device="cpu", threads=1), OnnxSession(altered, device="cpu", threads=1)
+    with networks_file(exported) as networks_a, networks_file(altered) as networks_b:
+        a, b = OnnxSession(networks_a, device="cpu", threads=1), OnnxSession(networks_b, device="cpu", threads=1)
     assert a.contract.final_stage.threshold == original and b.contract.final_stage.threshold == changed
     x = _fine_input(trained_run, a.contract)
     prob_a, prob_b = a.predict("fine", x), b.predict("fine", x)
@@ -199,7 +211,8 @@ def test_baked_threshold_follows_the_checkpoint(exported, trained_run, checkpoin
 def test_metadata_round_trip(exported, trained_run, checkpoint):
     contract, meta = read_contract(exported)
     expected = ModelContract.from_dict(checkpoint["contract"])
-    assert contract == expected
+    # The file is the pipeline around the checkpoint's networks: its contract is the checkpoint's, as a pipeline's.
+    assert contract == replace(expected, pipeline=True)
     assert [s.threshold for s in contract.stages] == [s["threshold"] for s in checkpoint["contract"]["stages"]]
     assert contract.stage("fine").patch_size == (16, 16, 16)
     assert contract.stage("coarse").spacing == (4.0, 4.0, 4.0)
@@ -440,7 +453,7 @@ def test_fp16_and_int8_variants_are_measured_on_held_out_cases(trained_run, tmp_
         assert {k: recorded[k] for k in ("dice_fp32", "dice_variant", "cases")} == \
             {k: report[k] for k in ("dice_fp32", "dice_variant", "cases")}
         assert report["size_mb"] == path.stat().st_size / 1e6
-        assert read_contract(path)[0] == read_contract(out)[0]
+        assert read_contract(path)[0] == read_contract(out)[0] and read_contract(path)[0].pipeline
         assert report["variant"] in unwrapped(result.output)
     # The int8 file stores int8 weights: it must be markedly smaller than the fp32 one.
     assert Path(reports[1]["path"]).stat().st_size < 0.6 * out.stat().st_size
@@ -468,6 +481,47 @@ def fresh_variants(exported, tmp_path_factory) -> dict[str, Path]:
              for _ in range(2)]
     return {"fp16": make_fp16(exported, folder / "M.fp16.onnx"),
             "int8": make_int8(exported, folder / "M.int8.onnx", feeds)}
+
+
+def test_variants_are_pipeline_files_around_their_rounded_networks(exported, fresh_variants, trained_run):
+    from heartseg.runtime.contract import PIPELINE_INPUTS, PIPELINE_OUTPUTS
+    from heartseg.runtime.inference import infer_canonical
+    from heartseg.runtime.postprocess import mask_from_prob
+    from heartseg.runtime.metrics import dice_score
+    from onnx import numpy_helper
+
+    fp32 = onnx.load(str(exported))
+    graph_constants = {t.name for t in fp32.graph.initializer if t.name.startswith("const/")}
+    assert graph_constants
+    fp32_session = OnnxSession(exported, device="cpu", threads=1)
+    canonical = to_canonical(load_volume(trained_run.data / "imagesTr" / SCAN), "RAS")
+    reference = fp32_session.segment(canonical.data, canonical.spacing).mask > 0
+    for variant, path in fresh_variants.items():
+        proto = onnx.load(str(path))
+        defaults = {t.name for t in proto.graph.initializer}
+        assert [i.name for i in proto.graph.input if i.name not in defaults] == list(PIPELINE_INPUTS), variant
+        assert [o.name for o in proto.graph.output] == list(PIPELINE_OUTPUTS), variant
+        assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in proto.graph.input
+                   if i.name in PIPELINE_INPUTS)
+        weights = {t.name: t for t in proto.graph.initializer}
+        # The graph around the networks computes in float32 whatever the networks' precision.
+        assert all(weights[name].data_type != onnx.TensorProto.FLOAT16 for name in graph_constants if name in weights)
+        if variant == "fp16":
+            assert weights["heads.1.network.head.weight"].data_type == onnx.TensorProto.FLOAT16
+        else:
+            kernels = [t for t in proto.graph.initializer
+                       if t.data_type == onnx.TensorProto.INT8 and numpy_helper.to_array(t).ndim == 5]
+            assert len(kernels) >= 10, len(kernels)
+        session = OnnxSession(path, device="cpu", threads=1)
+        assert session.contract.pipeline
+        mask = session.segment(canonical.data, canonical.spacing).mask > 0
+        # The networks inside come back out of the graph and run on their own as the runtime's reference does.
+        with networks_file(path) as networks:
+            inside = OnnxSession(networks, device="cpu", threads=1)
+            expected = mask_from_prob(infer_canonical(canonical, inside.contract, inside.predict).prob, inside.contract)
+        assert dice_score(mask, expected > 0) >= 0.995, variant
+        if variant == "fp16":  # (the int8 one here is calibrated on noise: its accuracy is measured elsewhere)
+            assert dice_score(mask, reference) > 0.9
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp16", "int8"])

@@ -311,13 +311,13 @@ def _segmenter_whose_network_grows(model: Path, monkeypatch: pytest.MonkeyPatch,
     probe = segmenter_module.Segmenter(model, device="cpu", threads=1, memory_limit_mb=10_000)
     need = probe.plan(ScanGeometry(volume.shape, volume.affine), loaded=True).total_bytes
     seg = segmenter_module.Segmenter(model, device="cpu", threads=1, memory_limit_mb=(rss["now"] + 1.5 * need) / 2**20)
-    real_infer = segmenter_module.infer_canonical
+    real_segment = segmenter_module.OnnxSession.segment
 
-    def infer_that_grows(*args, **kwargs):
+    def segment_that_grows(*args, **kwargs):
         rss["now"] += int(growth * need)
-        return real_infer(*args, **kwargs)
+        return real_segment(*args, **kwargs)
 
-    monkeypatch.setattr(segmenter_module, "infer_canonical", infer_that_grows)
+    monkeypatch.setattr(segmenter_module.OnnxSession, "segment", segment_that_grows)
     return seg, volume, rss, need
 
 

@@ -90,8 +90,8 @@ def test_resample_identity_and_shape() -> None:
 
 
 @pytest.mark.parametrize("shape", [(37, 50, 29), (70, 45, 83), (8, 64, 17)])
-def test_whole_equals_tiled(single_model: Path, shape) -> None:
-    session = OnnxSession(single_model, device="cpu", threads=1)
+def test_whole_equals_tiled(single_networks: Path, shape) -> None:
+    session = OnnxSession(single_networks, device="cpu", threads=1)
 
     def predict(batch: np.ndarray) -> np.ndarray:
         return session.predict("single", batch)
@@ -145,8 +145,8 @@ def _tiled_with_uniform_weights(volume: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("stage", ["coarse", "fine"])
-def test_whole_equals_tiled_cascade_stages(cascade_model: Path, stage: str) -> None:
-    session = OnnxSession(cascade_model, device="cpu", threads=1)
+def test_whole_equals_tiled_cascade_stages(cascade_networks: Path, stage: str) -> None:
+    session = OnnxSession(cascade_networks, device="cpu", threads=1)
     volume = np.random.default_rng(1).standard_normal((30, 41, 26)).astype(np.float32)
     whole = predict_whole(volume, lambda b: session.predict(stage, b), 8)
     tiled = predict_tiled(volume, lambda b: session.predict(stage, b), (16, 16, 16), 8)

@@ -106,6 +106,58 @@ def test_shipped_model_passes_the_full_onnx_checker(name):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_model_is_one_graph_from_scan_to_mask(name):
+    """What the runtime runs: the scan's voxels (RAS+) and their size in; mask, probabilities, score and box out."""
+    import onnxruntime as ort
+
+    from heartseg.runtime.contract import FORMAT_VERSION, PIPELINE_INPUTS, PIPELINE_OUTPUTS
+
+    contract, meta = read_contract(MODELS / name)
+    assert contract.pipeline is True and contract.format_version == FORMAT_VERSION == 7
+    assert meta["heartseg.format_version"] == "7"
+    session = ort.InferenceSession(str(MODELS / name), providers=["CPUExecutionProvider"])
+    inputs = {i.name: (i.type, len(i.shape)) for i in session.get_inputs()}
+    assert {k: inputs[k] for k in PIPELINE_INPUTS} == {"image": ("tensor(float)", 3), "spacing": ("tensor(float)", 1)}
+    outputs = {o.name: (o.type, o.shape) for o in session.get_outputs()}
+    assert [o.name for o in session.get_outputs()] == list(PIPELINE_OUTPUTS)
+    assert outputs["mask"][0] == "tensor(uint8)" and len(outputs["mask"][1]) == 3
+    assert outputs["probability"][0] == "tensor(float)" and len(outputs["probability"][1]) == 3
+    assert outputs["score"] == ("tensor(float)", []) and outputs["box"] == ("tensor(float)", [2, 3])
+    # Dynamic shapes: any scan size in, the same size out; nothing else to feed.
+    image = session.get_inputs()[0].shape
+    assert sorted(inputs) == sorted(PIPELINE_INPUTS) and all(isinstance(d, str) for d in image)
+    assert outputs["mask"][1] == outputs["probability"][1] == image and session.get_inputs()[1].shape == [3]
+
+
+def test_the_shipped_parity_reports_record_the_graph_on_their_scans():
+    """Each report: ONNX Runtime against PyTorch on the networks inside the file, then the file's graph against the
+    reference pipeline with those networks on the same scans."""
+    for report in ("heartseg-la.parity.json", "heartseg-la.ensemble.parity.json"):
+        rows = json.loads((MODELS / report).read_text())
+        scans = [r["what"].removesuffix(": whole pipeline") for r in rows if r["what"].endswith(": whole pipeline")]
+        graph = {r["what"].removesuffix(": pipeline graph"): r for r in rows if r["what"].endswith(": pipeline graph")}
+        assert scans and sorted(graph) == sorted(scans), (report, scans, sorted(graph))
+        for row in graph.values():
+            assert row["min_dice"] == 0.995 and row["ok"] == (row["dice"] >= row["min_dice"]), row
+            assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["mask_agreement"] <= 1.0
+    fp32 = json.loads((MODELS / "heartseg-la.parity.json").read_text())
+    assert all(r["ok"] for r in fp32), fp32
+
+
+@pytest.mark.parametrize("variant", ["fp16", "int8"])
+def test_the_variants_report_is_what_each_variant_file_records(variant):
+    (report,) = [r for r in json.loads((MODELS / "heartseg-la.variants.json").read_text()) if r["variant"] == variant]
+    path = MODELS / Path(report["path"]).name
+    contract, meta = read_contract(path)
+    # Measured through the file's own graph, what the runtime runs (the fp32 Dice beside it likewise).
+    assert contract.pipeline
+    recorded = json.loads(meta["heartseg.variant_metrics"])
+    assert {k: recorded[k] for k in ("cases", "dice_fp32", "dice_variant", "dice_change", "within_tolerance")} == \
+        {k: report[k] for k in ("cases", "dice_fp32", "dice_variant", "dice_change", "within_tolerance")}
+    assert report["size_mb"] == path.stat().st_size / 1e6
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_model_records_the_digest_of_its_own_graph_and_contract(name):
     import warnings
 

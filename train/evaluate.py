@@ -8,7 +8,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from heartseg.runtime.contract import ModelContract
-from heartseg.runtime.inference import StagePredictFn, infer_canonical, localiser_mask, mask_from_prob
+from heartseg.runtime.inference import StagePredictFn, infer_canonical, localiser_mask
+from heartseg.runtime.postprocess import mask_from_prob
 from heartseg.runtime.metrics import compute_metrics, dice_score
 from heartseg.runtime.qc import (
     CALIBRATED_SCORES,

@@ -1,14 +1,16 @@
 """Reading an exported model file back into trainable networks: the weights of every stage from the ONNX
-initializers, checked against ONNX Runtime before anything trains from them."""
+initializers, checked against ONNX Runtime before anything trains from them. A pipeline file's networks are taken
+back out of its graph first (their initialisers keep their names there)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from heartseg.runtime.contract import StageContract
+from heartseg.runtime.contract import ModelContract, StageContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.session import OnnxSession
 from torch import nn
@@ -41,6 +43,45 @@ def _conv_nodes(proto, head: int) -> dict[str, list[str]]:
         if node.op_type in ("Conv", "ConvTranspose") and node.name.startswith(prefix):
             nodes[node.name.rsplit("/", 2)[-2]] = list(node.input[1:])
     return nodes
+
+
+def _forward_order(net: nn.Module, divisor: int) -> list[str]:
+    """The network's convolutions by module path, in the order a forward pass calls them: the order of their nodes
+    in the graph the exporter traced."""
+    order: list[str] = []
+    hooks = [module.register_forward_hook(lambda *_, name=name: order.append(name))
+             for name, module in net.named_modules() if isinstance(module, _CONV)]
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros((1, 1) + (2 * divisor,) * 3))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
+
+
+def _upstream(proto, output: str) -> list:
+    """The nodes that compute output, in graph order."""
+    producers = {name: node for node in proto.graph.node for name in node.output}
+    needed, stack = set(), [output]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(node.input)
+    return [node for node in proto.graph.node if id(node) in needed]
+
+
+def _name_convolutions(proto, head: int, stage: StageContract, net: nn.Module, path: Path) -> None:
+    """Name a stage's convolutions in networks taken out of a pipeline graph (which renames its nodes) as the
+    exporter named them after their modules, matching the graph's order to the network's call order."""
+    convs = [node for node in _upstream(proto, stage.prob_name) if node.op_type in ("Conv", "ConvTranspose")]
+    order = _forward_order(net, stage.divisor)
+    if len(convs) != len(order):
+        raise HeartsegError(f"{path}: stage {stage.name!r} has {len(convs)} convolutions, the network its metadata "
+                            f"describes {len(order)} (a file not written by heartseg-export)")
+    for node, name in zip(convs, order):
+        node.name = f"/heads.{head}/network/{name}/{node.op_type}"
 
 
 def _stage_state(net: nn.Module, proto, head: int, arrays: dict[str, np.ndarray], path: Path) -> dict:
@@ -112,8 +153,6 @@ def _metadata_json(path: Path, meta: dict[str, str], key: str) -> dict:
 def read_onnx_model(path: str | Path) -> ModelCheckpoint:
     """An exported heartseg model file as a checkpoint: its contract, metadata and every stage's weights, the
     rebuilt networks checked to reproduce the file's probabilities."""
-    from onnx import numpy_helper
-
     path = Path(path)
     if not path.is_file():
         raise HeartsegError(f"{path}: model file not found")
@@ -123,6 +162,24 @@ def read_onnx_model(path: str | Path) -> ModelCheckpoint:
         raise HeartsegError(f"{path}: a {meta['heartseg.variant']} variant, whose weights are rounded: give the "
                             "float32 file it was made from")
     proto = _onnx_proto(path)
+    if not contract.pipeline:
+        return _read_networks(path, proto, session, contract, meta, pipeline=False)
+    from heartseg.export.pipeline_file import temporary_model, unwrap
+
+    networks = unwrap(proto, path)
+    # The per-stage parity check runs the networks inside the graph on their own.
+    with temporary_model(networks, path.name) as networks_path:
+        session = OnnxSession(networks_path, device="cpu", threads=1)
+    # What reads back is the networks: a model.pt made from them exports a pipeline anew.
+    return _read_networks(path, networks, session, replace(contract, pipeline=False), meta, pipeline=True)
+
+
+def _read_networks(path: Path, proto, session: OnnxSession, contract: ModelContract, meta: dict[str, str],
+                   pipeline: bool) -> ModelCheckpoint:
+    """read_onnx_model on the networks model of the file, which session runs one stage at a time (pipeline: taken
+    out of a pipeline graph, its convolutions not yet named)."""
+    from onnx import numpy_helper
+
     arrays = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
     try:
         unets = {name: UNetConfig.from_dict(config) for name, config in json.loads(meta["heartseg.network"]).items()}
@@ -136,6 +193,8 @@ def read_onnx_model(path: str | Path) -> ModelCheckpoint:
             raise HeartsegError(f"{path}: stage {stage.name!r} is an ensemble of several networks, which are not "
                                 "read back from an exported file (give one of its members' model.pt)")
         net = build_unet(unets[stage.name])
+        if pipeline:
+            _name_convolutions(proto, head, stage, net, path)
         state = _stage_state(net, proto, head, arrays, path)
         try:
             net.load_state_dict(state)

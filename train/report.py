@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from heartseg.runtime.contract import ModelContract
-from heartseg.runtime.inference import mask_from_prob
+from heartseg.runtime.postprocess import mask_from_prob
 from heartseg.runtime.overlay import require_pyplot, save_overlay
 
 from .cache import PreparedCase

@@ -5,6 +5,7 @@
 * calibration.py: the confidence score and its calibration into an estimated Dice (ScoreCalibration);
 * evidence.py: the measures of one mask, taken once into one record (Evidence);
 * rules.py: the rules over the evidence, the one rule list and its run-time and calibration profiles;
+* refusal.py: the voxel spacing and field of view beyond which a scan is refused, from the same ranges;
 * report.py: assess (the run-time verdict) and its QCReport.
 """
 
@@ -34,6 +35,7 @@ from .measures import (
     scan_geometry,
 )
 from .ranges import DEFAULT_INPUT_MARGIN, Plausibility, RangeConfig, learn_plausibility, scans_plausibility
+from .refusal import max_fov_mm, refusal_reason, spacing_bounds
 from .report import VERDICTS, QCReport, assess, stage_box_on_native
 from .rules import (
     CALIBRATION_RULES,
@@ -51,6 +53,7 @@ __all__ = [
     "VERDICTS", "Evidence", "FitConfig", "MeasureConfig", "Plausibility", "QCConfig", "QCReport", "RangeConfig",
     "ScoreCalibration", "Standards", "assess", "bounding_slices", "component_sizes", "face_shares",
     "fit_score_calibration", "gather", "image_sharpness", "input_reasons", "intensity_skewness", "interior_rank",
-    "judge", "learn_plausibility", "localiser_flag", "mask_flag", "mask_measures", "noise_level", "noise_sigma",
-    "pooled_score_calibration", "scan_geometry", "scans_plausibility", "soft_dice_score", "spearman", "stage_box_on_native",
+    "judge", "learn_plausibility", "localiser_flag", "mask_flag", "mask_measures", "max_fov_mm", "noise_level",
+    "noise_sigma", "pooled_score_calibration", "refusal_reason", "scan_geometry", "scans_plausibility", "soft_dice_score",
+    "spacing_bounds", "spearman", "stage_box_on_native",
 ]

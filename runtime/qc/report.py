@@ -86,16 +86,17 @@ def stage_box_on_native(box: Box, native_shape: tuple[int, ...], stage_shape: tu
 
 def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, float], contract: ModelContract,
            box: Box | None = None, config: QCConfig = QCConfig(), voxel_volume_mm3: float | None = None,
-           image: np.ndarray | None = None) -> QCReport:
+           image: np.ndarray | None = None, score: float | None = None) -> QCReport:
     """QC of a final mask and the probabilities it came from, on one grid (voxel size spacing): the run-time profile.
 
     box is where the final stage looked, on the same grid (None: the whole scan); volumes use
     voxel_volume_mm3 when given (|det| of the affine, exact for sheared grids), else the product of spacing;
     image (the scan on the same grid) lets its intensity skewness, its edge sharpness around the mask, the
-    brightness of the mask's interior among its surroundings and its noise be measured.
+    brightness of the mask's interior among its surroundings and its noise be measured; score, when the model's
+    graph computed it already, is the soft Dice of prob against mask.
     """
     start = time.perf_counter()
-    score = soft_dice_score(prob, mask)
+    score = soft_dice_score(prob, mask) if score is None else float(score)
     evidence = gather(mask, spacing, contract.plausibility, max_fraction=contract.max_foreground_fraction,
                       score=score, prob=prob, threshold=contract.final_stage.threshold, box=box,
                       voxel_volume_mm3=voxel_volume_mm3, image=image)

@@ -36,6 +36,17 @@ class QCConfig:
     volume_fail_factor: float = 2.0
     # The largest share of its grid a localiser's mask may cover when its threshold is calibrated.
     localiser_max_fraction: float = 0.5
+    # Refusal (exit 2, from the header) is for scans no model could use, review for scans outside what training
+    # saw: a scan is refused only when a voxel size lies beyond the learned range (already widened by the input
+    # margin) by this further factor, or its field of view beyond the learned largest one by refusal_fov_factor.
+    refusal_spacing_factor: float = 6.0
+    refusal_fov_factor: float = 1.5
+    # Without learned ranges (older models, tiny test models), the stages' bounds: spacings within this factor of
+    # the finest and coarsest stage spacing, and a field of view of at most stage_fov_factor times the largest
+    # patch extent of any stage (at least min_stage_fov_mm).
+    stage_spacing_factor: float = 8.0
+    stage_fov_factor: float = 2.0
+    min_stage_fov_mm: float = 500.0
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from heartseg.export.model_file import load_trained_model
 from heartseg.export.parity import ParityError, check_parity
+from heartseg.export.pipeline_file import networks_file
 from heartseg.runtime.formats.nifti import load_volume
-from heartseg.runtime.inference import infer_canonical, mask_from_prob
+from heartseg.runtime.inference import infer_canonical
+from heartseg.runtime.postprocess import mask_from_prob
 from heartseg.runtime.metrics import dice_score
 from heartseg.runtime.preprocess import to_canonical
 from heartseg.runtime.session import OnnxSession
@@ -44,7 +46,8 @@ def main() -> None:
     except ParityError as exc:
         record["fp32"] = str(exc)
     record["autocast_dtype"] = str(torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16)
-    session = OnnxSession(args.onnx, device="cpu")
+    with networks_file(args.onnx) as networks_path:  # the stages' networks, run one at a time as the reference runs them
+        session = OnnxSession(networks_path, device="cpu")
     networks = {name: net.to(args.device) for name, net in model.networks.items()}
     for scan in args.scan:
         canonical = to_canonical(load_volume(scan), model.contract.orientation)
