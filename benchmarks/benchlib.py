@@ -13,6 +13,8 @@ Environment:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import sys
 import time
@@ -110,24 +112,17 @@ def build_tiny_model(path: Path) -> Path:
 
 
 _NETWORKS: dict[Path, Path] = {}
+_OPEN = contextlib.ExitStack()  # the temporary networks files live until the process ends
+atexit.register(_OPEN.close)
 
 
 def networks_file(model: Path) -> Path:
     """The stages' networks of a model file, side by side (what the Python reference and per-stage timings run):
-    taken out of a pipeline file into a temporary file once per process, or the file itself when it is one."""
-    from heartseg.runtime.session import read_contract
+    export.pipeline_file.networks_file, taken out once per process."""
+    from heartseg.export.pipeline_file import networks_file as open_networks
 
-    if not read_contract(model)[0].pipeline:
-        return model
     if model not in _NETWORKS:
-        import tempfile
-
-        import onnx
-        from heartseg.export.pipeline_file import unwrap
-        from heartseg.export.stamp import write_model
-
-        target = Path(tempfile.mkdtemp(prefix="heartseg-networks-")) / model.name
-        _NETWORKS[model] = write_model(unwrap(onnx.load(str(model)), model), target)
+        _NETWORKS[model] = _OPEN.enter_context(open_networks(model))
     return _NETWORKS[model]
 
 

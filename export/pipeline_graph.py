@@ -41,8 +41,8 @@ MASK, PROBABILITY, SCORE, BOX = "mask", "probability", "score", "box"
 PROPAGATION_STEPS = 2
 # Whether a box must grow is judged on the final stage's mask downsampled by this factor.
 COMPONENT_FACTOR = 2
-# Labels are float32 voxel indices: exact up to 2**24 voxels on the component grid.
-MAX_COMPONENT_VOXELS = 1 << 24
+# Labels are voxel indices in float32, exact up to 2**24 voxels; a larger region is labelled in float64.
+FLOAT32_EXACT = 1 << 24
 SPATIAL = [2, 3, 4]
 
 
@@ -412,13 +412,21 @@ def largest_component(g: Graph, fg5: str, weights5: str | None = None) -> str:
     labelled within the foreground's bounding box (as postprocess.largest_component)."""
     lo, hi, _ = mask_box(g, fg5)
     region = lambda tensor: g.op("Slice", [tensor, lo, hi, g.ints(*SPATIAL)])  # noqa: E731
-    kept = label_largest(g, region(fg5), region(weights5) if weights5 is not None else None)
+    fg, weights = region(fg5), region(weights5) if weights5 is not None else None
+    branches = []
+    for wide in (True, False):
+        body = g.body(g.fresh("wide" if wide else "narrow"))
+        kept = body.op("Identity", [label_largest(body, fg, weights, wide)])
+        branches.append(helper.make_graph(body.nodes, body.prefix, [],
+                                          [helper.make_tensor_value_info(kept, TensorProto.FLOAT, None)]))
+    large = g.op("Greater", [g.op("Size", [fg]), g.const(FLOAT32_EXACT, np.int64)])
+    kept = g.op("If", [large], then_branch=branches[0], else_branch=branches[1])
     pads = g.op("Concat", [g.ints(0, 0), lo, g.ints(0, 0), g.op("Sub", [spatial_shape(g, fg5), hi])], axis=0)
     return g.op("Pad", [kept, pads, g.const(0.0)], mode="constant")
 
 
-def label_largest(g: Graph, fg5: str, weights5: str | None = None) -> str:
-    """largest_component on the whole of fg5.
+def label_largest(g: Graph, fg5: str, weights5: str | None = None, wide: bool = False) -> str:
+    """largest_component on the whole of fg5 (labels in float64 when wide, else float32).
 
     Every foreground voxel starts with its own label (its index + 1). Each round takes the largest label among its
     neighbours (MaxPool), then the label of the voxel its label names (a Gather: pointer jumping, which doubles how
@@ -426,32 +434,35 @@ def label_largest(g: Graph, fg5: str, weights5: str | None = None) -> str:
     index + 1, so the rounds end with every component holding its largest index. A scatter-add counts each label's
     voxels.
     """
-    count = g.op("Size", [fg5])
-    start = g.op("Range", [g.const(1.0), g.op("Add", [g.op("Cast", [count], to=TensorProto.FLOAT), g.const(1.0)]),
-                           g.const(1.0)])
-    shape = g.op("Shape", [fg5])
-    labels = g.op("Mul", [g.op("Reshape", [start, shape]), fg5])
+    kind, dtype = (TensorProto.DOUBLE, np.float64) if wide else (TensorProto.FLOAT, np.float32)
+    fg = g.op("Cast", [fg5], to=kind)
+    count = g.op("Size", [fg])
+    start = g.op("Range", [g.const(1.0, dtype), g.op("Add", [g.op("Cast", [count], to=kind), g.const(1.0, dtype)]),
+                           g.const(1.0, dtype)])
+    shape = g.op("Shape", [fg])
+    labels = g.op("Mul", [g.op("Reshape", [start, shape]), fg])
     body = g.body(g.fresh("propagate"))
     iteration, cond_in, current = body.fresh("i"), body.fresh("cond"), body.fresh("labels")
     spread = current
     for _ in range(PROPAGATION_STEPS):
         pooled = body.op("Mul", [body.op("MaxPool", [spread], kernel_shape=[3, 3, 3], pads=[1] * 6,
-                                         strides=[1, 1, 1]), fg5])
+                                         strides=[1, 1, 1]), fg])
         flat = body.op("Reshape", [pooled, body.ints(-1)])
         # Label k names voxel k - 1; the background (label 0) reads voxel 0 and is zeroed again.
         named = body.op("Max", [body.op("Sub", [body.op("Cast", [flat], to=TensorProto.INT64), body.const(1, np.int64)]),
                                 body.const(0, np.int64)])
-        spread = body.op("Mul", [body.op("Reshape", [body.op("Gather", [flat, named], axis=0), shape]), fg5])
+        spread = body.op("Mul", [body.op("Reshape", [body.op("Gather", [flat, named], axis=0), shape]), fg])
     changed = body.op("Greater", [body.op("ReduceMax", [body.op("Sub", [spread, current])], keepdims=0),
-                                  body.const(0.0)])
+                                  body.const(0.0, dtype)])
     graph = helper.make_graph(
         body.nodes, body.prefix,
         [helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
          helper.make_tensor_value_info(cond_in, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(current, TensorProto.FLOAT, None)],
+         helper.make_tensor_value_info(current, kind, None)],
         [helper.make_tensor_value_info(changed, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(spread, TensorProto.FLOAT, None)])
-    final = g.op("Loop", [g.const(MAX_COMPONENT_VOXELS, np.int64), g.const(True, np.bool_), labels], body=graph)
+         helper.make_tensor_value_info(spread, kind, None)])
+    # The rounds never outnumber the voxels; the loop ends as soon as no label changes.
+    final = g.op("Loop", [g.op("Cast", [count], to=TensorProto.INT64), g.const(True, np.bool_), labels], body=graph)
     flat = g.op("Reshape", [final, g.ints(-1)])
     index = g.op("Cast", [flat], to=TensorProto.INT64)
     updates = g.op("Reshape", [weights5 if weights5 is not None else fg5, g.ints(-1)])
@@ -460,7 +471,7 @@ def label_largest(g: Graph, fg5: str, weights5: str | None = None) -> str:
     sizes = g.op("ScatterElements", [zeros, index, updates], axis=0, reduction="add")
     counted = g.op("Slice", [sizes, g.ints(1), g.ints(np.iinfo(np.int64).max), g.ints(0)])
     best = g.op("Add", [g.op("ArgMax", [counted], axis=0, keepdims=0), g.const(1, np.int64)])
-    return g.op("Cast", [g.op("Equal", [final, g.op("Cast", [best], to=TensorProto.FLOAT)])], to=TensorProto.FLOAT)
+    return g.op("Cast", [g.op("Equal", [final, g.op("Cast", [best], to=kind)])], to=TensorProto.FLOAT)
 
 
 def coarse_component(g: Graph, fg5: str) -> str:
@@ -628,8 +639,29 @@ def refine(g: Graph, network: Network, grid5: str, stats: tuple[str, str], lo: s
 def localise(g: Graph, model: onnx.ModelProto, contract: ModelContract, image5: str, shape: str, size: str,
              cap: list[int] | None, whole_lo: str, whole_hi: str) -> tuple[str, str, str, str]:
     """inference.locate and native_box_to_stage: the final stage's box from the localiser's largest component
-    (the whole grid for a scan that fits the final stage); returns lo, hi, whether anything was found, and
-    whether the box was localised."""
+    (the whole grid, without running the localiser, for a scan that fits the final stage); returns lo, hi, whether
+    anything was found, and whether the box was localised."""
+    if contract.plausibility is None:
+        return (*_located_box(g, model, contract, image5, shape, size, cap), g.const(True, np.bool_))
+    fits = fits_final_stage(g, shape, contract)
+    branches = []
+    for seen_whole in (True, False):
+        body = g.body(g.fresh("whole" if seen_whole else "localise"))
+        if seen_whole:
+            found = (body.op("Identity", [whole_lo]), body.op("Identity", [whole_hi]), body.const(True, np.bool_))
+        else:
+            found = _located_box(body, model, contract, image5, shape, size, cap)
+        outputs = [body.op("Identity", [name]) for name in found]
+        types = (TensorProto.INT64, TensorProto.INT64, TensorProto.BOOL)
+        branches.append(helper.make_graph(body.nodes, body.prefix, [], [
+            helper.make_tensor_value_info(o, t, None) for o, t in zip(outputs, types)]))
+    lo, hi, found = g.op("If", [fits], outputs=3, then_branch=branches[0], else_branch=branches[1])
+    return lo, hi, found, g.op("Not", [fits])
+
+
+def _located_box(g: Graph, model: onnx.ModelProto, contract: ModelContract, image5: str, shape: str, size: str,
+                 cap: list[int] | None) -> tuple[str, str, str]:
+    """The localiser on its whole grid, its mask's largest component, and that box on the final stage's grid."""
     final, localiser = contract.final_stage, contract.localiser
     coarse_size = stage_size(g, shape, SPACING, localiser.spacing)
     coarse = predict(g, stage_network(model, localiser), zscore(g, resize(g, image5, coarse_size)), localiser)
@@ -643,11 +675,34 @@ def localise(g: Graph, model: onnx.ModelProto, contract: ModelContract, image5: 
         on_stage = g.op("Mul", [g.op("Mul", [as_double(g, edge), to_native]), to_stage])
         box.append(g.op(sign, [on_stage, margin]))
     lo, hi = box_with_divisor(g, box[0], box[1], size, final.divisor, cap)
-    if contract.plausibility is None:
-        return lo, hi, found, g.const(True, np.bool_)
-    fits = fits_final_stage(g, shape, contract)
-    lo, hi = g.op("Where", [fits, whole_lo, lo]), g.op("Where", [fits, whole_hi, hi])
-    return lo, hi, g.op("Or", [found, fits]), g.op("Not", [fits])
+    return lo, hi, found
+
+
+def to_native(g: Graph, crops: list[str], lo: str, size: str, shape: str, region_lo: str, region_hi: str) -> list[str]:
+    """Each (1, 1, ...) crop of the stage grid placed at lo (zero elsewhere), linearly resampled to the scan's grid
+    on [region_lo, region_hi) only (3-D): by ONNX Resize on the whole grid when the region covers most of it (a
+    scan seen whole), else axis by axis on the region alone."""
+    region = g.op("ReduceProd", [g.op("Sub", [region_hi, region_lo])], keepdims=0)
+    most = g.op("Greater", [g.op("Mul", [region, g.const(2, np.int64)]), g.op("ReduceProd", [shape], keepdims=0)])
+    branches = []
+    for whole in (True, False):
+        body = g.body(g.fresh("whole" if whole else "region"))
+        outputs = []
+        for crop in crops:
+            if whole:
+                full = resize(body, paste(body, crop, lo, size), shape)
+                out = body.op("Slice", [body.op("Squeeze", [full, body.ints(0, 1)]), region_lo, region_hi,
+                                        body.ints(0, 1, 2)])
+            else:
+                ring = body.op("Pad", [body.op("Squeeze", [crop, body.ints(0, 1)]), body.ints(1, 1, 1, 1, 1, 1),
+                                       body.const(0.0)], mode="constant")
+                offset = body.op("Sub", [lo, body.ints(1, 1, 1)])
+                out = resize_region(body, ring, offset, size, shape, region_lo, region_hi)
+            outputs.append(body.op("Identity", [out]))
+        branches.append(helper.make_graph(body.nodes, body.prefix, [],
+                                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]))
+    result = g.op("If", [most], outputs=len(crops), then_branch=branches[0], else_branch=branches[1])
+    return [result] if len(crops) == 1 else result
 
 
 def footprint(g: Graph, lo: str, hi: str, stage_size_: str, native: str) -> tuple[str, str]:
@@ -681,21 +736,18 @@ def build_pipeline(model: onnx.ModelProto, contract: ModelContract) -> onnx.Mode
     grow = g.op("And", [located, found])
     prob, ran_lo, ran_hi = refine(g, stage_network(model, final), grid, stats, lo, hi, size, grow, final, cap,
                                   MAX_VOXELS)
-    prob3, inner = g.op("Squeeze", [prob, g.ints(0, 1)]), g.op("Sub", [g.op("Min", [ran_hi, size]), ran_lo])
+    inner = g.op("Sub", [g.op("Min", [ran_hi, size]), ran_lo])
     # Outside the box the probabilities are zero: only the box's footprint on the scan's grid is resampled.
     region_lo, region_hi = footprint(g, ran_lo, g.op("Add", [ran_lo, inner]), size, shape)
-    ring = g.op("Pad", [g.op("Slice", [prob3, g.ints(0, 0, 0), inner, g.ints(0, 1, 2)]), g.ints(1, 1, 1, 1, 1, 1),
-                        g.const(0.0)], mode="constant")
-    offset = g.op("Sub", [ran_lo, g.ints(1, 1, 1)])
-    native_prob = g.op("Mul", [resize_region(g, ring, offset, size, shape, region_lo, region_hi),
-                               g.op("Cast", [found], to=TensorProto.FLOAT)])
+    crops = [g.op("Slice", [prob, g.ints(0, 0, 0), inner, g.ints(*SPATIAL)])]
+    if contract.largest_component:
+        # The component on the stage's grid; on the scan's grid, the voxels whose interpolation reads it.
+        crops.append(largest_component(g, above(g, crops[0], float(final.threshold))))
+    native = to_native(g, crops, ran_lo, size, shape, region_lo, region_hi)
+    native_prob = g.op("Mul", [native[0], g.op("Cast", [found], to=TensorProto.FLOAT)])
     mask = above(g, native_prob, float(final.threshold))
     if contract.largest_component:
-        fg = above(g, g.op("Slice", [prob, g.ints(0, 0, 0), inner, g.ints(*SPATIAL)]), float(final.threshold))
-        # The component on the stage's grid; on the scan's grid, the voxels whose interpolation reads it.
-        keep = g.op("Pad", [g.op("Squeeze", [largest_component(g, fg), g.ints(0, 1)]), g.ints(1, 1, 1, 1, 1, 1),
-                            g.const(0.0)], mode="constant")
-        mask = g.op("Mul", [mask, above(g, resize_region(g, keep, offset, size, shape, region_lo, region_hi), 0.0)])
+        mask = g.op("Mul", [mask, above(g, native[1], 0.0)])
     count = g.op("ReduceSum", [mask], keepdims=0)
     overlap = g.op("ReduceSum", [g.op("Mul", [native_prob, mask])], keepdims=0)
     denominator = g.op("Add", [g.op("ReduceSum", [native_prob], keepdims=0), count])
@@ -704,11 +756,12 @@ def build_pipeline(model: onnx.ModelProto, contract: ModelContract) -> onnx.Mode
     pads = g.op("Concat", [region_lo, g.op("Sub", [shape, region_hi])], axis=0)
     g.op("Pad", [g.op("Cast", [mask], to=TensorProto.UINT8), pads, g.const(0, np.uint8)], [MASK], mode="constant")
     g.op("Pad", [native_prob, pads, g.const(0.0)], [PROBABILITY], mode="constant")
-    # An empty box (all zeros) says the final stage saw the whole scan.
+    # An empty box (all zeros) says the final stage saw the whole scan, or that the localiser found nothing.
     scale = g.op("Div", [g.op("Cast", [shape], to=TensorProto.FLOAT), g.op("Cast", [size], to=TensorProto.FLOAT)])
     corners = [g.op("Mul", [g.op("Cast", [edge], to=TensorProto.FLOAT), scale]) for edge in (ran_lo, ran_hi)]
     box = g.op("Reshape", [g.op("Concat", corners, axis=0), g.ints(2, 3)])
-    g.op("Mul", [box, g.op("Cast", [located], to=TensorProto.FLOAT)], [BOX])
+    seen = g.op("Cast", [g.op("And", [located, found])], to=TensorProto.FLOAT)
+    g.op("Mul", [box, seen], [BOX])
 
     unlimited = numpy_helper.from_array(np.asarray(np.iinfo(np.int64).max, np.int64), MAX_VOXELS)
     used = {name for node in g.nodes for name in _inputs_of(node)}

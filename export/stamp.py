@@ -58,7 +58,10 @@ def write_model(proto, path: str | Path) -> Path:
     import onnx
 
     data = stamp_digest(proto)  # first: it refuses weights in external data, which the checker would look for
-    onnx.checker.check_model(proto, full_check=True)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise HeartsegError(f"the model fails ONNX's full check: {str(exc).splitlines()[0]}") from None
     path = Path(path)
     path.write_bytes(data)
     return path

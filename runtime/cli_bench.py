@@ -214,12 +214,14 @@ HELP = """Benchmark heartseg end to end on scans: latency, throughput, peak memo
 
 For each thread count a fresh worker process loads the model, segments the first scan once
 (untimed warm-up), then segments every scan --repeat times through heartseg-infer's own pipeline,
-timing per scan: read (load the scan, any format heartseg-infer reads),
-preprocess, network, postprocess and write (the mask, to a temporary folder). Reported per thread
-count: median and 95th-percentile seconds per scan, scans per minute (over the whole timed loop),
-the worker's peak resident memory (ru_maxrss), stage medians, the network FLOPs per scan (the
-model's FLOPs per voxel, from its metadata, times the voxels the network actually processed), the
-GFLOP/s achieved in the network stage, and this machine's measured float32 matmul speed (numpy
+timing per scan: read (load the scan, any format heartseg-infer reads), preprocess (reorientation),
+network (the model's graph: resampling, both networks, the box, resampling back, threshold, largest
+component), postprocess (QC, back to the scan's axes) and write (the mask, to a temporary folder).
+Reported per thread count: median and 95th-percentile seconds per scan, scans per minute (over the
+whole timed loop), the worker's peak resident memory (ru_maxrss), stage medians, the network FLOPs per
+scan (the model's FLOPs per voxel, from its metadata, times the voxels its networks processed, a grown
+box counted once), the GFLOP/s this gives over the network stage, and this machine's measured float32
+matmul speed (numpy
 2048x2048 sgemm, best of 3, with the same thread count) with the achieved fraction of it.
 
 SCANS are what heartseg-infer takes: scan files, DICOM folders or zips, folders of scan files;

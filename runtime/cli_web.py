@@ -22,17 +22,20 @@ from urllib.parse import urlsplit
 import typer
 
 from .cli_common import guarded, new_app, say, version_option
+from .contract import PIPELINE_INPUTS, PIPELINE_OUTPUTS
 from .errors import InputError, ModelError
 from .model_digest import GRAPH_FIELD, LENGTH_DELIMITED, DigestError, _fields, scan_model
 from .segmenter import VARIANTS, resolve_model
+from .session import read_contract
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 MODEL_URL_PATH = "/model.onnx"
 PAGE_FOLDER = "web_page"
 BUILD_COMMAND = "cd web && npm ci --ignore-scripts && npm run build"
-MODEL_INPUTS = ("image", "spacing")
-MODEL_OUTPUTS = ("mask", "probability", "score")
+# What the page feeds and reads (the model file's whole interface: contract.PIPELINE_INPUTS and _OUTPUTS).
+MODEL_INPUTS = PIPELINE_INPUTS
+MODEL_OUTPUTS = PIPELINE_OUTPUTS[:3]
 GRAPH_INPUT_FIELD, GRAPH_OUTPUT_FIELD, VALUE_INFO_NAME_FIELD = 11, 12, 1
 
 # What the page's files are; the browser runs module scripts and compiles WebAssembly only with the right types.
@@ -128,6 +131,8 @@ def check_end_to_end_model(path: Path) -> int:
                          f"{', '.join(inputs) or 'none'} and outputs {', '.join(outputs) or 'none'} (a file of the "
                          "stages' networks: write the end-to-end file with "
                          "heartseg-export --upgrade OLD.onnx NEW.onnx)")
+    # The checks heartseg-infer makes when it opens a model: its contract, and its weights against their digest.
+    read_contract(path)
     return len(data)
 
 

@@ -27,7 +27,7 @@ NATIVE_BYTES = 20
 # Bytes per voxel of a stage grid while it is made: resampled, float64 statistics, normalised copies.
 STAGE_BYTES = 20
 # Bytes per stage-grid voxel beside the network while it runs: the normalised grid and the probabilities,
-# plus the blending accumulators of sliding windows.
+# plus the blending accumulators of the final stage's tiles.
 NETWORK_STAGE_BYTES = 8
 TILED_BYTES = 8
 # Bytes per scan voxel held while a stage runs: the scan and its canonical copy.
@@ -70,17 +70,16 @@ def canonical_geometry(geometry: ScanGeometry, orientation: str) -> tuple[tuple[
     return tuple(shape), tuple(spacing)
 
 
-def largest_network_call(shape: tuple[int, ...], spacing: tuple[float, ...], contract: ModelContract) -> int:
-    """The most voxels one network call of the model's graph can take for a canonical scan: the largest stage grid
-    padded for its network, the final stage's at most its largest box (the learned extents plus its margins)."""
-    largest = 0
-    for stage in contract.stages:
-        size = target_shape(shape, spacing, stage.spacing)
-        if stage is contract.final_stage and contract.is_cascade and contract.plausibility is not None:
-            extent = max(hi for _, hi in contract.plausibility.extent_mm) + 2 * stage.crop_margin_mm
-            size = tuple(min(n, int(np.ceil(extent / s))) for n, s in zip(size, stage.spacing))
-        largest = max(largest, int(np.prod(padded_shape(size, stage.patch_size, stage.divisor), dtype=np.int64)))
-    return largest
+def largest_final_call(shape: tuple[int, ...], spacing: tuple[float, ...], contract: ModelContract) -> int:
+    """The most voxels one call of the final stage's network can take in the model's graph for a canonical scan: its
+    grid padded for the network, for a cascade with learned ranges at most its largest box (the learned extents plus
+    the margins)."""
+    stage = contract.final_stage
+    size = target_shape(shape, spacing, stage.spacing)
+    if contract.is_cascade and contract.plausibility is not None:
+        extent = max(hi for _, hi in contract.plausibility.extent_mm) + 2 * stage.crop_margin_mm
+        size = tuple(min(n, int(np.ceil(extent / s))) for n, s in zip(size, stage.spacing))
+    return int(np.prod(padded_shape(size, stage.patch_size, stage.divisor), dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class MemoryPlan:
 
     fixed_bytes: int
     network_bytes: int
-    max_network_voxels: int | None  # None: no budget, whole volume; else sliding windows above this many voxels
+    max_network_voxels: int | None  # None: no budget, whole box; else the final stage in tiles above this many voxels
 
     @property
     def total_bytes(self) -> int:
@@ -101,8 +100,8 @@ def plan_memory(geometry: ScanGeometry, contract: ModelContract, budget: int | N
                 include_read: bool = True, keep_prob: bool = False, tta: bool = False,
                 source: str | Path = "scan") -> MemoryPlan:
     """The pipeline's peak for this scan within budget (bytes for the whole process, of which baseline is in use;
-    None: unbounded): how many voxels one network call may take; InputError when even the smallest sliding
-    window does not fit. tta: with test-time augmentation."""
+    None: unbounded): how many voxels one call of the final stage's network may take (larger boxes run in tiles);
+    InputError when a tile of it, or the localiser's whole grid, does not fit. tta: with test-time augmentation."""
     shape, spacing = canonical_geometry(geometry, contract.orientation)
     voxels = geometry.voxels
     # A loaded scan's float32 voxels are already part of the process's resident memory.
@@ -119,7 +118,10 @@ def plan_memory(geometry: ScanGeometry, contract: ModelContract, budget: int | N
     bpv = contract.bytes_per_voxel
     if budget is None:
         return MemoryPlan(fixed, max(0, beside_network + padded * bpv - fixed), None)
-    tile = max(int(np.prod(s.patch_size, dtype=np.int64)) for s in contract.stages)
+    # The graph runs only the final stage in tiles: a localiser's whole grid must fit in one call.
+    tile = max([int(np.prod(contract.final_stage.patch_size, dtype=np.int64))]
+               + [int(np.prod(padded_shape(target_shape(shape, spacing, s.spacing), s.patch_size, s.divisor),
+                              dtype=np.int64)) for s in contract.stages if s is not contract.final_stage])
     room = budget - baseline - beside_network
     if fixed > budget - baseline or room < tile * bpv:
         needed = max(fixed, beside_network + tile * bpv)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import InputError, ModelError
 from .image import ScanGeometry, Volume, volume_from_array, voxel_sizes, voxel_volume_mm3
-from .memory import MB, MemoryPlan, canonical_geometry, current_rss, default_budget, largest_network_call, plan_memory
+from .memory import MB, MemoryPlan, canonical_geometry, current_rss, default_budget, largest_final_call, plan_memory
 from .postprocess import mask_from_prob
 from .preprocess import CanonicalVolume, check_contrast, from_canonical, target_shape, to_canonical
 from .qc import QCReport, assess, refusal_reason
@@ -154,7 +154,7 @@ class Segmenter:
         start = time.perf_counter()
         if self.tta:
             prob, box = flipped_average(canonical.data,
-                                        lambda data: self._run(session, data, canonical.spacing))
+                                        lambda data, _: self._run(session, data, canonical.spacing))
             canonical_mask, score = mask_from_prob(prob, self.contract), None
         else:
             out = session.segment(canonical.data, canonical.spacing)
@@ -174,10 +174,10 @@ class Segmenter:
         # is memory in use, not memory kept for the next scan.
         self._largest_plan = max(self._largest_plan, plan.total_bytes)
         self._kept = min(self._largest_plan, self._kept + max(0, current_rss() - rss_before - returned))
-        calls = len(DEFAULT_FLIPS) if self.tta else 1
-        voxels = {name: n * calls for name, n in network_voxels(canonical, self.contract, box).items()}
+        copies = len(DEFAULT_FLIPS) if self.tta else 1
+        voxels = {name: n * copies for name, n in network_voxels(canonical, self.contract, box).items()}
         return Prediction(mask, volume.affine, native_prob, report.flag, self.device, timings, voxels,
-                          calls * len(self.contract.stages), report)
+                          copies * len(voxels), report)
 
     @staticmethod
     def _run(session: OnnxSession, data: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, Box | None]:
@@ -188,10 +188,14 @@ class Segmenter:
         """The model's session, or, when the final stage's largest box for this scan may not fit in max_voxels, a
         session of the same file that runs boxes above max_voxels in tiles (kept for the scans that follow)."""
         shape, spacing = canonical_geometry(ScanGeometry(volume.shape, volume.affine), self.contract.orientation)
-        if max_voxels is None or max_voxels >= largest_network_call(shape, spacing, self.contract):
+        if max_voxels is None or max_voxels >= largest_final_call(shape, spacing, self.contract):
             return self.session
         if self._tiled is None or self._tiled.max_voxels != max_voxels:
-            self._tiled = OnnxSession(self.session.path, self.session.device, self.threads, max_voxels=max_voxels)
+            tiled = OnnxSession(self.session.path, self.session.device, self.threads, max_voxels=max_voxels)
+            if tiled.file_sha256 != self.session.file_sha256:
+                # Records name the file as this Segmenter first opened it: another file may not run in its place.
+                raise ModelError(f"{self.session.path}: the model file changed since it was opened")
+            self._tiled = tiled
         return self._tiled
 
     def predict(self, image: Any, spacing: tuple[float, float, float] | None = None,
@@ -237,9 +241,12 @@ class Segmenter:
 
 def network_voxels(canonical: CanonicalVolume, contract: ModelContract, box: Box | None) -> dict[str, int]:
     """The voxels each stage's network processed for one scan (what FLOP counts multiply): the localiser's padded
-    grid, and the final stage's padded box (its grid when it saw the whole scan; a grown box counted once)."""
+    grid unless the scan was seen whole, and the final stage's padded box (its grid when it saw the whole scan;
+    a grown box and overlapping tiles counted once)."""
     voxels = {}
     for stage in contract.stages:
+        if stage is not contract.final_stage and box is None:
+            continue  # a cascade's localiser does not run on a scan the final stage sees whole
         shape = target_shape(canonical.data.shape, canonical.spacing, stage.spacing)
         if stage is contract.final_stage and box is not None:
             scale = np.asarray(shape, float) / np.asarray(canonical.data.shape, float)

@@ -34,41 +34,31 @@ def infer_canonical_tta(canonical: CanonicalVolume, contract: ModelContract, pre
     """infer_canonical averaged over mirrored copies; the box is the union of the copies' final-stage boxes.
 
     plain: the unmirrored copy's result, when the caller has it already (it is not inferred again)."""
-    if not flips:
-        raise ValueError("test-time augmentation needs at least one copy")
-    total: np.ndarray | None = None
-    boxes: list[Box] = []
-    final_shape = stage_shape(canonical, contract.final_stage)
-    for axes in flips:
-        axes = tuple(int(a) for a in axes)
-        if not axes and plain is not None:
-            result = plain
-        else:
-            copy = replace(canonical, data=np.ascontiguousarray(np.flip(canonical.data, axes))) if axes else canonical
-            result = infer_canonical(copy, contract, predict, max_voxels)
-        prob = np.flip(result.prob, axes) if axes else result.prob
-        total = prob.astype(np.float32, copy=True) if total is None else total + prob
-        if result.box is not None:
-            boxes.append(_unflip_box(result.box, axes, final_shape))
-    assert total is not None
-    total /= float(len(flips))
-    box = (np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)) if boxes else None
+
+    def run(data: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, Box | None]:
+        result = plain if not axes and plain is not None else \
+            infer_canonical(replace(canonical, data=data), contract, predict, max_voxels)
+        return result.prob, result.box
+
+    total, box = flipped_average(canonical.data, run, flips, stage_shape(canonical, contract.final_stage))
     return CanonicalResult(total, box)
 
 
-def flipped_average(data: np.ndarray, run: Callable[[np.ndarray], tuple[np.ndarray, Box | None]],
-                    flips: Sequence[tuple[int, ...]] = DEFAULT_FLIPS) -> tuple[np.ndarray, Box | None]:
-    """A model file's probabilities averaged over mirrored copies of a canonical scan, and the union of the boxes
-    its final stage looked in (on the scan's grid); run maps a copy to its probabilities and box."""
+def flipped_average(data: np.ndarray, run: Callable[[np.ndarray, tuple[int, ...]], tuple[np.ndarray, Box | None]],
+                    flips: Sequence[tuple[int, ...]] = DEFAULT_FLIPS,
+                    box_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, Box | None]:
+    """Probabilities averaged over mirrored copies of a canonical scan, and the union of the boxes the final stage
+    looked in; run maps a copy (and the axes it is mirrored along) to its probabilities and box, the box on a grid of
+    box_shape (default: the scan's)."""
     total: np.ndarray | None = None
     boxes: list[Box] = []
     for axes in flips:
         axes = tuple(int(a) for a in axes)
-        prob, box = run(np.ascontiguousarray(np.flip(data, axes)) if axes else data)
+        prob, box = run(np.ascontiguousarray(np.flip(data, axes)) if axes else data, axes)
         prob = np.flip(prob, axes) if axes else prob
         total = prob.astype(np.float32, copy=True) if total is None else total + prob
         if box is not None:
-            boxes.append(_unflip_box(box, axes, data.shape))
+            boxes.append(_unflip_box(box, axes, data.shape if box_shape is None else box_shape))
     if total is None:
         raise ValueError("test-time augmentation needs at least one copy")
     total /= float(len(flips))

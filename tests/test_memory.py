@@ -339,3 +339,25 @@ def test_memory_growth_beyond_a_scan_counts_as_in_use(single_model: Path, monkey
     seg.segment(volume)
     with pytest.raises(InputError, match="memory budget"):
         seg.segment(volume)
+
+
+def test_the_localisers_whole_grid_must_fit_its_one_call() -> None:
+    """The model's graph runs only the final stage in tiles: a budget with room for a tile of it but not for the
+    localiser's whole grid is refused before anything runs."""
+    from heartseg.runtime import memory
+    from heartseg.runtime.contract import ModelContract, StageContract
+    from heartseg.runtime.errors import InputError
+    from heartseg.runtime.image import ScanGeometry
+
+    contract = ModelContract(stages=(
+        StageContract("coarse", (4.0, 4.0, 4.0), (80, 80, 40), threshold=0.5, role="localiser",
+                      input_name="coarse_image", prob_name="coarse_prob", mask_name="coarse_mask"),
+        StageContract("fine", (1.25, 1.25, 1.25), (64, 64, 64), threshold=0.5, crop_margin_mm=15.0)))
+    geometry = ScanGeometry((400, 400, 300), np.diag([1.0, 1.0, 1.0, 1.0]))
+    bpv = contract.bytes_per_voxel
+    fine_grid, localiser, tile = 320 * 320 * 240, 104 * 104 * 80, 64 ** 3  # the localiser: 100 x 100 x 75, padded
+    beside = geometry.voxels * memory.HELD_BYTES + fine_grid * (memory.NETWORK_STAGE_BYTES + memory.TILED_BYTES)
+    budget = beside + (tile + localiser) * bpv // 2  # a tile fits beside the rest, the localiser's grid does not
+    with pytest.raises(InputError, match="memory budget"):
+        memory.plan_memory(geometry, contract, budget)
+    assert memory.plan_memory(geometry, contract, beside + localiser * bpv).max_network_voxels >= localiser

@@ -202,3 +202,29 @@ def test_the_whole_graph_runs_on_cuda(tmp_path: Path) -> None:
     assert session.device == "cuda"
     gpu = session.segment(canonical.data, canonical.spacing)
     assert dice_score(gpu.mask > 0, cpu.mask > 0) >= MIN_AGREEMENT
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["float32-labels", "float64-labels"])
+def test_the_graphs_largest_component_is_scipys(wide: bool) -> None:
+    """The graph's labelling (MaxPool and pointer jumping) keeps what scipy's does, in both label precisions (the
+    float64 one runs for regions beyond float32's exact integers)."""
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+    from heartseg.export.pipeline_graph import Graph, label_largest
+    from heartseg.runtime.postprocess import largest_component
+    from scipy import ndimage
+
+    g = Graph()
+    out = label_largest(g, "fg", None, wide)
+    graph = onnx.helper.make_graph(
+        g.nodes, "labels", [onnx.helper.make_tensor_value_info("fg", onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)], initializer=g.constants)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        # Many components of every size, spirals and touching diagonals included.
+        mask = ndimage.binary_opening(rng.random((30, 26, 22)) > 0.55).astype(np.uint8)
+        got = session.run(None, {"fg": mask[None, None].astype(np.float32)})[0][0, 0]
+        np.testing.assert_array_equal(got.astype(np.uint8), largest_component(mask))

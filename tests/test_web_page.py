@@ -2,9 +2,8 @@
 
 The page segments the example scan (?scan=URL from a CORS server) to the volume and mask heartseg's Python API
 gives with the same model file, downloads the mask as NIfTI on the scan's grid, and refuses bad files with an
-'error: ' status. The model is $HEARTSEG_WEB_MODEL, by default the shipped model; the browser's segmentation test
-skips while that file is not the end-to-end model (one ONNX graph from scan to mask). The refusals and the server's
-tests use a stand-in model with the end-to-end interface, since the page refuses those files before any model runs.
+'error: ' status. The model is $HEARTSEG_WEB_MODEL, by default the shipped model. The refusals and the server's
+tests use a stand-in model with the same interface, since the page refuses those files before any model runs.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from heartseg.runtime import cli_web
+from onnx_models import build_test_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO_ROOT / "examples" / "la_029_crop.nii.gz"
@@ -48,28 +48,9 @@ NOT_BUILT = "the web page is not built (cd web && npm ci --ignore-scripts && npm
 
 
 def build_stand_in_model(path: Path) -> Path:
-    """A tiny ONNX model with the end-to-end interface (mask = image > 0): what the server checks and serves."""
-    onnx = pytest.importorskip("onnx", reason="onnx is needed to build the stand-in model (pip install onnx)")
-    helper, TensorProto = onnx.helper, onnx.TensorProto
-    nodes = [
-        helper.make_node("ReduceMean", ["image"], ["mean"], keepdims=0),
-        helper.make_node("Greater", ["image", "mean"], ["bright"]),
-        helper.make_node("Cast", ["bright"], ["mask"], to=TensorProto.UINT8),
-        helper.make_node("Sigmoid", ["image"], ["probability"]),
-        helper.make_node("ReduceSum", ["spacing"], ["score"], keepdims=0),
-    ]
-    grid = ["x", "y", "z"]
-    graph = helper.make_graph(
-        nodes, "stand_in",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, grid),
-         helper.make_tensor_value_info("spacing", TensorProto.FLOAT, [3])],
-        [helper.make_tensor_value_info("mask", TensorProto.UINT8, grid),
-         helper.make_tensor_value_info("probability", TensorProto.FLOAT, grid),
-         helper.make_tensor_value_info("score", TensorProto.FLOAT, [])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    """A tiny heartseg model file with the whole interface (a pointwise network in the graph from scan to mask, its
+    contract and digest): what the server checks and serves."""
+    return build_test_model(path)
 
 
 def heartseg_web_command() -> list[str]:
@@ -92,9 +73,12 @@ class WebServer:
     def _wait_for_url(self) -> str:
         line = self.process.stdout.readline()  # the first line names the URL once the port is bound
         if "serving http://" not in line:
-            self.stop()
+            self.process.kill()
+            self.process.wait(timeout=10)
             self.log.seek(0)
-            pytest.fail(f"heartseg-web did not start: {line}{self.log.read()}")
+            error = self.log.read()
+            self.stop()
+            pytest.fail(f"heartseg-web did not start: {line}{error}")
         return line.split("serving ", 1)[1].split()[0]
 
     def stop(self) -> None:
@@ -277,9 +261,10 @@ def test_port_in_use_exits_2(stand_in_server: WebServer, stand_in_model: Path) -
     assert len(lines) == 1 and lines[0].startswith(f"error: --port {port}: the port is in use"), done.stderr
 
 
-@pytest.mark.parametrize("case", ["missing", "not-onnx", "per-stage"])
+@pytest.mark.parametrize("case", ["missing", "not-onnx", "per-stage", "altered"])
 def test_bad_model_exits_2(case: str, tmp_path: Path) -> None:
-    """A missing file, a file that is not ONNX, and the per-stage model file: one error line, exit 2."""
+    """A missing file, a file that is not ONNX, the per-stage model file, and a model whose weights changed after
+    export (heartseg-infer refuses it too): one error line, exit 2."""
     onnx = pytest.importorskip("onnx", reason="onnx is needed to build the test model (pip install onnx)")
     path = tmp_path / "model.onnx"
     if case == "not-onnx":
@@ -291,8 +276,14 @@ def test_bad_model_exits_2(case: str, tmp_path: Path) -> None:
                                   [info("fine_image", TensorProto.FLOAT, ["N", 1, "D", "H", "W"])],
                                   [info("fine_prob", TensorProto.FLOAT, ["N", 1, "D", "H", "W"])])
         onnx.save(helper.make_model(graph), str(path))
+    elif case == "altered":
+        proto = onnx.load(str(build_test_model(tmp_path / "exported.onnx", bias=-1.0)))
+        for tensor in proto.graph.initializer:
+            if tensor.name == "bias":
+                tensor.CopyFrom(onnx.numpy_helper.from_array(np.asarray(-3.0, np.float32), "bias"))
+        onnx.save(proto, str(path))
     expected = {"missing": "model file not found", "not-onnx": "not an ONNX model",
-                "per-stage": "not the end-to-end heartseg model"}[case]
+                "per-stage": "not the end-to-end heartseg model", "altered": "altered or damaged"}[case]
     done = subprocess.run([*heartseg_web_command(), "--no-open", "--port", "0", "--model", str(path)],
                           capture_output=True, text=True, timeout=SERVER_START_S)
     assert done.returncode == 2, done.stdout + done.stderr
@@ -369,13 +360,9 @@ def test_page_refuses_a_picked_file_not_named_nifti(browser, stand_in_server: We
 
 
 def end_to_end_model() -> Path:
-    """$HEARTSEG_WEB_MODEL or the shipped model; skip while it is not the end-to-end model."""
-    if not MODEL.is_file():
-        pytest.skip(f"{MODEL}: no such model file")
+    """$HEARTSEG_WEB_MODEL or the shipped model, which must be one graph from scan to mask."""
     inputs, _ = cli_web.graph_io_names(MODEL.read_bytes())
-    if "image" not in inputs:
-        pytest.skip(f"{MODEL} is the stages' networks, not the end-to-end model (no input 'image'); "
-                    "set HEARTSEG_WEB_MODEL to an end-to-end model file")
+    assert "image" in inputs, f"{MODEL}: not one graph from scan to mask (no input 'image')"
     return MODEL
 
 

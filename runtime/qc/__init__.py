@@ -36,7 +36,7 @@ from .measures import (
 )
 from .ranges import DEFAULT_INPUT_MARGIN, Plausibility, RangeConfig, learn_plausibility, scans_plausibility
 from .refusal import max_fov_mm, refusal_reason, spacing_bounds
-from .report import VERDICTS, QCReport, assess, stage_box_on_native
+from .report import VERDICTS, QCReport, assess
 from .rules import (
     CALIBRATION_RULES,
     RULES,
@@ -55,5 +55,5 @@ __all__ = [
     "fit_score_calibration", "gather", "image_sharpness", "input_reasons", "intensity_skewness", "interior_rank",
     "judge", "learn_plausibility", "localiser_flag", "mask_flag", "mask_measures", "max_fov_mm", "noise_level",
     "noise_sigma", "pooled_score_calibration", "refusal_reason", "scan_geometry", "scans_plausibility", "soft_dice_score",
-    "spacing_bounds", "spearman", "stage_box_on_native",
+    "spacing_bounds", "spearman",
 ]

@@ -78,12 +78,6 @@ class QCReport:
                    dict(data.get("measures") or {}), float(data.get("seconds") or 0.0))
 
 
-def stage_box_on_native(box: Box, native_shape: tuple[int, ...], stage_shape: tuple[int, ...]) -> Box:
-    """A box on a stage's grid (as infer_canonical returns it) in voxel coordinates of the native grid."""
-    scale = np.asarray(native_shape, float) / np.asarray(stage_shape, float)
-    return np.asarray(box[0], float) * scale, np.asarray(box[1], float) * scale
-
-
 def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, float], contract: ModelContract,
            box: Box | None = None, config: QCConfig = QCConfig(), voxel_volume_mm3: float | None = None,
            image: np.ndarray | None = None, score: float | None = None) -> QCReport:

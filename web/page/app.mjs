@@ -1,6 +1,7 @@
 // The heartseg page: pick, drop or link (?scan=URL) a NIfTI scan; a worker segments it in the tab; NiiVue shows the
 // scan with the mask over it. Elements scripts read: #status ("done" or "error: ..."), #volume-ml, #seconds.
 import { MULTIPLANAR_TYPE, Niivue, NVImage, SHOW_RENDER } from '@niivue/niivue';
+import { readBody } from './read-body.mjs';
 import { checkFileSize } from './scan-check.mjs';
 
 const MODEL_URL = 'model.onnx';
@@ -253,26 +254,13 @@ async function download(url) {
       + 'with CORS)');
   }
   if (!response.ok) throw new Error(`cannot download ${url} (HTTP ${response.status})`);
-  const total = Number(response.headers.get('Content-Length')) || null;
-  if (total) checkFileSize(total);
-  const reader = response.body.getReader();
-  const parts = [];
-  let loaded = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    parts.push(value);
-    loaded += value.length;
+  const declared = Number(response.headers.get('Content-Length')) || null;
+  if (declared) checkFileSize(declared);
+  const bytes = await readBody(response, (loaded, total) => {
     checkFileSize(loaded);
     setStatus(`downloading the scan: ${(loaded / MiB).toFixed(1)} MiB`);
     setProgress(total ? loaded / total : null);
-  }
-  const bytes = new Uint8Array(loaded);
-  let at = 0;
-  for (const part of parts) {
-    bytes.set(part, at);
-    at += part.length;
-  }
+  });
   return bytes.buffer;
 }
 

@@ -6,6 +6,7 @@
 import * as ort from './ort/ort.wasm.min.mjs';
 import { InputError, maskFileBytes, parseNifti } from '../lib/nifti.mjs';
 import { checkInterface, ModelError, oneLine, segment } from '../lib/segment.mjs';
+import { readBody } from './read-body.mjs';
 import { checkScan } from './scan-check.mjs';
 
 // Threads share the machine with the page's main thread and the viewer; more than 8 rarely pays off.
@@ -27,24 +28,7 @@ async function downloadModel(url) {
     throw new ModelError(`cannot download the model ${url} (${oneLine(error.message)})`);
   }
   if (!response.ok) throw new ModelError(`cannot download the model ${url} (HTTP ${response.status})`);
-  const total = Number(response.headers.get('Content-Length')) || null;
-  const reader = response.body.getReader();
-  const parts = [];
-  let loaded = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    parts.push(value);
-    loaded += value.length;
-    progress('model', loaded, total);
-  }
-  const bytes = new Uint8Array(loaded);
-  let at = 0;
-  for (const part of parts) {
-    bytes.set(part, at);
-    at += part.length;
-  }
-  return bytes;
+  return readBody(response, (loaded, total) => progress('model', loaded, total));
 }
 
 /** ONNX Runtime's WebAssembly settings: every core the browser offers (threads need a cross-origin isolated page). */
