@@ -10,13 +10,14 @@ import numpy as np
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.formats.nifti import load_volume
 from heartseg.runtime.inference import infer_canonical
-from heartseg.runtime.postprocess import mask_from_prob
 from heartseg.runtime.metrics import dice_score
+from heartseg.runtime.postprocess import mask_from_prob
 from heartseg.runtime.preprocess import from_canonical, to_canonical
 from heartseg.runtime.session import OnnxSession
 
-# The graph labels components at half resolution and caps the final stage's box (export/pipeline_graph.py): its
-# masks may differ from the reference's by a few voxels at the edge, never by more than this in Dice.
+# The graph finds the largest component on the final stage's grid, not the scan's, and caps the final stage's box
+# (export/pipeline_graph.py): its masks may differ from the reference's by a few voxels, never by more than this in
+# Dice.
 MIN_GRAPH_DICE = 0.995
 
 

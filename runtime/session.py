@@ -183,7 +183,8 @@ class OnnxSession:
         used = self._session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in used else "cpu"
         self._inputs = {i.name: i for i in self._session.get_inputs()}
-        self._dummy = {
+        # A networks file's per-stage calls feed the other stages a tiny input; a pipeline file has none of those.
+        self._dummy = {} if self.contract.pipeline else {
             name: np.zeros((1, 1) + (self.contract.stages[0].divisor,) * 3, np.float32) for name in self._inputs
         }
 
