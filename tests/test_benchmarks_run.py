@@ -187,12 +187,14 @@ def test_flops_helpers() -> None:
 
 
 def test_peak_memory_window() -> None:
+    # 64 MB: above glibc's largest mmap threshold (32 MB), so the block is fresh pages whatever earlier tests left
+    # free on the heap (a smaller one may reuse resident memory and not raise the peak by its size).
     with PeakMemory() as memory:
-        block = np.ones(16 * 1024 * 1024 // 8)  # 16 MB, touched
+        block = np.ones(64 * 1024 * 1024 // 8)  # touched
         del block
     assert memory.peak_mb is not None and memory.peak_mb > 0
     if memory.windowed:
-        assert memory.increase_mb is not None and memory.increase_mb >= 10
+        assert memory.increase_mb is not None and memory.increase_mb >= 40
 
 
 def test_bench_modules_import_without_torch() -> None:
