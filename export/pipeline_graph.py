@@ -517,7 +517,8 @@ def centred_box(g: Graph, centre: str, size: str, shape: str) -> tuple[str, str]
     return lo, g.op("Add", [lo, size])
 
 
-def box_with_divisor(g: Graph, lo: str, hi: str, shape: str, divisor: int, cap: Sequence[int] | None) -> tuple[str, str]:
+def box_with_divisor(g: Graph, lo: str, hi: str, shape: str, divisor: int,
+                     cap: Sequence[int] | None) -> tuple[str, str]:
     """preprocess.box_with_divisor on double lo, hi (at most cap voxels per axis, about the same centre)."""
     lo = g.op("Max", [g.op("Cast", [g.op("Floor", [lo])], to=TensorProto.INT64), g.ints(0, 0, 0)])
     hi = g.op("Min", [g.op("Cast", [g.op("Ceil", [hi])], to=TensorProto.INT64), shape])
@@ -590,27 +591,17 @@ def fits_final_stage(g: Graph, shape: str, contract: ModelContract) -> str:
     return g.op("Not", [any_true(g, g.op("Not", [inside]))])
 
 
-def box_cap(contract: ModelContract) -> list[int] | None:
-    """The largest final-stage box, in its voxels: the largest plausible atrium extent plus the margin on both
-    sides along every axis (None without learned ranges)."""
-    if contract.plausibility is None:
-        return None
-    final = contract.final_stage
-    largest = max(hi for _, hi in contract.plausibility.extent_mm) + 2 * final.crop_margin_mm
-    return [int(-(-int(np.ceil(largest / s)) // final.divisor) * final.divisor) for s in final.spacing]
-
-
-def refine(g: Graph, network: Network, grid5: str, stats: tuple[str, str], lo: str, hi: str, shape: str, grow: str,
-           stage: StageContract, cap: list[int] | None, max_voxels: str) -> tuple[str, str, str]:
-    """The final stage on [lo, hi) of its grid, its box grown and the stage run again while the mask reaches a
-    face (inference.infer_canonical); returns the probabilities on the last box and that box."""
+def refine(g: Graph, network: Network, grid5: str, stats: tuple[str, str, str], lo: str, hi: str, shape: str,
+           grow: str, stage: StageContract, cap: Sequence[int] | None, max_voxels: str) -> tuple[str, str, str]:
+    """The final stage on [lo, hi) of its grid (stats: the grid's mean, standard deviation and minimum), its box
+    grown and the stage run again while the mask reaches a face (inference.infer_canonical); returns the
+    probabilities on the last box and that box."""
     body = g.body(g.fresh("refine"))
     iteration, cond, box_lo, box_hi = (body.fresh(n) for n in ("i", "cond", "lo", "hi"))
     previous, previous_lo, previous_hi = (body.fresh(n) for n in ("prob", "ran_lo", "ran_hi"))
     # Only the box is normalised (with the whole grid's statistics), and padded with the grid's minimum.
-    fill = body.op("ReduceMin", [grid5], keepdims=0)
     seen_lo, seen_hi = (box_lo, box_hi) if stage.context == "pad" else context_box(body, box_lo, box_hi, shape, stage)
-    crop = normalize(body, crop_padded(body, grid5, seen_lo, seen_hi, fill), stats)
+    crop = normalize(body, crop_padded(body, grid5, seen_lo, seen_hi, stats[2]), stats[:2])
     prob = predict_volume(body, network, crop, stage, max_voxels)
     if stage.context != "pad":
         # Only the box's own voxels are kept: the context around it is seen, not segmented.
@@ -637,7 +628,7 @@ def refine(g: Graph, network: Network, grid5: str, stats: tuple[str, str], lo: s
 
 
 def localise(g: Graph, model: onnx.ModelProto, contract: ModelContract, image5: str, shape: str, size: str,
-             cap: list[int] | None, whole_lo: str, whole_hi: str) -> tuple[str, str, str, str]:
+             cap: Sequence[int] | None, whole_lo: str, whole_hi: str) -> tuple[str, str, str, str]:
     """inference.locate and native_box_to_stage: the final stage's box from the localiser's largest component
     (the whole grid, without running the localiser, for a scan that fits the final stage); returns lo, hi, whether
     anything was found, and whether the box was localised."""
@@ -660,7 +651,7 @@ def localise(g: Graph, model: onnx.ModelProto, contract: ModelContract, image5: 
 
 
 def _located_box(g: Graph, model: onnx.ModelProto, contract: ModelContract, image5: str, shape: str, size: str,
-                 cap: list[int] | None) -> tuple[str, str, str]:
+                 cap: Sequence[int] | None) -> tuple[str, str, str]:
     """The localiser on its whole grid, its mask's largest component, and that box on the final stage's grid."""
     final, localiser = contract.final_stage, contract.localiser
     coarse_size = stage_size(g, shape, SPACING, localiser.spacing)
@@ -725,8 +716,9 @@ def build_pipeline(model: onnx.ModelProto, contract: ModelContract) -> onnx.Mode
     final = contract.final_stage
     size = stage_size(g, shape, SPACING, final.spacing)
     grid = resize(g, image5, size)
-    stats = zscore_stats(g, grid)
-    cap = box_cap(contract)
+    # The grid's mean, standard deviation and minimum (what pads a box that leaves it), once for every box tried.
+    stats = (*zscore_stats(g, grid), g.op("ReduceMin", [grid], keepdims=0))
+    cap = contract.final_box_cap
     whole_lo, whole_hi = g.ints(0, 0, 0), padded_shape(g, size, final)
     located = g.const(False, np.bool_)
     found = g.const(True, np.bool_)

@@ -321,6 +321,16 @@ class ModelContract:
         """The stage whose probabilities make the mask."""
         return self.stages[-1]
 
+    @property
+    def final_box_cap(self) -> tuple[int, ...] | None:
+        """The most voxels per axis the final stage's box may span in the model's graph: the largest plausible
+        atrium extent plus the margin on both sides, rounded up to the divisor (None without learned ranges)."""
+        if self.plausibility is None:
+            return None
+        final = self.final_stage
+        largest = max(hi for _, hi in self.plausibility.extent_mm) + 2 * final.crop_margin_mm
+        return tuple(-(-math.ceil(largest / s) // final.divisor) * final.divisor for s in final.spacing)
+
     def stage(self, name: str) -> StageContract:
         """The stage called name."""
         for stage in self.stages:

@@ -72,13 +72,12 @@ def canonical_geometry(geometry: ScanGeometry, orientation: str) -> tuple[tuple[
 
 def largest_final_call(shape: tuple[int, ...], spacing: tuple[float, ...], contract: ModelContract) -> int:
     """The most voxels one call of the final stage's network can take in the model's graph for a canonical scan: its
-    grid padded for the network, for a cascade with learned ranges at most its largest box (the learned extents plus
-    the margins)."""
+    grid padded for the network, for a cascade at most its largest box (ModelContract.final_box_cap)."""
     stage = contract.final_stage
     size = target_shape(shape, spacing, stage.spacing)
-    if contract.is_cascade and contract.plausibility is not None:
-        extent = max(hi for _, hi in contract.plausibility.extent_mm) + 2 * stage.crop_margin_mm
-        size = tuple(min(n, int(np.ceil(extent / s))) for n, s in zip(size, stage.spacing))
+    cap = contract.final_box_cap if contract.is_cascade else None
+    if cap is not None:
+        size = tuple(min(n, c) for n, c in zip(size, cap))
     return int(np.prod(padded_shape(size, stage.patch_size, stage.divisor), dtype=np.int64))
 
 

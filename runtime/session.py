@@ -14,7 +14,7 @@ import numpy as np
 
 from .contract import CONTRACT_KEY, MAX_VOXELS, PIPELINE_INPUTS, PIPELINE_OUTPUTS, ContractError, ModelContract
 from .errors import HeartsegError, ModelError
-from .model_digest import DigestError, ModelFile, UnverifiedModelWarning, scan_model, verify_model_digest
+from .model_digest import DIGEST_KEY, DigestError, ModelFile, UnverifiedModelWarning, scan_model, verify_model_digest
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -52,8 +52,8 @@ def read_contract(path: str | os.PathLike) -> tuple[ModelContract, dict[str, str
     path = Path(path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session, model = open_model(path, options, ["CPUExecutionProvider"])
-    return _contract_of(path, session, model)
+    session, _ = open_model(path, options, ["CPUExecutionProvider"])
+    return _contract_of(path, session)
 
 
 def open_model(path: Path, options, providers: list[str]) -> tuple[object, ModelFile]:
@@ -87,7 +87,7 @@ def open_model(path: Path, options, providers: list[str]) -> tuple[object, Model
     return session, model
 
 
-def _contract_of(path: Path, session, model: ModelFile) -> tuple[ModelContract, dict[str, str]]:
+def _contract_of(path: Path, session) -> tuple[ModelContract, dict[str, str]]:
     meta = dict(session.get_modelmeta().custom_metadata_map)
     if CONTRACT_KEY not in meta:
         raise ModelError(f"{path}: an ONNX file without heartseg metadata ({CONTRACT_KEY!r} is missing); "
@@ -97,13 +97,14 @@ def _contract_of(path: Path, session, model: ModelFile) -> tuple[ModelContract, 
         check_graph(contract, session.get_inputs(), session.get_outputs())
     except ContractError as exc:
         raise ModelError(f"{path}: {exc}") from None
-    check_weights(path, model, meta)
+    check_weights(path, meta)
     return contract, meta
 
 
-def check_weights(path: Path, model: ModelFile, meta: dict[str, str]) -> None:
-    """ModelError when the file differs from the digest recorded at export; a warning when none is recorded."""
-    if not verify_model_digest(path, model, meta):
+def check_weights(path: Path, meta: dict[str, str]) -> None:
+    """A warning when the file records no digest (open_model checked the one it records before the file was
+    parsed)."""
+    if DIGEST_KEY not in meta:
         # Files exported before the digest was recorded still run: the metadata is not signed, so a refusal
         # would stop only them, not a deliberate edit that rewrites the digest too.
         warnings.warn(f"{path}: the file records no weights digest (exported by an older heartseg), so altered or "
@@ -177,7 +178,7 @@ class OnnxSession:
             options.add_initializer(MAX_VOXELS, self._max_voxels)
         self.max_voxels = max_voxels
         self._session, model = open_model(self.path, options, providers)
-        self.contract, self.metadata = _contract_of(self.path, self._session, model)
+        self.contract, self.metadata = _contract_of(self.path, self._session)
         # The identity of the file as run (its every byte, metadata included), for records of what made a mask.
         self.file_sha256 = model.file_sha256
         used = self._session.get_providers()
