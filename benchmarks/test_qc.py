@@ -1,17 +1,21 @@
-"""QC benchmark: does the verdict catch wrong masks? Held-out scans and corrupted copies, each with its true Dice.
+"""QC benchmark: does the verdict catch wrong masks? Held-out scans and copies of them, each with its true Dice.
 
 The held-out scans are the model's own (metadata info.val_cases: its fold never trained on them),
 found in the MSD folders of $HEARTSEG_QC_DATA (comma-separated; default ../shared/data/Task02_Heart and
-../shared/data/LA2018). Each gets the corruptions of qclib.CORRUPTIONS; scans of a dataset the model
-did not train on are added as "other_dataset" ($HEARTSEG_QC_OTHER per dataset, default 4). Reported:
-AUROC of the score for true Dice < 0.85, Spearman of estimated (or raw) against true Dice, false alarms
-on clean scans, silent failures (true Dice < 0.80, verdict ok), QC's share of the time per scan; with
-test-time flips ($HEARTSEG_QC_TTA=0 skips them) the same, their cost and their Dice gain.
-$HEARTSEG_QC_JSON=FILE writes every row. Tiny mode: two synthetic scans and the pointwise model.
+../shared/data/LA2018; $HEARTSEG_QC_CASES=N keeps the first N). Each gets a copy in every family of
+qclib: the clean variants (qclib.CLEAN_VARIANTS) and the corruptions (qclib.CORRUPTIONS); scans of a
+dataset the model did not train on are added as "other_dataset" ($HEARTSEG_QC_OTHER per dataset,
+default 4). Reported: AUROC of the score for true Dice < 0.85, Spearman of estimated (or raw) against
+true Dice, false alarms on clean scans and clean variants, silent failures (true Dice < 0.80, verdict
+ok), QC's share of the time per scan, the same per family, and leave-one-family-out (the score
+calibration and its review threshold refitted without the family they judge); with test-time flips
+($HEARTSEG_QC_TTA=0 skips them) the same, their cost and their Dice gain. $HEARTSEG_QC_JSON=FILE writes
+every row. Tiny mode: two synthetic scans and the pointwise model.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import asdict
@@ -62,12 +66,12 @@ def _tiny_setup(folder: Path) -> tuple[Path, list[qclib.QCCase]]:
 
 
 @pytest.fixture(scope="module")
-def qc_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[qclib.QCCase]]:
-    """The model and every case (clean held-out, corrupted, other dataset)."""
+def qc_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[qclib.QCCase], list[qclib.QCCase]]:
+    """The model, the clean held-out cases (their copies are made as they are segmented) and the other datasets'."""
     if benchlib.TINY:
         pytest.importorskip("onnx", reason="onnx is needed to build the tiny model (pip install onnx)")
         model, clean = _tiny_setup(tmp_path_factory.mktemp("qc-tiny"))
-        return model, qclib.corrupted(clean)
+        return model, clean, []
     from heartseg.runtime.errors import ModelError
     from heartseg.runtime.segmenter import default_model_path
     from heartseg.runtime.session import read_contract
@@ -89,7 +93,7 @@ def qc_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[qclib
     limit = benchlib.env_int("HEARTSEG_QC_CASES", 0)
     ids = sorted(found)[:limit] if limit else sorted(found)
     clean = [qclib.load_case(i, *found[i]) for i in ids]
-    cases = qclib.corrupted(clean)
+    others: list[qclib.QCCase] = []
     trained_roots = {root for root in roots if qclib.find_cases(val_ids + train_ids, [root])}
     for root in roots:
         if root in trained_roots:
@@ -99,20 +103,52 @@ def qc_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[qclib
         for name, (image, label) in sorted(other.items()):
             case = qclib.load_case(name, image, label)
             case.corruption = "other_dataset"
-            cases.append(case)
-    return model, cases
+            others.append(case)
+    return model, clean, others
 
 
-def _run(benchmark, model: Path, cases: list[qclib.QCCase], tta: bool) -> None:
+def _show(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _report_families(section: str, families: dict[str, dict]) -> None:
+    """One line per family: cases, mean true Dice, bad masks, silent failures, verdicts, false alarms."""
+    benchlib.report(section, f"{'family':<18} cases  Dice   bad  silent  ok/review/fail  false alarms (Dice >= "
+                             f"{qclib.BAD_BELOW})")
+    for kind, f in families.items():
+        alarms = f"{_show(f['false_alarm_rate'], 2)} of {f['clean_good']}" if "false_alarm_rate" in f else ""
+        refused = f"  ({f['refused']} refused)" if f["refused"] else ""
+        verdicts = f"{f['ok']:>4}/{f['review']}/{f['fail']:<7}"
+        benchlib.report(section, f"{kind:<18} {f['cases']:>5}  {_show(f['mean_dice'])}  {f['bad']:>3}  "
+                                 f"{f['silent_failures']:>6}  {verdicts}  {alarms}{refused}")
+
+
+def _report_held_out(section: str, result: dict) -> None:
+    """Leave-one-family-out: each held-out family's threshold, silent failures and flags, then the totals."""
+    benchlib.report(section, f"{'held-out family':<18} threshold  silent  flagged  ok/review/fail  false alarms")
+    for kind, f in result["families"].items():
+        alarms = f"{_show(f['false_alarm_rate'], 2)} of {f['clean_good']}" if "false_alarm_rate" in f else ""
+        verdicts = f"{f['ok']:>4}/{f['review']}/{f['fail']:<7}"
+        benchlib.report(section, f"{kind:<18} {f['threshold']:>9.2f}  {f['silent_failures']:>6}  "
+                                 f"{_show(f['flagged_share'], 2):>7}  {verdicts}  {alarms}")
+    total = result["held_out"]
+    benchlib.report(section, f"all held out: {total['cases']} cases, AUROC(score) {_show(total['auroc_score'])}  "
+                             f"AUROC(held-out estimate) {_show(total['auroc_estimated'])}  AUROC(verdict) "
+                             f"{_show(total['auroc_verdict'])}  silent failures {total['silent_failures']}  clean "
+                             f"false alarms {_show(total['false_alarm_rate_clean_good'], 2)} of "
+                             f"{total['clean_good']}  thresholds {total['thresholds']}")
+
+
+def _run(benchmark, model: Path, clean: list[qclib.QCCase], others: list[qclib.QCCase], tta: bool) -> None:
     key = "tta" if tta else "default"
     benchmark.group = "QC"
     threads = max(benchlib.thread_counts())
     segmenter = Segmenter(model, device="cpu", threads=threads, tta=tta)
-    first = cases[0]
+    first = clean[0]
     seconds, predictions = benchlib.measure(benchmark, lambda: segmenter.segment(first.volume), benchlib.rounds(3))
     SECONDS[key] = benchlib.median(seconds)
     qc_seconds = benchlib.median([p.report.seconds for p in predictions])
-    rows = [qclib.run_case(segmenter, case) for case in cases]
+    rows = [qclib.run_case(segmenter, case) for case in itertools.chain(qclib.corrupted(clean), others)]
     ROWS[key] = rows
     figures = qclib.qc_figures(rows)
     figures["seconds_per_scan"] = SECONDS[key]
@@ -123,48 +159,47 @@ def _run(benchmark, model: Path, cases: list[qclib.QCCase], tta: bool) -> None:
         figures["tta_cost_ratio"] = SECONDS[key] / SECONDS["default"]
         figures["tta_dice_gain"] = float(np.mean([r.true_dice - plain[(r.name, r.corruption)] for r in rows
                                                   if (r.name, r.corruption) in plain]))
-    benchmark.extra_info.update({"mode": key, "threads": threads, "figures": figures,
-                                 "per_corruption": qclib.per_corruption(rows)})
+    families = qclib.per_family(rows)
+    held_out = qclib.leave_one_family_out(rows)
+    benchmark.extra_info.update({"mode": key, "threads": threads, "figures": figures, "per_family": families,
+                                 "leave_one_family_out": {k: held_out[k] for k in ("families", "held_out")}})
     out = os.environ.get("HEARTSEG_QC_JSON")
     if out:
         path = Path(out).with_suffix(f".{key}.json")
-        path.write_text(json.dumps({"model": str(model), "mode": key, "figures": figures,
-                                    "per_corruption": qclib.per_corruption(rows),
-                                    "rows": [asdict(r) for r in rows]}, indent=1))
-
-    def show(value, digits=3):
-        return "n/a" if value is None else f"{value:.{digits}f}"
-
+        path.write_text(json.dumps({"model": str(model), "mode": key, "figures": figures, "per_family": families,
+                                    "leave_one_family_out": held_out, "rows": [asdict(r) for r in rows]}, indent=1))
     benchlib.report(f"QC ({key})", f"{figures['cases']} cases ({figures['clean']} clean, {figures['bad']} with true "
                                    f"Dice < {qclib.BAD_BELOW}), verdicts {figures['verdicts']}")
-    benchlib.report(f"QC ({key})", f"AUROC(score, Dice<{qclib.BAD_BELOW}) {show(figures['auroc_score_bad'])}  "
-                                   f"AUROC(verdict) {show(figures['auroc_verdict_bad'])}  Spearman "
-                                   f"{show(figures['spearman'])} ({figures['spearman_of']})  mean |est - true| "
-                                   f"{show(figures['mean_abs_error'])}")
-    benchlib.report(f"QC ({key})", f"flagged clean scans {show(figures['false_alarm_rate_clean'], 2)} (of those with "
-                                   f"true Dice >= {qclib.BAD_BELOW}: {show(figures['false_alarm_rate_clean_good'], 2)}"
-                                   f", {figures['clean_good']} scans)  "
+    benchlib.report(f"QC ({key})", f"AUROC(score, Dice<{qclib.BAD_BELOW}) {_show(figures['auroc_score_bad'])}  "
+                                   f"AUROC(verdict) {_show(figures['auroc_verdict_bad'])}  Spearman "
+                                   f"{_show(figures['spearman'])} ({figures['spearman_of']})  mean |est - true| "
+                                   f"{_show(figures['mean_abs_error'])}")
+    benchlib.report(f"QC ({key})", f"flagged clean scans and clean variants "
+                                   f"{_show(figures['false_alarm_rate_clean'], 2)} (of those with true Dice >= "
+                                   f"{qclib.BAD_BELOW}: {_show(figures['false_alarm_rate_clean_good'], 2)}, "
+                                   f"{figures['clean_good']} scans)  "
                                    f"silent failures {figures['silent_failures']}  QC {1000 * qc_seconds:.1f} ms of "
                                    f"{SECONDS[key]:.3f} s per scan ({100 * figures['qc_share_of_time']:.1f} %)")
     if "tta_cost_ratio" in figures:
         benchlib.report(f"QC ({key})", f"test-time flips: {figures['tta_cost_ratio']:.1f}x the time, mean Dice "
                                        f"{figures['tta_dice_gain']:+.4f}")
-    for kind, values in qclib.per_corruption(rows).items():
-        benchlib.report(f"QC ({key}) per corruption", f"{kind}: {values}")
-    assert len(rows) == len(cases)
-    assert all(0.0 <= r.true_dice <= 1.0 and r.verdict in VERDICTS for r in rows)
+    _report_families(f"QC ({key}) per family", families)
+    _report_held_out(f"QC ({key}) leave one family out", held_out)
+    assert len(rows) == len(clean) * (1 + len(qclib.FAMILIES)) + len(others)
+    assert all(0.0 <= r.true_dice <= 1.0 and r.verdict in VERDICTS and r.rule_verdict in VERDICTS for r in rows)
     assert figures["false_alarm_rate_clean"] is not None and 0.0 < figures["qc_share_of_time"] < 1.0
+    assert list(held_out["families"]) == list(families) and held_out["held_out"]["cases"] == len(rows)
 
 
 def test_qc_default(benchmark, qc_setup) -> None:
     """The default QC: verdicts and estimated Dice against the true Dice, and its share of the time per scan."""
-    model, cases = qc_setup
-    _run(benchmark, model, cases, tta=False)
+    model, clean, others = qc_setup
+    _run(benchmark, model, clean, others, tta=False)
 
 
 def test_qc_tta(benchmark, qc_setup) -> None:
     """The same with test-time flips (4 inferences per scan)."""
     if os.environ.get("HEARTSEG_QC_TTA", "1").strip() == "0":
         pytest.skip("HEARTSEG_QC_TTA=0")
-    model, cases = qc_setup
-    _run(benchmark, model, cases, tta=True)
+    model, clean, others = qc_setup
+    _run(benchmark, model, clean, others, tta=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import ModelError
 from .qc.calibration import SCORE_NAME, ScoreCalibration
+from .qc.orientation import OrientationAtlases
 from .qc.ranges import DEFAULT_INPUT_MARGIN, Plausibility
 
 # 1: a fixed largest foreground fraction; 2: plausibility learned from the training labels;
@@ -26,8 +27,12 @@ from .qc.ranges import DEFAULT_INPUT_MARGIN, Plausibility
 # tta_score_calibration, and in plausibility the training scans' voxel sizes, fields of view, skewness, edge
 # sharpness and interior rank) are optional in every format from 2: a file without them loads as before.
 # 7: `pipeline`, a file that is one graph from scan to mask (PIPELINE_INPUTS in, PIPELINE_OUTPUTS out); the
-# stages' ONNX names then name their networks inside it.
-FORMAT_VERSION = 7
+# stages' ONNX names then name their networks inside it. 8: plausibility's contrast, saturation and orientation
+# atlases, and its skewness measured around the atrium; a file of an earlier format learned its skewness over the
+# whole scan, a range the measure no longer reads, so it is not judged.
+FORMAT_VERSION = 8
+# The first format whose skewness range is measured around the atrium.
+LOCAL_SKEWNESS_FORMAT = 8
 CONTRACT_KEY = "heartseg.contract"
 # A pipeline file's graph: the scan's voxels in RAS+ order and their voxel size in, the mask on the same grid, its
 # probabilities, the confidence score QC calibrates and the final stage's box (voxels of the scan's grid) out.
@@ -172,8 +177,28 @@ def check_plausibility(value: Any, name: str = "plausibility") -> Plausibility |
                                                                              closed=True),
         noise_level=None if value.get("noise_level") is None else _range(value["noise_level"],
                                                                          f"{name}.noise_level"),
+        contrast=None if value.get("contrast") is None else _range(value["contrast"], f"{name}.contrast",
+                                                                   -math.inf, math.inf),
+        saturation=None if value.get("saturation") is None else _range(value["saturation"], f"{name}.saturation",
+                                                                       0.0, 1.0, closed=True),
+        orientation_atlases=_orientation_atlases(value.get("orientation_atlases"), f"{name}.orientation_atlases"),
         **optional,
     )
+
+
+def _orientation_atlases(value: Any, name: str) -> OrientationAtlases | None:
+    """Validated orientation atlases (from themselves or their dict form), or None (models trained before them)."""
+    if value is None:
+        return None
+    if isinstance(value, OrientationAtlases):
+        value = value.to_dict()
+    value = _object(value, name, OrientationAtlases, ("atlases", "typical", "margin"))
+    if not isinstance(value["atlases"], dict) or not isinstance(value["typical"], dict):
+        raise ContractError(name, "atlases and typical must map family names to values")
+    try:
+        return OrientationAtlases.from_dict(value)
+    except (TypeError, ValueError) as exc:
+        raise ContractError(name, str(exc)) from None
 
 
 def check_score_calibration(value: Any, name: str = "score_calibration") -> ScoreCalibration | None:
@@ -378,6 +403,11 @@ class ModelContract:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ContractError(sorted(unknown)[0], "unknown field")
+        # A file of an earlier format learned its skewness over the whole scan: a range the measure no longer reads.
+        # Dropped as the file is read, not in memory, where a contract's new ranges may meet its old format number.
+        plausibility = data.get("plausibility")
+        if int(version) < LOCAL_SKEWNESS_FORMAT and isinstance(plausibility, dict) and "skewness" in plausibility:
+            data["plausibility"] = {**plausibility, "skewness": None}
         raw_stages = data.pop("stages", None)
         if not isinstance(raw_stages, list) or not raw_stages:
             raise ContractError("stages", f"must be a non-empty list, got {raw_stages!r}")

@@ -183,12 +183,16 @@ def paste(target: np.ndarray, patch: np.ndarray, lo: np.ndarray) -> None:
 
 def mask_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Half-open bounding box [lo, hi) of the nonzero voxels, or None when empty."""
-    # Per-axis projections: no coordinate list, whose size would be 24 bytes per foreground voxel.
-    lo, hi = [], []
-    for axis in range(mask.ndim):
-        line = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if line.size == 0:
-            return None
-        lo.append(int(line[0]))
-        hi.append(int(line[-1]) + 1)
-    return np.array(lo), np.array(hi)
+    # Per-axis projections: no coordinate list, whose size would be 24 bytes per foreground voxel. The first axis's
+    # projection is taken inside the box the others give: the array is read once whole and once within the box, not
+    # once per axis.
+    if mask.ndim < 2:
+        line = np.flatnonzero(mask)
+        return None if line.size == 0 else (np.array([int(line[0])]), np.array([int(line[-1]) + 1]))
+    rest = np.any(mask, axis=0)
+    inner = mask_box(rest)
+    if inner is None:
+        return None
+    crop = (slice(None),) + tuple(slice(int(a), int(b)) for a, b in zip(*inner))
+    line = np.flatnonzero(np.any(mask[crop], axis=tuple(range(1, mask.ndim))))
+    return np.concatenate([[int(line[0])], inner[0]]), np.concatenate([[int(line[-1]) + 1], inner[1]])

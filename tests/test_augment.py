@@ -209,3 +209,44 @@ def test_dark_pool_options_are_checked() -> None:
         AugmentConfig(dark_pool_depth=0)
     with pytest.raises(ValueError, match="dark_pool_sd"):
         AugmentConfig(dark_pool_sd=(2.0, 1.0))
+
+
+def test_thick_slices_spread_a_step_along_one_axis_only_and_keep_a_ramp() -> None:
+    from heartseg.train.augment import thick_slices
+
+    step = np.zeros((8, 9, 40), np.float32)
+    step[..., 20:] = 1.0
+    thick = thick_slices(step, axis=2, factor=2.4, phase=0.3)
+    assert thick.shape == step.shape and thick.dtype == np.float32
+    # Every line along the other axes is the same, as it was: nothing leaks across axes.
+    assert np.array_equal(thick, np.broadcast_to(thick[:1, :1], thick.shape))
+    profile = thick[0, 0]
+    # The edge, one voxel wide before, now takes about the slab's width (2.4 voxels) to rise.
+    rising = np.count_nonzero((profile > 0.02) & (profile < 0.98))
+    assert 2 <= rising <= 5
+    assert np.all(np.diff(profile) >= -1e-6) and profile[0] == 0.0 and profile[-1] == 1.0
+    # A linear ramp is what slab means and linear interpolation reproduce, away from the ends.
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32), (4, 5, 40)).copy()
+    again = thick_slices(ramp, axis=2, factor=2.4, phase=0.3)
+    assert np.allclose(again[..., 4:-4], ramp[..., 4:-4], atol=1e-4)
+    # Along another axis the same step moves to that axis.
+    moved = thick_slices(np.moveaxis(step, 2, 0).copy(), axis=0, factor=2.4, phase=0.3)
+    assert np.allclose(np.moveaxis(moved, 0, 2), thick)
+
+
+def test_thick_slices_no_thicker_than_a_voxel_leave_the_image() -> None:
+    from heartseg.train.augment import thick_slices
+
+    image = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(np.float32)
+    assert np.array_equal(thick_slices(image, axis=1, factor=1.0, phase=0.0), image)
+    single = image[:, :1]
+    assert np.array_equal(thick_slices(single, axis=1, factor=2.5, phase=0.3), single)
+
+
+def test_thick_slice_options_are_checked() -> None:
+    from heartseg.train.options import ConfigError
+
+    with pytest.raises(ConfigError, match="p_thick_slice"):
+        AugmentConfig(p_thick_slice=1.5)
+    with pytest.raises((ConfigError, ValueError), match="thick_slice_mm"):
+        AugmentConfig(thick_slice_mm=(3.0, 2.0))

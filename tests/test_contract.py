@@ -472,3 +472,20 @@ def test_a_session_keeps_the_file_sha256_and_runs_the_bytes_it_verified(tmp_path
     assert session.file_sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
     (source,) = parsed  # the file is parsed once, from the bytes that were hashed
     assert isinstance(source, bytes) and hashlib.sha256(source).hexdigest() == session.file_sha256
+
+
+def test_a_skewness_range_learned_over_the_whole_scan_is_not_judged() -> None:
+    """Files before format 8 learned the intensity skewness over the whole scan; the measure now reads it around the
+    atrium, so such a range is dropped when the file is read, and a format-8 range is kept."""
+    from heartseg.runtime.contract import LOCAL_SKEWNESS_FORMAT
+    from heartseg.runtime.qc import Plausibility
+
+    plausibility = Plausibility(volume_ml=(10.0, 200.0), extent_mm=((10, 60), (20, 80), (30, 90)),
+                                skewness=(-0.5, 2.0))
+    contract = ModelContract(stages=(StageContract("fine", (1.25, 1.25, 1.25), (64, 64, 64)),),
+                             plausibility=plausibility)
+    data = json.loads(contract.to_json())
+    assert ModelContract.from_dict(data).plausibility.skewness == (-0.5, 2.0)
+    data["format_version"] = LOCAL_SKEWNESS_FORMAT - 1
+    older = ModelContract.from_dict(data).plausibility
+    assert older.skewness is None and older.volume_ml == (10.0, 200.0)

@@ -89,8 +89,8 @@ def old_file(trained_run, tmp_path_factory) -> Path:
 
 def test_export_writes_a_pipeline_file(exported):
     contract, meta = read_contract(exported)
-    assert contract.pipeline is True and contract.format_version == FORMAT_VERSION == 7
-    assert meta["heartseg.format_version"] == "7"
+    assert contract.pipeline is True and contract.format_version == FORMAT_VERSION == 8
+    assert meta["heartseg.format_version"] == "8"
     proto = onnx.load(str(exported))
     # The inputs a caller must feed (an optional one has its default among the initialisers).
     defaults = {t.name for t in proto.graph.initializer}
@@ -198,7 +198,7 @@ def test_upgrade_wraps_an_older_networks_file(old_file, trained_run, tmp_path):
     changed = {CONTRACT_KEY, "heartseg.format_version", DIGEST_KEY}
     assert {k: v for k, v in meta.items() if k not in changed} == \
         {k: v for k, v in old_meta.items() if k not in changed}
-    assert meta["heartseg.format_version"] == "7" and meta[DIGEST_KEY] != old_meta[DIGEST_KEY]
+    assert meta["heartseg.format_version"] == "8" and meta[DIGEST_KEY] != old_meta[DIGEST_KEY]
     # Every weight of the networks is carried over byte for byte.
     old_weights = {t.name: t.SerializeToString() for t in onnx.load(str(old_file)).graph.initializer}
     new_weights = {t.name: t.SerializeToString() for t in onnx.load(str(new)).graph.initializer}

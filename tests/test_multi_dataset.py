@@ -415,3 +415,28 @@ def test_sampler_reach_bounds_every_patch_drawn(spacing, patch, box):
     reach = sampler_reach(stage)
     assert below <= reach.min() and above <= reach.min()
     assert max(below, above) >= reach.max() - 1  # and no wider than needed
+
+
+def test_thick_slices_blur_the_patch_along_one_axis_and_keep_the_label():
+    case = _case("a0", "A", 0)
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 8, 8))
+    config = SamplerConfig(batch_size=1)  # one patch: the slab's draws come after its place is drawn
+    plain = PatchSampler([case], stage, config, AugmentConfig.identity(), seed=3)
+    thick = PatchSampler([case], stage, config, replace(AugmentConfig.identity(), p_thick_slice=1.0,
+                                                       thick_slice_mm=(2.5, 2.5)), seed=3)
+    (plain_image, plain_label), (thick_image, thick_label) = plain.sample(), thick.sample()
+    assert torch.equal(plain_label, thick_label)
+    assert not torch.equal(plain_image, thick_image)
+    # Slab means only average: no value outside the patch's own range.
+    assert thick_image.min() >= plain_image.min() - 1e-5 and thick_image.max() <= plain_image.max() + 1e-5
+
+
+def test_thick_slices_off_keep_the_patches_of_earlier_runs():
+    case = _case("a0", "A", 0)
+    stage = StageContract("fine", (1.0, 1.0, 1.0), (8, 8, 8))
+    default = PatchSampler([case], stage, SamplerConfig(batch_size=2), AugmentConfig(), seed=4)
+    thick = PatchSampler([case], stage, SamplerConfig(batch_size=2), replace(AugmentConfig(), p_thick_slice=0.5), 4)
+    first = [default.sample()[0] for _ in range(3)]
+    assert not all(torch.equal(a, thick.sample()[0]) for a in first)
+    again = PatchSampler([case], stage, SamplerConfig(batch_size=2), replace(AugmentConfig(), p_thick_slice=0.0), 4)
+    assert all(torch.equal(a, again.sample()[0]) for a in first)

@@ -14,6 +14,8 @@ from heartseg.runtime.qc import (
     image_sharpness,
     input_reasons,
     intensity_skewness,
+    interior_contrast,
+    saturation,
     interior_rank,
     learn_plausibility,
     noise_level,
@@ -155,9 +157,10 @@ def bright_blood_scan(mask: np.ndarray) -> np.ndarray:
 def test_an_inverted_scan_asks_for_review_and_a_familiar_one_passes() -> None:
     mask = ellipsoid()
     scan = bright_blood_scan(mask)
-    assert intensity_skewness(scan) > 2.0 and intensity_skewness(-scan) == pytest.approx(-intensity_skewness(scan))
+    skewness = intensity_skewness(scan, mask, SPACING)
+    assert skewness > 2.0 and intensity_skewness(-scan, mask, SPACING) == pytest.approx(-skewness)
     # Unchanged by the storage's scale and offset (uint8, int16, float).
-    assert intensity_skewness(40.0 * scan + 300.0) == pytest.approx(intensity_skewness(scan), abs=1e-6)
+    assert intensity_skewness(40.0 * scan + 300.0, mask, SPACING) == pytest.approx(skewness, abs=1e-6)
     learned = replace(PLAUSIBLE, skewness=(1.0, 8.0))
     contract = replace(CONTRACT, plausibility=learned)
     familiar = assess(mask, confident(mask), SPACING, contract, image=scan)
@@ -169,6 +172,25 @@ def test_an_inverted_scan_asks_for_review_and_a_familiar_one_passes() -> None:
     # Without an image, or with a model that never learned the range, the rule does not apply.
     assert assess(mask, confident(mask), SPACING, contract).verdict == "ok"
     assert assess(mask, confident(mask), SPACING, CONTRACT, image=-scan).verdict == "ok"
+
+
+def test_skewness_is_measured_around_the_atrium_whatever_the_field_of_view() -> None:
+    mask = ellipsoid()
+    scan = bright_blood_scan(mask)
+    skewness = intensity_skewness(scan, mask, SPACING)
+    # Padded in-plane with its background to a wider field of view: the atrium's neighbourhood is the same.
+    pads = ((60, 60), (60, 60), (0, 0))
+    padded, padded_mask = np.pad(scan, pads, constant_values=float(scan.min())), np.pad(mask, pads)
+    assert intensity_skewness(padded, padded_mask, SPACING) == pytest.approx(skewness, abs=1e-9)
+    # Inverted: the sign flips.
+    assert skewness > 1.0 and intensity_skewness(scan.max() + scan.min() - scan, mask, SPACING) == pytest.approx(
+        -skewness)
+    assert intensity_skewness(scan, np.zeros_like(mask), SPACING) is None
+    # So a model that learned the unpadded scan's skewness passes the padded one.
+    contract = replace(CONTRACT, plausibility=replace(PLAUSIBLE, skewness=(skewness - 0.5, skewness + 0.5)))
+    report = assess(padded_mask, confident(padded_mask), SPACING, contract, image=padded)
+    assert report.verdict == "ok", report.reasons
+    assert report.measures["skewness"] == pytest.approx(skewness, abs=1e-9)
 
 
 def test_interior_rank_is_high_for_a_bright_pool_and_unchanged_by_monotone_intensities() -> None:
@@ -305,12 +327,16 @@ def test_scans_plausibility_learns_every_range_from_the_scans() -> None:
     scans = [(bright_blood_scan(m), m, SPACING) for m in masks]
     learned = scans_plausibility(scans)
     expected = learn_plausibility([(m, SPACING) for m in masks],
-                                  skewness=[intensity_skewness(i) for i, _, _ in scans],
+                                  skewness=[intensity_skewness(i, m, SPACING) for i, m, _ in scans],
                                   edge_sharpness=[image_sharpness(i, m) for i, m, _ in scans],
                                   interior_rank=[interior_rank(i, m, SPACING) for i, m, _ in scans],
-                                  noise=[noise_level(i, m) for i, m, _ in scans])
+                                  noise=[noise_level(i, m) for i, m, _ in scans],
+                                  contrast=[interior_contrast(i, m, SPACING) for i, m, _ in scans],
+                                  saturation=[saturation(i, m, SPACING) for i, m, _ in scans])
     assert learned == expected
-    assert None not in (learned.skewness, learned.interior_rank, learned.noise_level) and learned.cases == 2
+    assert None not in (learned.skewness, learned.interior_rank, learned.noise_level, learned.contrast,
+                        learned.saturation)
+    assert learned.cases == 2
 
 
 def test_learn_plausibility_widens_the_training_interior_ranks() -> None:
@@ -492,8 +518,9 @@ def test_infer_reports_the_verdict_and_estimated_dice(tmp_path, run_cli, review_
     assert qc["measures"]["components"] >= 1 and qc["seconds"] > 0
     low, high = record["dice_interval"]
     assert low < record["estimated_dice"] < high
+    assert len(qc["rules"]) == len(qc["reasons"])
     if verdict == "review":
-        assert any(r.startswith("estimated Dice") for r in qc["reasons"])
+        assert any(r.startswith("estimated Dice") for r in qc["reasons"]) and "low_estimated_dice" in qc["rules"]
     (row,) = list(csv.DictReader(table.open()))
     assert row["verdict"] == verdict and float(row["estimated_dice"]) == pytest.approx(record["estimated_dice"],
                                                                                         abs=1e-4)

@@ -118,3 +118,34 @@ def test_a_very_noisy_scan_asks_for_review_and_a_quiet_one_passes() -> None:
     assert assess(mask, prob, SPACING, unlearned, image=loud).verdict == "ok"
     # The learned range travels in the contract.
     assert ModelContract.from_json(contract.to_json()).plausibility.noise_level == learned.noise_level
+
+
+def test_findings_name_their_rules_in_the_order_judge_gives_them() -> None:
+    from heartseg.runtime.qc import findings
+
+    evidence, standards = Evidence(volume_ml=0.5, extents_mm=(10.0, 40.0, 50.0)), Standards(PLAUSIBLE)
+    found = findings(evidence, standards)
+    assert [f.rule for f in found] == ["implausible_volume", "implausible_smallest_extent"]
+    assert [f.severity for f in found] == ["fail", "review"]
+    fails, reviews = judge(evidence, standards)
+    assert [f.reason for f in found] == fails + reviews
+
+
+def test_the_report_names_the_rule_of_each_reason() -> None:
+    from heartseg.runtime.contract import ModelContract, StageContract
+    from heartseg.runtime.qc import QCReport, ScoreCalibration, assess
+
+    pessimist = ScoreCalibration(slope=1.0, intercept=-0.3, residual_lo=-0.03, residual_hi=0.03, cases=10)
+    contract = ModelContract(stages=[StageContract("single", SPACING, (64, 64, 64), threshold=0.5)],
+                             plausibility=PLAUSIBLE, score_calibration=pessimist)
+    mask = ball(radius=6.0)  # about 2 mL: a volume far outside, extents below the range
+    report = assess(mask, mask.astype(np.float32) * 0.97, SPACING, contract)
+    assert report.rules == ["implausible_volume", "implausible_smallest_extent", "implausible_middle_extent",
+                            "implausible_largest_extent", "low_estimated_dice"]
+    assert len(report.reasons) == len(report.rules) and report.reasons[0].startswith("volume")
+    assert report.reasons[-1].startswith("estimated Dice") and report.verdict == "fail"
+    # Recorded, read back, and empty in a record written before the names were.
+    record = report.to_dict()
+    assert record["rules"] == report.rules and QCReport.from_dict(record).rules == report.rules
+    del record["rules"]
+    assert QCReport.from_dict(record).rules == [] and QCReport.from_dict(record).reasons == report.reasons

@@ -271,3 +271,16 @@ def test_shell_commands_join_continuations_and_skip_comments() -> None:
 def test_needs_skips_a_block_whose_program_is_missing(tmp_path: Path) -> None:
     doc = write_doc(tmp_path / "page.md", [("exit 0; needs no-such-program-here", "sh", "no-such-program-here")])
     assert document_problems(doc, tmp_path) == []
+
+
+def test_the_readme_qc_table_names_every_rule() -> None:
+    """Each of QC's rules has a row in the README's QC table, and the table names no rule that does not exist."""
+    from heartseg.runtime.qc import RULES
+
+    text = (REPO_ROOT / "README.md").read_text()
+    table = text[text.index("## QC: which masks to look at"):]
+    table = table[:table.index("\n## ")]
+    named = set(re.findall(r"`([a-z_]+)`", table))
+    rules = {rule.__name__ for rule in RULES}
+    assert rules <= named, sorted(rules - named)
+    assert {n for n in named if n.startswith(("untrained_", "implausible_", "cut_by_", "low_"))} <= rules

@@ -94,7 +94,7 @@ def test_dry_run_prints_every_stage_with_what_it_starts_from(tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("[")]
     steps = _steps()
-    assert len(lines) == len(steps) == 15
+    assert len(lines) == len(steps) == 20
     for line, step in zip(lines, steps):
         assert f"] {step['name']}: heartseg-" in line
         option = {"train": "--init-from", "average": "--average-weights"}.get(step["kind"])

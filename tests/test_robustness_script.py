@@ -28,8 +28,25 @@ def test_variants_keep_image_and_label_aligned(name):
     bright = np.asarray(data, float) > np.median(np.asarray(data, float)[ref == 0]) * 1.0
     # The label still marks the bright voxels wherever the variant moved them.
     assert bright[ref > 0].mean() > 0.95
+    if name.startswith("slices"):
+        return  # thicker slices: their own test
     spacing_before = sorted(np.sqrt((affine[:3, :3] ** 2).sum(0)))
     assert sorted(np.sqrt((new_affine[:3, :3] ** 2).sum(0))) == pytest.approx(spacing_before)
+
+
+def test_thick_slice_variant_averages_slabs_and_places_them_at_their_centres():
+    image = np.broadcast_to(np.arange(9, dtype=np.float32), (3, 4, 9)).copy()
+    label = np.zeros(image.shape, np.uint8)
+    label[..., 2:6] = 1
+    affine = np.diag([1.0, 1.0, 0.625, 1.0])
+    affine[:3, 3] = (5.0, 6.0, 7.0)
+    data, ref, new_affine = robustness.VARIANTS["slices 2.5 mm, axis 2"](image, label, affine)
+    # Four 0.625 mm slices to a slab: two slabs (the ninth slice dropped), each the mean of its slices.
+    assert data.shape == (3, 4, 2) and np.allclose(data[0, 0], [1.5, 5.5])
+    assert np.array_equal(ref[0, 0], [1, 1])  # slices 2-3 of 0-3 and 4-5 of 4-7: half of each, rounded up
+    assert np.allclose(new_affine[:3, 2], [0.0, 0.0, 2.5])
+    # The new voxel's centre is its slab's centre: slice 1.5 of the old grid.
+    assert np.allclose(new_affine @ [0, 0, 0, 1], affine @ [0, 0, 1.5, 1])
 
 
 def test_lps_variant_is_the_same_anatomy():

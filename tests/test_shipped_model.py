@@ -113,8 +113,8 @@ def test_every_shipped_model_is_one_graph_from_scan_to_mask(name):
     from heartseg.runtime.contract import FORMAT_VERSION, PIPELINE_INPUTS, PIPELINE_OUTPUTS
 
     contract, meta = read_contract(MODELS / name)
-    assert contract.pipeline is True and contract.format_version == FORMAT_VERSION == 7
-    assert meta["heartseg.format_version"] == "7"
+    assert contract.pipeline is True and contract.format_version == FORMAT_VERSION == 8
+    assert meta["heartseg.format_version"] == "8"
     session = ort.InferenceSession(str(MODELS / name), providers=["CPUExecutionProvider"])
     inputs = {i.name: (i.type, len(i.shape)) for i in session.get_inputs()}
     assert {k: inputs[k] for k in PIPELINE_INPUTS} == {"image": ("tensor(float)", 3), "spacing": ("tensor(float)", 1)}

@@ -99,6 +99,7 @@ def test_cli_defaults_are_the_dataclasses(tmp_path: Path) -> None:
     assert defaults["invert_prob"] == run.augment.p_invert and defaults["workers"] == config.workers
     assert defaults["dark_pool_prob"] == run.augment.p_dark_pool
     assert defaults["fov_cut_prob"] == run.augment.p_fov_cut
+    assert defaults["thick_slice_prob"] == run.augment.p_thick_slice
     assert defaults["soft_labels"] == config.soft_labels == run.coarse.soft_labels
 
 
@@ -106,13 +107,15 @@ def test_orientation_augmentation_options_reach_the_run_config(small_data: Path,
     run = tmp_path / "run"
     result = CliRunner().invoke(train_app, [str(small_data), "-o", str(run), *TINY, "--flip-prob", "0.2",
                                             "--permute-prob", "0", "--invert-prob", "0.3", "--workers", "1",
-                                            "--dark-pool-prob", "0.25", "--fov-cut-prob", "0.15",
+                                            "--dark-pool-prob", "0.25", "--fov-cut-prob", "0.15", "--thick-slice-prob", "0.3",
+                                            "--thick-slice-mm", "2,2.8",
                                             "--dataset-weight", f"{small_data.name}=2", "--soft-labels"])
     assert result.exit_code in (0, 1), (result.output, result.exception)  # 2 steps may not calibrate
     config = RunConfig.load(run / "config.json")
     augment = config.augment
     assert augment.p_flip == 0.2 and augment.p_permute == 0.0 and augment.p_invert == 0.3
     assert augment.p_dark_pool == 0.25 and augment.p_fov_cut == 0.15
+    assert augment.p_thick_slice == 0.3 and augment.thick_slice_mm == (2.0, 2.8)
     assert config.fine.workers == 1 and config.coarse.workers == 1
     assert config.fine.soft_labels and config.coarse.soft_labels
     assert config.fine.dataset_weights == {small_data.name: 2.0} == config.coarse.dataset_weights
@@ -226,3 +229,27 @@ def test_a_run_config_of_an_earlier_release_names_one_init_from_source_or_none(t
         data["init_from"] = old
         path.write_text(json.dumps(data))
         assert RunConfig.load(path).init_from == new
+
+
+def test_the_voxel_size_range_reaches_the_thickest_slices_training_saw() -> None:
+    from dataclasses import replace
+
+    import numpy as np
+    from heartseg.runtime.qc import input_reasons
+    from heartseg.train.augment import AugmentConfig
+    from heartseg.train.cache import PreparedCase
+    from heartseg.train.evaluate import learned_plausibility
+
+    grid = np.indices((24, 24, 24)) - 12
+    label = ((grid**2).sum(axis=0) < 36).astype(np.uint8)
+    image = (100.0 * label + np.random.default_rng(0).normal(0, 5, label.shape)).astype(np.float32)
+    cases = [PreparedCase(f"c{i}", image, label, (1.0, 1.0, 1.0), {}, "A") for i in range(2)]
+    plain = learned_plausibility(cases)
+    thick = learned_plausibility(cases, replace(AugmentConfig(), p_thick_slice=0.25, thick_slice_mm=(2.0, 3.0)))
+    assert plain.spacing_mm[2][1] < 2.5 and thick.spacing_mm[2][1] == 3.0
+    assert thick.spacing_mm[:2] == plain.spacing_mm[:2] and thick.fov_mm == plain.fov_mm
+    assert any("largest voxel size" in r for r in input_reasons((200, 200, 50), (1.0, 1.0, 2.5), plain))
+    assert not any("voxel size" in r for r in input_reasons((200, 200, 50), (1.0, 1.0, 2.5), thick))
+    # Without the augmentation switched on, its range says nothing of what training saw.
+    off = learned_plausibility(cases, replace(AugmentConfig(), p_thick_slice=0.0, thick_slice_mm=(2.0, 3.0)))
+    assert off == plain

@@ -51,6 +51,16 @@ def _triple(text: str | None, kind=float):
     return values
 
 
+def _pair(text: str, option: str) -> tuple[float, float]:
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise HeartsegError(f"{option} {text!r}: expected two comma-separated numbers, 'low,high'")
+    return values  # type: ignore[return-value]
+
+
 def _progress_factory(console):
     from rich.progress import (
         BarColumn,
@@ -115,6 +125,8 @@ def train(
     permute_prob: float = typer.Option(_AUGMENT.p_permute, help="Probability of permuting the axes of a training patch."),
     dark_pool_prob: float = typer.Option(_AUGMENT.p_dark_pool, help="Probability of darkening the atrium's interior in a training patch, its edge little and the outside not at all (a blood pool darker than the wall around it, as in LGE scans whose contrast has washed out)."),
     fov_cut_prob: float = typer.Option(_AUGMENT.p_fov_cut, help="Probability of ending a training patch's field of view at a random plane through the atrium (padding and no label beyond it, as past a scan's edge), so that a scan whose edge cuts the atrium is segmented up to that edge."),
+    thick_slice_prob: float = typer.Option(_AUGMENT.p_thick_slice, help="Probability of making a training patch look like a scan of thicker slices along one random axis (slab means, interpolated back), so that scans with 2-3 mm slices are trained on; the thickest slice counts as a trained voxel size in QC's range."),
+    thick_slice_mm: str = typer.Option(",".join(f"{v:g}" for v in _AUGMENT.thick_slice_mm), help="Range of those slices' thickness in mm, 'low,high'."),
     invert_prob: float = typer.Option(_AUGMENT.p_invert, help="Probability of negating a training patch's intensities (air and blood pool swap brightness), so that a blood pool darker than the atrial wall, as in some LGE scans, is seen in training."),
     dataset_weight: Optional[List[str]] = typer.Option(None, "--dataset-weight", metavar="NAME=W", help="Draw training patches from dataset NAME (its folder's name) W times as often as from a dataset given no weight (default: every dataset equally often). Repeat it for several."),
     device: str = typer.Option(_FINE.device, help="auto (CUDA when available), cpu or cuda."),
@@ -195,7 +207,9 @@ def train(
             weights = _weights(dataset_weight)
             config = _new_config(data, output, stage, fold, folds, seed, unet, cache, threads, init_from, splits,
                                  dict(p_flip=flip_prob, p_permute=permute_prob, p_invert=invert_prob,
-                                      p_dark_pool=dark_pool_prob, p_fov_cut=fov_cut_prob),
+                                      p_dark_pool=dark_pool_prob, p_fov_cut=fov_cut_prob,
+                                      p_thick_slice=thick_slice_prob,
+                                      thick_slice_mm=_pair(thick_slice_mm, "--thick-slice-mm")),
                                  dict(fine_spacing=_triple(fine_spacing), coarse_spacing=coarse_spacing,
                                       fine_patch=patch_size, crop_margin_mm=margin_mm,
                                       crop_context=crop_context),

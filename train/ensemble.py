@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 from heartseg.runtime.atomic import write_text_atomic
+from heartseg.runtime.contract import FORMAT_VERSION
 from heartseg.runtime.errors import HeartsegError
 
 from .cache import cache_root, prepare_case
@@ -127,7 +128,7 @@ def build_ensemble(data: list[Path], members: list[Path], output: Path, cache: s
     train_cases = [prepare_case(cases[c], base, root) for c in trained]
     val_cases = [prepare_case(cases[c], base, root) for c in unseen]
     plausibility = learned_plausibility(train_cases)
-    contract = replace(base, plausibility=plausibility, info={})
+    contract = replace(base, plausibility=plausibility, info={}, format_version=FORMAT_VERSION)
     networks = {name: stage_network([(w.unet, w.state_dict) for w in ws]) for name, ws in weights.items()}
     evaluation = calibrate_and_evaluate(contract, networks, torch.device(device), val_cases, plausibility)
     metrics = {

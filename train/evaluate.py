@@ -25,6 +25,7 @@ from torch import nn
 
 from .cache import PreparedCase
 from .calibrate import Calibration, calibrate_threshold
+from .options import AugmentConfig
 from .trainer import canonical_of, torch_predictor, validation_pairs
 from .unet import UNetConfig, build_unet
 
@@ -58,9 +59,16 @@ class Evaluation:
                 f"{self.contract.final_stage.threshold})")
 
 
-def learned_plausibility(train_cases: list[PreparedCase]) -> Plausibility:
-    """What a plausible atrium and scan are, from training cases only."""
-    return scans_plausibility((c.image, c.label, c.spacing) for c in train_cases)
+def learned_plausibility(train_cases: list[PreparedCase], augment: AugmentConfig | None = None) -> Plausibility:
+    """What a plausible atrium and scan are, from training cases only, and the thickest slices their augmentation
+    trained on (augment) as a largest voxel size covered."""
+    plausibility = scans_plausibility(((c.image, c.label, c.spacing) for c in train_cases),
+                                      families=[c.dataset for c in train_cases])
+    if augment is None or augment.p_thick_slice <= 0 or plausibility.spacing_mm is None:
+        return plausibility
+    # Not widened by the input margin as the scans' own sizes are: the thickest slice is itself the reach of training.
+    smallest, middle, (low, high) = plausibility.spacing_mm
+    return replace(plausibility, spacing_mm=(smallest, middle, (low, max(high, augment.thick_slice_mm[1]))))
 
 
 class MeanProbability(nn.Module):

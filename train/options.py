@@ -14,6 +14,7 @@ from heartseg.runtime.errors import HeartsegError
 OPTION_NAMES = {"crop_margin_mm": "margin-mm", "n_folds": "folds", "fine_patch": "patch", "kind": "stage",
                 "p_flip": "flip-prob", "p_permute": "permute-prob", "p_invert": "invert-prob",
                 "p_dark_pool": "dark-pool-prob", "p_fov_cut": "fov-cut-prob",
+                "p_thick_slice": "thick-slice-prob",
                 "dataset_weights": "dataset-weight"}
 
 
@@ -154,6 +155,11 @@ class AugmentConfig:
     # label, the patch holds what a crop past the scan's edge holds (its padding) and no label, so the
     # networks segment up to a scan edge that cuts the atrium instead of fading out before it.
     p_fov_cut: float = 0.0
+    # Slices thicker than the stage's voxels (in the patch sampler): along one random axis, the patch is averaged
+    # over slabs of a thickness drawn from thick_slice_mm and interpolated back linearly, as a scan with such
+    # slices is once resampled to the stage's grid. Its thickest slice is a voxel size training covered.
+    p_thick_slice: float = 0.0
+    thick_slice_mm: tuple[float, float] = (2.0, 3.0)
 
     def __post_init__(self) -> None:
         self.flip_axes = tuple(int(a) for a in self.flip_axes)
@@ -161,13 +167,14 @@ class AugmentConfig:
         self.intensity_scale = (float(self.intensity_scale[0]), float(self.intensity_scale[1]))
         self.gamma_range = (float(self.gamma_range[0]), float(self.gamma_range[1]))
         self.dark_pool_sd = (float(self.dark_pool_sd[0]), float(self.dark_pool_sd[1]))
+        self.thick_slice_mm = (float(self.thick_slice_mm[0]), float(self.thick_slice_mm[1]))
         integer_at_least(self.dark_pool_depth, 1, "dark_pool_depth")
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ValueError(f"flip_axes must be spatial axes in (0, 1, 2), got {self.flip_axes}")
         for name in ("p_flip", "p_permute", "p_spatial", "p_gamma", "p_noise", "p_bias", "p_invert", "p_dark_pool",
-                     "p_fov_cut"):
+                     "p_fov_cut", "p_thick_slice"):
             number_in(getattr(self, name), 0.0, 1.0, name)
-        for name in ("scale_range", "intensity_scale", "gamma_range", "dark_pool_sd"):
+        for name in ("scale_range", "intensity_scale", "gamma_range", "dark_pool_sd", "thick_slice_mm"):
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")

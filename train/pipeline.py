@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from heartseg.runtime.atomic import atomic_output, write_text_atomic
 from heartseg.runtime.qc import CALIBRATED_SCORES, pooled_score_calibration
-from heartseg.runtime.contract import LOCALISER, SEGMENTER, ModelContract, StageContract
+from heartseg.runtime.contract import FORMAT_VERSION, LOCALISER, SEGMENTER, ModelContract, StageContract
 from heartseg.runtime.errors import HeartsegError
 
 from .augment import AugmentConfig
@@ -261,8 +261,9 @@ class Run:
         train_cases = self.load_cases(plan.contract, fold.train)
         val_cases = self.load_cases(plan.contract, fold.val)
         # What a plausible atrium is comes from this fold's training labels only.
-        plausibility = learned_plausibility(train_cases)
-        contract = replace(plan.contract, plausibility=plausibility)
+        plausibility = learned_plausibility(train_cases, self.config.augment)
+        # Ranges learned by this code are of this code's format, whatever the plan was written with.
+        contract = replace(plan.contract, plausibility=plausibility, format_version=FORMAT_VERSION)
         init = self.init_weights(contract)
         seen = self.init_lineage()
         # Held-out means never trained on, by this run or by the weights it started from.

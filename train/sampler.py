@@ -14,7 +14,7 @@ from heartseg.runtime.contract import StageContract
 from heartseg.runtime.errors import HeartsegError
 from heartseg.runtime.preprocess import crop_padded, mask_box
 
-from .augment import AugmentConfig, augment
+from .augment import AugmentConfig, augment, thick_slices
 from .cache import SOFT_SCALE, PreparedCase
 
 
@@ -120,6 +120,17 @@ class PatchSampler:
         image[tuple(beyond)] = fill
         label[tuple(beyond)] = 0
 
+    def _thick_slices(self, image: np.ndarray, perm: np.ndarray) -> np.ndarray:
+        """With probability p_thick_slice: the patch as a scan of thicker slices along one random axis shows it."""
+        # Drawn only when enabled, so that configurations without it keep their random streams.
+        config = self.augment_config
+        if config.p_thick_slice <= 0 or self.rng.random() >= config.p_thick_slice:
+            return image
+        axis = int(self.rng.integers(3))
+        thickness = self.rng.uniform(*config.thick_slice_mm)
+        factor = thickness / float(np.asarray(self.stage.spacing)[perm][axis])
+        return thick_slices(image, axis, factor, self.rng.uniform(0.0, factor))
+
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch: images (N, 1, D, H, W) float32 and labels (N, 1, D, H, W) float32."""
         images, labels = [], []
@@ -135,6 +146,7 @@ class PatchSampler:
             lbl_np = crop_padded(np.asarray(label), lo, hi, fill=0).astype(np.float32).transpose(perm)
             if self.config.soft_labels:
                 lbl_np /= SOFT_SCALE
+            img_np = self._thick_slices(img_np, perm)
             self._fov_cut(img_np, lbl_np, self.fills[index])
             img = torch.from_numpy(np.ascontiguousarray(img_np))[None]
             lbl = torch.from_numpy(np.ascontiguousarray(lbl_np))[None]

@@ -9,18 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..metrics import degenerate_reason
-from .measures import (
-    Box,
-    bounding_slices,
-    component_sizes,
-    face_shares,
-    image_sharpness,
-    intensity_skewness,
-    interior_rank,
-    mask_measures,
-    noise_level,
-    scan_geometry,
-)
+from .measures import Box, ImageMeasures, bounding_slices, component_sizes, face_shares, mask_measures, scan_geometry
+from .orientation import OrientationMatch, orientation_evidence
 from .ranges import Plausibility
 
 
@@ -46,6 +36,9 @@ class Evidence:
     edge_sharpness: float | None = None
     interior_rank: float | None = None
     noise_level: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    orientation: OrientationMatch | None = None
 
     @property
     def largest_share(self) -> float | None:
@@ -66,7 +59,9 @@ class Evidence:
         out.update(box_border_share=self.box_border_share, scan_edge_share=self.scan_edge_share,
                    spacing_mm=list(self.spacing_mm or ()), fov_mm=list(self.fov_mm or ()), skewness=self.skewness,
                    edge_sharpness=self.edge_sharpness, interior_rank=self.interior_rank,
-                   noise_level=self.noise_level)
+                   noise_level=self.noise_level, contrast=self.contrast, saturation=self.saturation)
+        if self.orientation is not None:
+            out["orientation"] = self.orientation.to_dict()
         return out
 
 
@@ -96,23 +91,34 @@ def image_evidence(image: np.ndarray | None, mask: np.ndarray, spacing: Iterable
     spacing_sorted, fov_sorted = scan_geometry(mask.shape, spacing)
     found: dict[str, Any] = dict(spacing_mm=spacing_sorted, fov_mm=fov_sorted)
     if image is not None:
-        found.update(skewness=intensity_skewness(image) if ranges.skewness is not None else None,
-                     edge_sharpness=image_sharpness(image, mask) if ranges.edge_sharpness is not None else None,
-                     interior_rank=interior_rank(image, mask, spacing) if ranges.interior_rank is not None else None,
-                     noise_level=noise_level(image, mask) if ranges.noise_level is not None else None)
+        scan = ImageMeasures(image, mask, spacing)
+        # Only those with a learned range: a measure nothing judges is not worth its cost.
+        for name, measure in (("skewness", scan.skewness), ("edge_sharpness", scan.sharpness),
+                              ("interior_rank", scan.interior_rank), ("noise_level", scan.noise_level),
+                              ("contrast", scan.contrast), ("saturation", scan.saturation)):
+            found[name] = measure() if getattr(ranges, name) is not None else None
     return found
+
+
+def shape_evidence(mask: np.ndarray, spacing: Iterable[float], ranges: Plausibility) -> dict[str, Any]:
+    """How the mask's shape fits the training families' atria as given and permuted or mirrored, when the model has
+    their atlases."""
+    atlases = ranges.orientation_atlases
+    return dict(orientation=orientation_evidence(mask, spacing, atlases) if atlases is not None else None)
 
 
 def gather(mask: np.ndarray, spacing: Iterable[float], ranges: Plausibility | None, *,
            max_fraction: float | None = None, score: float | None = None, prob: np.ndarray | None = None,
            threshold: float | None = None, box: Box | None = None, voxel_volume_mm3: float | None = None,
-           image: np.ndarray | None = None) -> Evidence:
+           image: np.ndarray | None = None, orientation: bool = True) -> Evidence:
     """The evidence on one mask: whether it is degenerate; for a model with learned ranges and a mask that is not,
-    the mask's measures (components of prob above threshold when given) and the scan's."""
+    the mask's measures (components of prob above threshold when given), the scan's and (orientation) how its shape
+    fits the training atria."""
     degenerate = degenerate_reason(mask, max_fraction)
     if ranges is None or degenerate is not None:
         return Evidence(degenerate=degenerate, score=score)
     spacing = tuple(float(s) for s in spacing)
     return Evidence(degenerate=None, score=score,
                     **mask_evidence(mask, spacing, voxel_volume_mm3, prob, threshold, box),
-                    **image_evidence(image, mask, spacing, ranges))
+                    **image_evidence(image, mask, spacing, ranges),
+                    **(shape_evidence(mask, spacing, ranges) if orientation else {}))

@@ -33,6 +33,10 @@ class MeasureConfig:
     # ... measured on every n-th voxel along an axis, n about this many mm over the voxel size (at least 1); the
     # depth is measured on those sparser voxels too.
     rank_voxel_mm: float = 2.0
+    # Intensity skewness is measured on the voxels within this reach of the mask's box (its own included), on the
+    # same sparser voxels: the atrium's neighbourhood, not the background a wider field of view adds (a wider reach
+    # takes in more of it: 30 mm moved padded fold-0 scans by up to 1.0, 12 mm by under 0.2).
+    skewness_mm: float = 12.0
     # Edge sharpness and noise are measured in a cube of this many voxels per side around the atrium's box centre.
     block: int = 48
     # The upper percentile of its derivatives: the edges, not the flat inside of organs.
@@ -113,99 +117,209 @@ def face_shares(mask: np.ndarray, box: Box | None = None) -> tuple[float, float]
     return box_share, edge_share
 
 
-def intensity_skewness(data: np.ndarray) -> float:
-    """Skewness of a scan's intensities, from every third voxel along each axis (unchanged by scale and offset)."""
-    # Two moments in numpy: importing scipy.stats for them would cost the runtime more than half a second.
-    sample = np.asarray(data)[::3, ::3, ::3].astype(np.float64).ravel()
-    centred = sample - sample.mean()
-    squared = centred * centred
-    variance = float(squared.mean())
-    if not variance > 0.0:
-        return 0.0
-    return float(np.dot(squared, centred) / sample.size / variance**1.5)
+class ImageMeasures:
+    """The measures of a scan around one mask. What several of them share (the cube around the atrium and its
+    Laplacian, the neighbourhood on sparser voxels, the interior and its surroundings) is computed once, when first
+    needed: QC takes all of them per scan, training one at a time."""
+
+    def __init__(self, data: np.ndarray, mask: np.ndarray, spacing: Iterable[float] | None = None,
+                 config: MeasureConfig = MEASURES) -> None:
+        self.data, self.mask, self.config = data, mask, config
+        self.spacing = None if spacing is None else np.asarray(tuple(spacing), float)
+        self._box = mask_box(mask)
+        self._cache: dict[object, object] = {}
+
+    def _once(self, key: object, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def _cube(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The cube of block + 2 voxels a side around the centre of the mask's box, shifted inside the scan, and its
+        Laplacian; None for an empty mask or a scan under 5 voxels a side."""
+        def compute():
+            if self._box is None:
+                return None
+            size = self.config.block + 2
+            lo = np.clip((self._box[0] + self._box[1]) // 2 - size // 2, 0,
+                         np.maximum(np.asarray(self.data.shape) - size, 0))
+            cube = np.asarray(self.data[tuple(slice(int(a), int(a) + size) for a in lo)], np.float32)
+            return None if min(cube.shape) < 5 else (cube, ndimage.laplace(cube))
+        return self._once("cube", compute)
+
+    def _neighbourhood(self, reach_mm: float) -> tuple[tuple[slice, ...], np.ndarray] | None:
+        """The slices of the mask's box widened by reach_mm (within the array) on every n-th voxel (n about
+        rank_voxel_mm over the voxel size), and n per axis; None for an empty mask."""
+        def compute():
+            if self._box is None:
+                return None
+            reach = np.ceil(reach_mm / self.spacing).astype(int)
+            lo = np.maximum(np.asarray(self._box[0]) - reach, 0)
+            hi = np.minimum(np.asarray(self._box[1]) + reach, np.asarray(self.mask.shape))
+            # Sparser voxels keep QC's cost a few milliseconds on 0.6 mm scans; a median over thousands of voxels
+            # hardly moves.
+            step = np.maximum(1, np.round(self.config.rank_voxel_mm / self.spacing)).astype(int)
+            return tuple(slice(int(a), int(b), int(n)) for a, b, n in zip(lo, hi, step)), step
+        return self._once(("neighbourhood", reach_mm), compute)
+
+    def _around(self, reach_mm: float) -> np.ndarray | None:
+        """The intensities of the neighbourhood of reach_mm (float64, flat); None for an empty mask."""
+        found = self._neighbourhood(reach_mm)
+        return self._once(("around", reach_mm), lambda: None if found is None else
+                          np.asarray(self.data[found[0]]).astype(np.float64).ravel())
+
+    def _regions(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The intensities of the mask's interior (deeper than interior_depth_mm, the whole mask when none is) and of
+        its surroundings (outside it, within surroundings_mm of its box), on sparser voxels; None when either is
+        empty."""
+        def compute():
+            found = self._neighbourhood(self.config.surroundings_mm)
+            if found is None:
+                return None
+            crop, step = found
+            inside = np.asarray(self.mask[crop]).astype(bool)
+            values = np.asarray(self.data[crop])
+            around = values[~inside]
+            if around.size == 0 or not inside.any():
+                return None
+            deep = ndimage.distance_transform_edt(inside, sampling=self.spacing * step) > self.config.interior_depth_mm
+            return (values[deep] if deep.any() else values[inside]), around
+        return self._once("regions", compute)
+
+    def skewness(self) -> float | None:
+        """Skewness of the intensities within skewness_mm of the mask's box (unchanged by scale and offset, and by the
+        background a wider field of view adds); None for an empty mask."""
+        sample = self._around(self.config.skewness_mm)
+        if sample is None:
+            return None
+        # Two moments in numpy: importing scipy.stats for them would cost the runtime more than half a second.
+        centred = sample - sample.mean()
+        squared = centred * centred
+        variance = float(squared.mean())
+        if not variance > 0.0:
+            return 0.0
+        return float(np.dot(squared, centred) / sample.size / variance**1.5)
+
+    def saturation(self) -> float | None:
+        """Share of the intensities within skewness_mm of the mask's box at their maximum (a scan clipped below its
+        blood pool's brightness holds much of it there); None for an empty mask."""
+        sample = self._around(self.config.skewness_mm)
+        return None if sample is None or sample.size == 0 else float(np.mean(sample >= sample.max()))
+
+    def sharpness(self) -> float | None:
+        """Edge sharpness: an upper percentile of the cube's Laplacian over that of its gradient; None without a cube
+        or for a cube without edges."""
+        # A blurred edge of width w voxels has a gradient ~ contrast / w and a Laplacian ~ contrast / w^2: their ratio
+        # is about 1 / w whatever the tissues' contrast and the intensity scale, once edges fill a tenth of the cube.
+        # Noise added after a blur raises it (the Laplacian amplifies noise): such a scan can read as sharp.
+        # Derivatives on the cube's faces are one-sided, so only its inside is measured.
+        found = self._cube()
+        if found is None:
+            return None
+        cube, laplace = found
+        inside = (slice(1, -1),) * 3
+        gradient = np.sqrt(sum(g * g for g in np.gradient(cube)))[inside]
+        edges = float(np.percentile(gradient, self.config.sharpness_percentile))
+        if not edges > 0.0:
+            return None
+        curvature = float(np.percentile(np.abs(laplace[inside]), self.config.sharpness_percentile))
+        # A cube without curvature (a plain ramp) has no edge whose width could be measured.
+        return curvature / edges if curvature > 0.0 else None
+
+    def noise_sigma(self) -> float | None:
+        """Noise sd of the cube in the scan's own units, from the median absolute deviation of its Laplacian; None
+        without a cube."""
+        # The Laplacian is 6 x (the mean of a voxel's 6 face neighbours minus the voxel): a high-pass residual, in
+        # which white noise of sd s has sd s * sqrt(36 + 6). Anatomy is smooth at this scale except at edges, a
+        # minority of the cube that the median absolute deviation does not see.
+        def compute():
+            found = self._cube()
+            if found is None:
+                return None
+            residual = found[1][(slice(1, -1),) * 3]
+            return _MAD_TO_SD * float(np.median(np.abs(residual - np.median(residual)))) / _LAPLACE_GAIN
+        return self._once("noise", compute)
+
+    def noise_level(self) -> float | None:
+        """noise_sigma over the intensity spread of the cube once blurred (unchanged by scale and offset; grows with
+        the noise without bound); None as noise_sigma or for a flat cube."""
+        sigma = self.noise_sigma()
+        if sigma is None:
+            return None
+        cube = self._cube()[0]  # type: ignore[index]
+        low, high = np.percentile(ndimage.gaussian_filter(cube, self.config.spread_blur_voxels),
+                                  self.config.spread_percentiles)
+        return sigma / float(high - low) if high > low else None
+
+    def interior_rank(self) -> float | None:
+        """Share of the surroundings darker than the median of the interior (ties count half), or None."""
+        # A rank, not a difference of means: unchanged by any monotone change of the intensities (uint8, int16,
+        # float, z-scored, gamma), and not swayed by a few bright or dark voxels. Ties count half, so that a clipped
+        # or 8-bit scan, where much of the surroundings can equal the blood's value, reads like the same scan stored
+        # as float.
+        regions = self._regions()
+        if regions is None:
+            return None
+        interior, around = regions
+        median = np.median(interior)
+        darker = np.count_nonzero(around < median) + 0.5 * np.count_nonzero(around == median)
+        return float(darker) / around.size
+
+    def contrast(self) -> float | None:
+        """The median of the interior minus that of the surroundings, over noise_sigma: a contrast-to-noise ratio,
+        unchanged by scale and offset; None as interior_rank, or for a scan without noise."""
+        # Both a noisier and a flatter scan lower it; a blurred one raises it (the blur removes noise), which soft
+        # edges catch instead.
+        regions = self._regions()
+        sigma = self.noise_sigma() if regions is not None else None
+        if regions is None or sigma is None or not sigma > 0.0:
+            return None
+        interior, around = regions
+        return float(np.median(interior) - np.median(around)) / sigma
 
 
-def _centre_cube(data: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray | None:
-    """A cube of size voxels a side around the centre of the mask's box, shifted inside the scan (float32);
-    None for an empty mask."""
-    box = mask_box(mask)
-    if box is None:
-        return None
-    lo = np.clip((box[0] + box[1]) // 2 - size // 2, 0, np.maximum(np.asarray(data.shape) - size, 0))
-    return np.asarray(data[tuple(slice(int(a), int(a) + size) for a in lo)], np.float32)
+def intensity_skewness(data: np.ndarray, mask: np.ndarray, spacing: Iterable[float],
+                       config: MeasureConfig = MEASURES) -> float | None:
+    """Skewness of a scan's intensities within skewness_mm of a mask's box, on sparser voxels (unchanged by scale and
+    offset, and by the background a wider field of view adds); None for an empty mask."""
+    return ImageMeasures(data, mask, spacing, config).skewness()
+
+
+def saturation(data: np.ndarray, mask: np.ndarray, spacing: Iterable[float],
+               config: MeasureConfig = MEASURES) -> float | None:
+    """Share of a scan's intensities within skewness_mm of a mask's box at their maximum, on sparser voxels; None for
+    an empty mask."""
+    return ImageMeasures(data, mask, spacing, config).saturation()
 
 
 def image_sharpness(data: np.ndarray, mask: np.ndarray, config: MeasureConfig = MEASURES) -> float | None:
-    """Edge sharpness around a mask: an upper percentile of the intensities' Laplacian over that of their gradient,
-    in a cube around the centre of the mask's box; None for an empty mask, a scan under 5 voxels a side or a cube
-    without edges."""
-    # A blurred edge of width w voxels has a gradient ~ contrast / w and a Laplacian ~ contrast / w^2: their ratio is
-    # about 1 / w whatever the tissues' contrast and the intensity scale, once edges fill a tenth of the cube.
-    # Noise added after a blur raises it (the Laplacian amplifies noise): such a scan can read as sharp.
-    # The cube and one voxel around it: derivatives on its faces are one-sided, so only the inside is measured.
-    cube = _centre_cube(data, mask, config.block + 2)
-    if cube is None or min(cube.shape) < 5:
-        return None
-    inside = (slice(1, -1),) * 3
-    gradient = np.sqrt(sum(g * g for g in np.gradient(cube)))[inside]
-    edges = float(np.percentile(gradient, config.sharpness_percentile))
-    if not edges > 0.0:
-        return None
-    curvature = float(np.percentile(np.abs(ndimage.laplace(cube))[inside], config.sharpness_percentile))
-    # A cube without curvature (a plain ramp) has no edge whose width could be measured.
-    return curvature / edges if curvature > 0.0 else None
-
-
-def _cube_noise(cube: np.ndarray) -> float:
-    """Noise sd of a cube (float32, at least 3 voxels a side) from the median absolute deviation of its Laplacian."""
-    # The Laplacian is 6 x (the mean of a voxel's 6 face neighbours minus the voxel): a high-pass residual, in which
-    # white noise of sd s has sd s * sqrt(36 + 6). Anatomy is smooth at this scale except at edges, a minority of
-    # the cube that the median absolute deviation does not see.
-    residual = ndimage.laplace(cube)[(slice(1, -1),) * 3]
-    mad = float(np.median(np.abs(residual - np.median(residual))))
-    return _MAD_TO_SD * mad / _LAPLACE_GAIN
+    """Edge sharpness around a mask, in a cube around the centre of its box (ImageMeasures.sharpness); None for an
+    empty mask, a scan under 5 voxels a side or a cube without edges."""
+    return ImageMeasures(data, mask, None, config).sharpness()
 
 
 def noise_sigma(data: np.ndarray, mask: np.ndarray, config: MeasureConfig = MEASURES) -> float | None:
     """The scan's noise sd in its own intensity units, in the cube around the mask's box centre (white Gaussian
     noise of sd s reads s); None for an empty mask or a scan under 5 voxels a side."""
-    cube = _centre_cube(data, mask, config.block + 2)
-    return None if cube is None or min(cube.shape) < 5 else _cube_noise(cube)
+    return ImageMeasures(data, mask, None, config).noise_sigma()
 
 
 def noise_level(data: np.ndarray, mask: np.ndarray, config: MeasureConfig = MEASURES) -> float | None:
     """noise_sigma over the intensity spread of the same cube once blurred (unchanged by scale and offset; grows
     with the noise without bound); None as noise_sigma or for a flat cube."""
-    cube = _centre_cube(data, mask, config.block + 2)
-    if cube is None or min(cube.shape) < 5:
-        return None
-    low, high = np.percentile(ndimage.gaussian_filter(cube, config.spread_blur_voxels), config.spread_percentiles)
-    return _cube_noise(cube) / float(high - low) if high > low else None
+    return ImageMeasures(data, mask, None, config).noise_level()
 
 
 def interior_rank(data: np.ndarray, mask: np.ndarray, spacing: Iterable[float],
                   config: MeasureConfig = MEASURES) -> float | None:
-    """Share of the voxels around a mask that are darker than the median of its interior (ties count half), or None."""
-    # Around: outside the mask, within surroundings_mm of its box; interior: deeper than interior_depth_mm. A rank,
-    # not a difference of means: unchanged by any monotone change of the intensities (uint8, int16, float, z-scored,
-    # gamma), and not swayed by a few bright or dark voxels. Ties count half, so that a clipped or 8-bit scan, where
-    # much of the surroundings can equal the blood's value, reads like the same scan stored as float.
-    box = mask_box(mask)
-    if box is None:
-        return None
-    spacing = np.asarray(tuple(spacing), float)
-    reach = np.ceil(config.surroundings_mm / spacing).astype(int)
-    lo = np.maximum(np.asarray(box[0]) - reach, 0)
-    hi = np.minimum(np.asarray(box[1]) + reach, np.asarray(mask.shape))
-    # Sparser voxels keep QC's cost a few milliseconds on 0.6 mm scans; a rank over thousands of voxels hardly moves.
-    step = np.maximum(1, np.round(config.rank_voxel_mm / spacing)).astype(int)
-    crop = tuple(slice(int(a), int(b), int(n)) for a, b, n in zip(lo, hi, step))
-    inside = np.asarray(mask[crop]).astype(bool)
-    values = np.asarray(data[crop])
-    around = values[~inside]
-    if around.size == 0 or not inside.any():
-        return None
-    deep = ndimage.distance_transform_edt(inside, sampling=spacing * step) > config.interior_depth_mm
-    median = np.median(values[deep] if deep.any() else values[inside])
-    darker = np.count_nonzero(around < median) + 0.5 * np.count_nonzero(around == median)
-    return float(darker) / around.size
+    """Share of the voxels around a mask that are darker than the median of its interior (ties count half), or None:
+    around is outside the mask, within surroundings_mm of its box; the interior, deeper than interior_depth_mm."""
+    return ImageMeasures(data, mask, spacing, config).interior_rank()
+
+
+def interior_contrast(data: np.ndarray, mask: np.ndarray, spacing: Iterable[float],
+                      config: MeasureConfig = MEASURES) -> float | None:
+    """The median of a mask's interior minus that of its surroundings (as interior_rank's), over the scan's noise
+    sd (noise_sigma): a contrast-to-noise ratio, unchanged by scale and offset; None as interior_rank, or for a
+    scan without noise."""
+    return ImageMeasures(data, mask, spacing, config).contrast()

@@ -6,8 +6,9 @@ threshold whose masks leave them, and QC flags such masks.
 
 The scans' own voxel sizes and fields of view (sorted, in mm) are learned too, widened by the input
 margin: QC asks for a review of a scan whose geometry the model never saw. So is the skewness of the
-scans' intensities (bright blood on a darker background skews right; inverting the intensities flips
-its sign): a scan outside the learned range has a contrast the model never saw. And so is the
+scans' intensities around the atrium (within a reach of its box, so that the background a wider field of
+view adds does not move it; inverting the intensities flips its sign): a scan outside the learned range
+has a contrast the model never saw. And so is the
 edge sharpness around the atrium, about the inverse of an edge's width in voxels: a blurred scan has
 softer edges than any the model saw, while a scan stored at coarser voxels stays sharp at its own scale.
 
@@ -16,16 +17,24 @@ mask that are darker than the median of its interior. Blood fills the atrium, an
 LGE it is brighter than most of what lies around it; a mask whose inside is darker than most of its
 surroundings has found another structure, or a scan of a contrast the model never saw (such as inverted
 intensities, which a whole-scan skewness misses on crops around the atrium).
+
+And so is the image quality around the atrium: its noise level (above the noisiest training scan's by a factor,
+a review) and its interior contrast, the difference between the median of the atrium's interior and that of its
+surroundings over the noise sd (below the flattest or noisiest training scan's by a factor, a review).
+
+And, per training family (dataset), the atrium's shape as an atlas (orientation.py): a mask that fits it better with
+its axes permuted or mirrored comes from a scan whose axes are not what its header says.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .measures import image_sharpness, intensity_skewness, interior_rank, mask_measures, noise_level, scan_geometry
+from .measures import ImageMeasures, mask_measures, scan_geometry
+from .orientation import OrientationAtlases, learn_orientation_atlases
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,14 @@ class RangeConfig:
     min_rank_margin: float = 0.05
     # The learned noise level's ceiling: the noisiest training scan's level times this factor.
     noise_margin: float = 3.0
+    # The learned contrast's floor: the flattest (or noisiest) training scan's contrast over this factor, about
+    # twice its noise.
+    contrast_margin: float = 2.0
+    # The learned saturation's ceiling: the most saturated training scan's share times this factor, and at least
+    # min_saturation (a float scan's maximum is one voxel; an 8-bit one clipped at its 99.5th percentile holds about
+    # 1 % of the atrium's neighbourhood there).
+    saturation_margin: float = 4.0
+    min_saturation: float = 0.02
 
 
 RANGES = RangeConfig()
@@ -79,15 +96,24 @@ class Plausibility:
     interior_rank: tuple[float, float] | None = None
     # Range of the training scans' noise level (see noise_level), its top widened; None in older models.
     noise_level: tuple[float, float] | None = None
+    # Range of the training labels' interior contrast (see interior_contrast), its low end widened; None in older
+    # models.
+    contrast: tuple[float, float] | None = None
+    # Range of the training scans' saturation (see saturation), its top widened; None in older models.
+    saturation: tuple[float, float] | None = None
+    # Each training family's atrium atlas and the margin learned with them (see orientation.py); None in older models.
+    orientation_atlases: OrientationAtlases | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volume_ml", tuple(float(v) for v in self.volume_ml))
         object.__setattr__(self, "extent_mm", _ranges(self.extent_mm))
         object.__setattr__(self, "spacing_mm", _ranges(self.spacing_mm))
         object.__setattr__(self, "fov_mm", _ranges(self.fov_mm))
-        for name in ("skewness", "edge_sharpness", "interior_rank", "noise_level"):
+        for name in ("skewness", "edge_sharpness", "interior_rank", "noise_level", "contrast", "saturation"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if isinstance(self.orientation_atlases, dict):
+            object.__setattr__(self, "orientation_atlases", OrientationAtlases.from_dict(self.orientation_atlases))
 
     def to_dict(self) -> dict:
         """JSON-able form."""
@@ -111,6 +137,16 @@ def _spread(values: Iterable[float | None] | None, share: float, floor: float,
     return max(lo, low - widen), min(hi, high + widen)
 
 
+def _floor_widened(values: Iterable[float | None] | None, factor: float) -> tuple[float, float] | None:
+    """min..max of the values given (None skipped), the min moved away from the max by factor (divided when
+    positive, multiplied when negative); None without any value."""
+    kept = [float(v) for v in values if v is not None] if values is not None else []
+    if not kept:
+        return None
+    low = min(kept)
+    return (low / factor if low > 0.0 else low * factor), max(kept)
+
+
 def _widened(rows: np.ndarray, margin: float) -> Ranges3:
     return tuple((float(rows[:, a].min() / margin), float(rows[:, a].max() * margin))  # type: ignore[return-value]
                  for a in range(rows.shape[1]))
@@ -122,10 +158,12 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
                        edge_sharpness: Iterable[float | None] | None = None,
                        interior_rank: Iterable[float | None] | None = None,
                        noise: Iterable[float | None] | None = None,
-                       config: RangeConfig = RANGES) -> Plausibility:
+                       config: RangeConfig = RANGES,
+                       contrast: Iterable[float | None] | None = None,
+                       saturation: Iterable[float | None] | None = None) -> Plausibility:
     """Ranges from (label, spacing) pairs of training cases, widened by margin (input_margin for the scans);
-    skewness, edge_sharpness, interior_rank and noise: the training scans' own, when their ranges are to be learned
-    too."""
+    skewness, edge_sharpness, interior_rank, noise and contrast: the training scans' own, when their ranges are to be
+    learned too."""
     measures, geometry = [], []
     for label, spacing in labels:
         spacing = tuple(spacing)
@@ -140,6 +178,10 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
     noise_range = None
     if noise is not None and len(values := [float(v) for v in noise if v is not None]):
         noise_range = (min(values), max(values) * config.noise_margin)
+    contrast_range = _floor_widened(contrast, config.contrast_margin)
+    saturation_range = None
+    if saturation is not None and len(values := [float(v) for v in saturation if v is not None]):
+        saturation_range = (min(values), min(1.0, max(max(values) * config.saturation_margin, config.min_saturation)))
     volumes = np.array([m[0] for m in measures])
     extents = np.array([m[1] for m in measures])
     return Plausibility(
@@ -152,14 +194,30 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
         edge_sharpness=sharp_range,
         interior_rank=_spread(interior_rank, config.rank_margin, config.min_rank_margin, 0.0, 1.0),
         noise_level=noise_range,
+        contrast=contrast_range,
+        saturation=saturation_range,
     )
 
 
-def scans_plausibility(scans: Iterable[tuple[np.ndarray, np.ndarray, Iterable[float]]]) -> Plausibility:
-    """Every learned range from training scans given as (image, label, spacing): the one list of what QC learns."""
+def scans_plausibility(scans: Iterable[tuple[np.ndarray, np.ndarray, Iterable[float]]],
+                       families: Iterable[str] | None = None) -> Plausibility:
+    """Every learned range from training scans given as (image, label, spacing): the one list of what QC learns; with
+    each scan's family (its dataset), the families' atrium atlases too."""
     scans = [(image, np.asarray(label), tuple(spacing)) for image, label, spacing in scans]
+    if families is not None:
+        atlases = learn_orientation_atlases((label, spacing, family)
+                                            for (_, label, spacing), family in zip(scans, families, strict=True))
+        return replace(scans_plausibility(scans), orientation_atlases=atlases)
+    # One scan at a time: what its measures share is kept only while they are taken.
+    measured = [_scan_measures(ImageMeasures(image, label, spacing)) for image, label, spacing in scans]
     return learn_plausibility(((label, spacing) for _, label, spacing in scans),
-                              skewness=[intensity_skewness(image) for image, _, _ in scans],
-                              edge_sharpness=[image_sharpness(image, label) for image, label, _ in scans],
-                              interior_rank=[interior_rank(image, label, spacing) for image, label, spacing in scans],
-                              noise=[noise_level(image, label) for image, label, _ in scans])
+                              **{name: [m[name] for m in measured] for name in _LEARNED})
+
+
+# What learn_plausibility learns from the training scans, by its argument's name, and the ImageMeasures method.
+_LEARNED = {"skewness": "skewness", "edge_sharpness": "sharpness", "interior_rank": "interior_rank",
+            "noise": "noise_level", "contrast": "contrast", "saturation": "saturation"}
+
+
+def _scan_measures(scan: ImageMeasures) -> dict[str, float | None]:
+    return {name: getattr(scan, method)() for name, method in _LEARNED.items()}

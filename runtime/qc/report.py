@@ -9,7 +9,8 @@ The verdict is "ok", "review" (look at this mask) or "fail" (do not use it), wit
   mask (the kept component holds too little of the thresholded foreground); the mask cut by the
   fine stage's box or by the edge of the scan; a voxel size, field of view, intensity skewness,
   edge sharpness around the mask or a mask interior darker among its surroundings than those the model
-  trained on; a scan far noisier than any it was made for; or an estimated Dice below the calibration's
+  trained on; a scan far noisier, or with a flatter contrast between the mask's interior and its surroundings, than
+  any it was made for; or an estimated Dice below the calibration's
   review_below.
 
 Models without learned plausibility (format 1) get the degenerate-mask rules only; models without
@@ -27,7 +28,7 @@ import numpy as np
 from .calibration import soft_dice_score
 from .evidence import gather
 from .measures import Box
-from .rules import RULES, QCConfig, Standards, judge
+from .rules import RULES, QCConfig, Standards, findings
 
 if TYPE_CHECKING:  # the contract imports this package's ranges and calibration
     from ..contract import ModelContract
@@ -46,6 +47,8 @@ class QCReport:
     dice_interval: tuple[float, float] | None = None
     measures: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # The name of the rule behind each reason, in the same order (empty in records written before they were).
+    rules: list[str] = field(default_factory=list)
 
     @property
     def flag(self) -> str | None:
@@ -67,7 +70,7 @@ class QCReport:
         return {"verdict": self.verdict, "reasons": list(self.reasons), "score": self.score,
                 "estimated_dice": self.estimated_dice,
                 "dice_interval": list(self.dice_interval) if self.dice_interval is not None else None,
-                "measures": self.measures, "seconds": self.seconds}
+                "measures": self.measures, "seconds": self.seconds, "rules": list(self.rules)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QCReport":
@@ -75,7 +78,7 @@ class QCReport:
         interval = data.get("dice_interval")
         return cls(str(data["verdict"]), list(data.get("reasons") or []), data.get("score"),
                    data.get("estimated_dice"), tuple(interval) if interval else None,  # type: ignore[arg-type]
-                   dict(data.get("measures") or {}), float(data.get("seconds") or 0.0))
+                   dict(data.get("measures") or {}), float(data.get("seconds") or 0.0), list(data.get("rules") or []))
 
 
 def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, float], contract: ModelContract,
@@ -86,20 +89,20 @@ def assess(mask: np.ndarray, prob: np.ndarray, spacing: tuple[float, float, floa
     box is where the final stage looked, on the same grid (None: the whole scan); volumes use
     voxel_volume_mm3 when given (|det| of the affine, exact for sheared grids), else the product of spacing;
     image (the scan on the same grid) lets its intensity skewness, its edge sharpness around the mask, the
-    brightness of the mask's interior among its surroundings and its noise be measured; score, when the model's
-    graph computed it already, is the soft Dice of prob against mask.
+    brightness of the mask's interior among its surroundings, its noise and that contrast over the noise be
+    measured; score, when the model's graph computed it already, is the soft Dice of prob against mask.
     """
     start = time.perf_counter()
     score = soft_dice_score(prob, mask) if score is None else float(score)
     evidence = gather(mask, spacing, contract.plausibility, max_fraction=contract.max_foreground_fraction,
                       score=score, prob=prob, threshold=contract.final_stage.threshold, box=box,
                       voxel_volume_mm3=voxel_volume_mm3, image=image)
-    fails, reviews = judge(evidence, Standards(contract.plausibility, contract.score_calibration, config), RULES)
+    found = findings(evidence, Standards(contract.plausibility, contract.score_calibration, config), RULES)
     report = QCReport("ok", score=score, measures=evidence.measures())
     if contract.score_calibration is not None:
         estimate, low, high = contract.score_calibration.estimate(score)
         report.estimated_dice, report.dice_interval = estimate, (low, high)
-    report.verdict = "fail" if fails else "review" if reviews else "ok"
-    report.reasons = fails + reviews
+    report.verdict = "fail" if any(f.severity == "fail" for f in found) else "review" if found else "ok"
+    report.reasons, report.rules = [f.reason for f in found], [f.rule for f in found]
     report.seconds = time.perf_counter() - start
     return report

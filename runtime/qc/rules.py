@@ -11,15 +11,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from .calibration import ScoreCalibration
 from .evidence import Evidence, gather
 from .measures import scan_geometry
+from .orientation import transform_kind, transform_name
 from .ranges import Plausibility
 
 Finding = tuple[str, str]
+
+
+class NamedFinding(NamedTuple):
+    """A rule's finding with the rule's name (its function's __name__)."""
+
+    rule: str
+    severity: str
+    reason: str
+
+
 _ORDINALS = ("smallest", "middle", "largest")
 
 
@@ -120,6 +132,17 @@ def cut_by_scan_edge(evidence: Evidence, standards: Standards) -> Finding | None
     return "review", f"cut by the edge of the scan ({100 * share:.0f} % of a cross-section on it)"
 
 
+def unfamiliar_orientation(evidence: Evidence, standards: Standards) -> Finding | None:
+    """The atrium's shape fits the training atria better with its axes permuted or mirrored, by more than the margin
+    learned on the training labels: the scan's axes are not what its header says."""
+    match = evidence.orientation
+    atlases = standards.ranges.orientation_atlases if standards.ranges is not None else None
+    if match is None or atlases is None or not match.gain > atlases.margin:
+        return None
+    return "review", (f"the atrium looks {transform_kind(match.transform)}: axes {transform_name(match.transform)} "
+                      f"fit the trained shape better ({match.best:.2f} against {match.as_given:.2f})")
+
+
 def _geometry_rule(what: str, field: str, axis: int, digits: int) -> Rule:
     """The rule on a scan's axis-th smallest voxel size or field of view (field of Evidence and Plausibility)."""
     def rule(evidence: Evidence, standards: Standards) -> Finding | None:
@@ -197,6 +220,27 @@ def noisy_scan(evidence: Evidence, standards: Standards) -> Finding | None:
                       "(a very noisy scan)")
 
 
+def low_contrast(evidence: Evidence, standards: Standards) -> Finding | None:
+    """A mask's interior against its surroundings, over the noise, flatter than in any scan the model trained on."""
+    # Only the low end is judged: a blurred scan reads high (the blur removes the noise), and soft edges catch it.
+    found = _learned(evidence, standards, "contrast")
+    if found is None or not found[0] < found[1][0]:
+        return None
+    value, limits = found
+    return "review", (f"contrast {value:.1f} below the trained {limits[0]:.1f} (the mask's interior against its "
+                      "surroundings, in noise sd: a very noisy, flat or inverted scan)")
+
+
+def clipped_intensities(evidence: Evidence, standards: Standards) -> Finding | None:
+    """More of the atrium's neighbourhood at the scan's brightest value than in any scan the model trained on."""
+    found = _learned(evidence, standards, "saturation")
+    if found is None or not found[0] > found[1][1]:
+        return None
+    value, limits = found
+    return "review", (f"{100 * value:.0f} % of the voxels around the atrium at their brightest value, above the "
+                      f"trained {100 * limits[1]:.0f} % (intensities clipped below the blood pool's brightness)")
+
+
 def low_estimated_dice(evidence: Evidence, standards: Standards) -> Finding | None:
     """An estimated Dice below the calibration's fail_below (fail) or review_below (review)."""
     calibration = standards.calibration
@@ -223,8 +267,11 @@ RULES: tuple[Rule, ...] = (
     fragmented,
     cut_by_box,
     cut_by_scan_edge,
+    unfamiliar_orientation,
     *INPUT_RULES,
     noisy_scan,
+    low_contrast,
+    clipped_intensities,
     low_estimated_dice,
 )
 
@@ -239,10 +286,17 @@ CALIBRATION_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r in {degenerate
 CALIBRATION_CONFIG = QCConfig(volume_fail_factor=math.inf)
 
 
+def findings(evidence: Evidence, standards: Standards, rules: Iterable[Rule] = RULES) -> list[NamedFinding]:
+    """The findings of the rules that find something, each with its rule's name: the fails, then the reviews, each
+    in rule order."""
+    found = [NamedFinding(rule.__name__, *f) for rule in rules if (f := rule(evidence, standards)) is not None]
+    return [f for f in found if f.severity == "fail"] + [f for f in found if f.severity == "review"]
+
+
 def judge(evidence: Evidence, standards: Standards, rules: Iterable[Rule] = RULES) -> tuple[list[str], list[str]]:
     """(fail reasons, review reasons) of the rules that find something, each in rule order."""
-    findings = [f for f in (rule(evidence, standards) for rule in rules) if f is not None]
-    return [r for s, r in findings if s == "fail"], [r for s, r in findings if s == "review"]
+    found = findings(evidence, standards, rules)
+    return [f.reason for f in found if f.severity == "fail"], [f.reason for f in found if f.severity == "review"]
 
 
 def input_reasons(shape: Iterable[int], spacing: Iterable[float], plausibility: Plausibility,
@@ -264,7 +318,9 @@ def mask_flag(mask: np.ndarray, spacing: Iterable[float] | None, plausibility: P
     profile's rules (spacing may be None without plausibility)."""
     if plausibility is not None and spacing is None:
         raise ValueError("a mask judged against learned ranges needs its voxel spacing")
-    evidence = gather(mask, spacing or (), plausibility, max_fraction=max_fraction, voxel_volume_mm3=voxel_volume_mm3)
+    # The calibration profile has no orientation rule: its shape comparison is not worth its cost per threshold.
+    evidence = gather(mask, spacing or (), plausibility, max_fraction=max_fraction, voxel_volume_mm3=voxel_volume_mm3,
+                      orientation=False)
     if evidence.degenerate is not None:
         return evidence.degenerate
     fails, reviews = judge(evidence, Standards(plausibility, None, config), CALIBRATION_RULES)
