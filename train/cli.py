@@ -56,8 +56,9 @@ def _pair(text: str, option: str) -> tuple[float, float]:
         values = tuple(float(p) for p in text.split(",") if p.strip())
     except ValueError:
         values = ()
-    if len(values) != 2:
-        raise HeartsegError(f"{option} {text!r}: expected two comma-separated numbers, 'low,high'")
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise HeartsegError(f"{option} {text!r}: expected two comma-separated numbers, 'low,high', with "
+                            "0 < low <= high")
     return values  # type: ignore[return-value]
 
 
