@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import qclib
 from heartseg.runtime.formats.nifti import load_mask, load_volume, strip_nifti_suffix
 from heartseg.runtime.image import Volume
 from heartseg.runtime.metrics import dice_score
@@ -81,22 +82,13 @@ def _cut(axis: int) -> Variant:
     return cut
 
 
-def _slabs(thickness_mm: float, axis: int) -> Variant:
+def _slabs(thickness_mm: float) -> Variant:
     def slabs(image, label, affine):
-        spacing = float(np.sqrt((affine[:3, axis] ** 2).sum()))
-        factor = max(int(round(thickness_mm / spacing)), 1)
-        count = image.shape[axis] // factor
-        keep = (slice(None),) * axis + (slice(0, count * factor),)
-
-        def mean(data):
-            moved = np.moveaxis(np.asarray(data[keep], np.float32), axis, 0)
-            return np.moveaxis(moved.reshape(count, factor, *moved.shape[1:]).mean(axis=1), 0, axis)
-
-        # The slab's centre is the new voxel's centre.
-        new = affine.copy()
-        new[:3, 3] = affine[:3, 3] + affine[:3, axis] * (factor - 1) / 2.0
-        new[:3, axis] = affine[:3, axis] * factor
-        return mean(image), (mean(label > 0) >= 0.5).astype(np.uint8), new
+        # qclib's thick slices (slabs along the last stored axis), as many slices to a slab as come nearest.
+        volume = Volume(np.asarray(image, np.float32), affine)
+        factor = max(int(round(thickness_mm / volume.spacing[2])), 1)
+        thick, ref = qclib.thick_slices(volume, (np.asarray(label) > 0).astype(np.uint8), None, factor=factor)
+        return thick.data, ref, thick.affine
     return slabs
 
 
@@ -104,7 +96,7 @@ VARIANTS: dict[str, Variant] = {
     "as stored": _as_stored, "LPS header": _lps, "axes permuted": _permuted, "flipped x": _flipped,
     "int16 x8 + 100": _int16, "float, bias field, gamma": _bias_gamma,
     "field of view cut, axis 0": _cut(0), "field of view cut, axis 2": _cut(2),
-    "slices 2.5 mm, axis 2": _slabs(2.5, 2),
+    "slices 2.5 mm, axis 2": _slabs(2.5),
 }
 
 

@@ -188,57 +188,57 @@ def untrained_contrast(evidence: Evidence, standards: Standards) -> Finding | No
                       f"(inverted or unfamiliar contrast)")
 
 
+def _below(evidence: Evidence, standards: Standards, name: str) -> tuple[float, float] | None:
+    """(the measure, the learned low end) when the measure of that name lies below its learned range, else None."""
+    found = _learned(evidence, standards, name)
+    return (found[0], found[1][0]) if found is not None and found[0] < found[1][0] else None
+
+
+def _above(evidence: Evidence, standards: Standards, name: str) -> tuple[float, float] | None:
+    """(the measure, the learned high end) when the measure of that name lies above its learned range, else None."""
+    found = _learned(evidence, standards, name)
+    return (found[0], found[1][1]) if found is not None and found[0] > found[1][1] else None
+
+
 def soft_edges(evidence: Evidence, standards: Standards) -> Finding | None:
     """Edges softer than any the model trained on."""
     # Only soft edges are flagged: coarser voxels and noise both raise edge sharpness, and the model copes with both.
-    found = _learned(evidence, standards, "edge_sharpness")
-    if found is None or not found[0] < found[1][0]:
-        return None
-    value, limits = found
-    return "review", (f"edge sharpness {value:.2f} below the trained {limits[0]:.2f} (blurred, or "
-                      f"interpolated to finer voxels than acquired)")
+    found = _below(evidence, standards, "edge_sharpness")
+    return None if found is None else ("review", f"edge sharpness {found[0]:.2f} below the trained {found[1]:.2f} "
+                                                 "(blurred, or interpolated to finer voxels than acquired)")
 
 
 def dark_interior(evidence: Evidence, standards: Standards) -> Finding | None:
     """A mask interior darker among its surroundings than the training labels'."""
     # Only a dark interior is flagged: a blood pool brighter than everything around it is what the model expects.
-    found = _learned(evidence, standards, "interior_rank")
-    if found is None or not found[0] < found[1][0]:
-        return None
-    value, limits = found
-    return "review", (f"the mask's interior is brighter than only {100 * value:.0f} % of its surroundings, "
-                      f"below the trained {100 * limits[0]:.0f} % (inverted contrast, or not the blood pool)")
+    found = _below(evidence, standards, "interior_rank")
+    return None if found is None else (
+        "review", f"the mask's interior is brighter than only {100 * found[0]:.0f} % of its surroundings, below the "
+                  f"trained {100 * found[1]:.0f} % (inverted contrast, or not the blood pool)")
 
 
 def noisy_scan(evidence: Evidence, standards: Standards) -> Finding | None:
     """Noise far above that of the noisiest scan the model trained on (learned as the other ranges are)."""
-    found = _learned(evidence, standards, "noise_level")
-    if found is None or not found[0] > found[1][1]:
-        return None
-    value, limits = found
-    return "review", (f"noise level {value:.2f} above the trained {limits[1]:.2f} of the intensity spread "
-                      "(a very noisy scan)")
+    found = _above(evidence, standards, "noise_level")
+    return None if found is None else ("review", f"noise level {found[0]:.2f} above the trained {found[1]:.2f} of "
+                                                 "the intensity spread (a very noisy scan)")
 
 
 def low_contrast(evidence: Evidence, standards: Standards) -> Finding | None:
     """A mask's interior against its surroundings, over the noise, flatter than in any scan the model trained on."""
     # Only the low end is judged: a blurred scan reads high (the blur removes the noise), and soft edges catch it.
-    found = _learned(evidence, standards, "contrast")
-    if found is None or not found[0] < found[1][0]:
-        return None
-    value, limits = found
-    return "review", (f"contrast {value:.1f} below the trained {limits[0]:.1f} (the mask's interior against its "
-                      "surroundings, in noise sd: a very noisy, flat or inverted scan)")
+    found = _below(evidence, standards, "contrast")
+    return None if found is None else ("review", f"contrast {found[0]:.1f} below the trained {found[1]:.1f} (the "
+                                                 "mask's interior against its surroundings, in noise sd: a very "
+                                                 "noisy, flat or inverted scan)")
 
 
 def clipped_intensities(evidence: Evidence, standards: Standards) -> Finding | None:
     """More of the atrium's neighbourhood at the scan's brightest value than in any scan the model trained on."""
-    found = _learned(evidence, standards, "saturation")
-    if found is None or not found[0] > found[1][1]:
-        return None
-    value, limits = found
-    return "review", (f"{100 * value:.0f} % of the voxels around the atrium at their brightest value, above the "
-                      f"trained {100 * limits[1]:.0f} % (intensities clipped below the blood pool's brightness)")
+    found = _above(evidence, standards, "saturation")
+    return None if found is None else (
+        "review", f"{100 * found[0]:.0f} % of the voxels around the atrium at their brightest value, above the "
+                  f"trained {100 * found[1]:.0f} % (intensities clipped below the blood pool's brightness)")
 
 
 def low_estimated_dice(evidence: Evidence, standards: Standards) -> Finding | None:
