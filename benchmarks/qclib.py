@@ -26,6 +26,7 @@ from heartseg.runtime.image import Volume
 from heartseg.runtime.metrics import dice_score
 from heartseg.runtime.qc import SILENT_BELOW, ScoreCalibration, fit_score_calibration, spearman
 from heartseg.runtime.qc.calibration import FAIL_BELOW
+from heartseg.runtime.qc.report import review_order
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -41,6 +42,8 @@ REFUSED = "refused"
 # axis mirrored_voxels flips (not the first, which wrong_orientation's header mirrors).
 PHASE_AXIS = 1
 MIRRORED_AXIS = 1
+# How far (mm) second_structure's structure keeps from the atrium at least: about an atrial wall's thickness.
+SECOND_STRUCTURE_GAP_MM = 3.0
 
 
 @dataclass
@@ -69,6 +72,8 @@ class QCRow:
     # The name of the rule behind each reason, in the same order; refused: the scan was refused (no mask).
     rules: list[str] = field(default_factory=list)
     refused: bool = False
+    # What QC measured on the mask and scan (QCReport.measures), for studying new rules on the benchmark's rows.
+    measures: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rule_verdict(self) -> str:
@@ -226,7 +231,9 @@ def _farthest_centre(shape: tuple[int, ...], radii: np.ndarray, label: np.ndarra
 def second_structure(volume: Volume, label: np.ndarray, rng: np.random.Generator) -> tuple[Volume, np.ndarray]:
     """A second bright structure that is not the atrium: an ellipsoid of the blood pool's intensity (its median,
     with its spread as noise) and the atrium's size (half its extent along each axis), where it lies farthest from
-    the atrium, with a soft edge; the label is unchanged."""
+    the atrium, with a soft edge; the label is unchanged. The structure never covers the atrium or the wall's
+    width around it (SECOND_STRUCTURE_GAP_MM): in a scan too small to hold it apart it abuts the atrium, as the
+    aorta or a ventricle do, and the label stays the truth."""
     spacing = np.asarray(volume.spacing, float)
     inside = label > 0
     coords = np.argwhere(inside)
@@ -236,6 +243,8 @@ def second_structure(volume: Volume, label: np.ndarray, rng: np.random.Generator
     grids = np.ogrid[tuple(slice(0, n) for n in volume.shape)]
     r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii))
     weight = ndimage.gaussian_filter((r2 <= 1.0).astype(np.float32), 1.0)
+    if coords.size:
+        weight *= ndimage.distance_transform_edt(~inside, sampling=spacing) > SECOND_STRUCTURE_GAP_MM
     texture = float(np.median(blood)) + rng.standard_normal(volume.shape).astype(np.float32) * float(blood.std())
     return _with(volume, volume.data * (1.0 - weight) + texture * weight), label
 
@@ -365,7 +374,8 @@ def run_case(segmenter: Any, case: QCCase) -> QCRow:
     seconds = time.perf_counter() - start
     report = prediction.report
     return QCRow(case.name, case.corruption, dice_score(prediction.mask, case.label), report.verdict, report.score,
-                 report.estimated_dice, list(report.reasons), seconds, report.seconds, rules=list(report.rules))
+                 report.estimated_dice, list(report.reasons), seconds, report.seconds, rules=list(report.rules),
+                 measures=dict(report.measures))
 
 
 def auroc(scores: Iterable[float], positive: Iterable[bool]) -> float | None:
@@ -380,9 +390,18 @@ def auroc(scores: Iterable[float], positive: Iterable[bool]) -> float | None:
     return float(lower / (pos.size * neg.size))
 
 
+def order_auroc(keys: Iterable[tuple[int, float]], positive: Iterable[bool]) -> float | None:
+    """AUROC of an order (review_order keys: the first to check first) for the positives (bad masks): the probability
+    that a bad mask comes before a good one, ties counting half."""
+    keys = list(keys)
+    position = {key: i for i, key in enumerate(sorted(set(keys)))}
+    return auroc([position[key] for key in keys], positive)
+
+
 def qc_figures(rows: list[QCRow]) -> dict[str, Any]:
-    """AUROC of the score for true Dice < BAD_BELOW, Spearman of estimated (else raw score) against true
-    Dice, false alarms on clean scans (clean variants included), silent failures, and the verdict counts."""
+    """AUROC of the score and of QC's order to check masks (review_order) for true Dice < BAD_BELOW, Spearman of
+    estimated (else raw score) against true Dice, false alarms on clean scans (clean variants included), silent
+    failures, and the verdict counts."""
     scored = _scored(rows)
     clean = [r for r in rows if is_clean(r.corruption)]
     clean_good = [r for r in clean if r.true_dice >= BAD_BELOW]
@@ -395,6 +414,8 @@ def qc_figures(rows: list[QCRow]) -> dict[str, Any]:
         "auroc_score_bad": auroc([r.score for r in scored], [r.true_dice < BAD_BELOW for r in scored]),
         "auroc_verdict_bad": auroc([0.0 if r.verdict != "ok" else 1.0 for r in rows],
                                    [r.true_dice < BAD_BELOW for r in rows]),
+        "auroc_order_bad": order_auroc([review_order(r.verdict, r.estimated_dice, r.score) for r in rows],
+                                       [r.true_dice < BAD_BELOW for r in rows]),
         "spearman": spearman(values, [r.true_dice for r in basis]),
         "spearman_of": "estimated_dice" if estimated else "score (the model has no calibration)",
         "mean_abs_error": float(np.mean([abs(r.estimated_dice - r.true_dice) for r in estimated])) if estimated else None,
@@ -526,8 +547,8 @@ def leave_one_family_out(rows: list[QCRow], config: HoldOutConfig = HOLD_OUT) ->
     (choose_threshold) on every other row, then the held-out rows judged by their rules that do not use the
     calibration and the refitted estimate. Per family: the threshold, the calibration's line, silent failures,
     the share flagged (a clean family's false alarms too); over all held-out rows: the AUROCs of the score, of the
-    held-out estimates and of the held-out verdicts, silent failures and the clean false-alarm rate; every row's
-    held-out estimate and verdict."""
+    held-out estimates, of the held-out verdicts and of the order they set (review_order), silent failures and the
+    clean false-alarm rate; every row's held-out estimate and verdict."""
     families: dict[str, dict[str, Any]] = {}
     judged: list[tuple[QCRow, float | None, str]] = []
     for family in dict.fromkeys(r.corruption for r in rows):
@@ -563,8 +584,78 @@ def _held_out_summary(judged: list[tuple[QCRow, float | None, str]],
         "cases": len(rows), "auroc_score": _score_auroc(rows),
         "auroc_estimated": auroc([e for e, _ in estimated], [b for _, b in estimated]),
         "auroc_verdict": auroc([0.0 if v != "ok" else 1.0 for v in verdicts], [r.true_dice < BAD_BELOW for r in rows]),
+        "auroc_order": order_auroc([review_order(v, e, r.score) for r, e, v in judged],
+                                   [r.true_dice < BAD_BELOW for r in rows]),
         "silent_failures": sum(_silent(r, v) for r, v in zip(rows, verdicts)),
         "flagged_share": sum(v != "ok" for v in verdicts) / len(rows) if rows else None,
         "clean_good": clean_good, "false_alarm_rate_clean_good": rate,
         "thresholds": [min(thresholds), max(thresholds)] if thresholds else None,
     }
+
+
+# The measures a learned combination (combination_study) reads from a row, each as a function of QCReport.measures;
+# the logarithm where a measure spans decades.
+COMBINED_MEASURES: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "log_volume_ml": lambda m: math.log(m["volume_ml"]) if m.get("volume_ml") else None,
+    "largest_share": lambda m: m.get("largest_share"),
+    "box_border_share": lambda m: m.get("box_border_share"),
+    "scan_edge_share": lambda m: m.get("scan_edge_share"),
+    "largest_voxel_mm": lambda m: max(m["spacing_mm"]) if m.get("spacing_mm") else None,
+    "skewness": lambda m: m.get("skewness"),
+    "edge_sharpness": lambda m: m.get("edge_sharpness"),
+    "interior_rank": lambda m: m.get("interior_rank"),
+    "log_noise_level": lambda m: math.log(m["noise_level"]) if m.get("noise_level") else None,
+    "log_contrast": lambda m: math.log(m["contrast"]) if m.get("contrast") and m["contrast"] > 0 else None,
+    "log_saturation": lambda m: math.log(m["saturation"] + 1e-6) if m.get("saturation") is not None else None,
+    "shape_as_given": lambda m: (m.get("orientation") or {}).get("as_given"),
+    "shape_gain": lambda m: (m["orientation"]["best"] - m["orientation"]["as_given"]) if m.get("orientation") else None,
+}
+
+
+def _features(rows: list[QCRow]) -> np.ndarray:
+    """rows x (score, COMBINED_MEASURES...): a measure a row lacks takes the other rows' mean (0 when none has it)."""
+    table = np.array([[r.score] + [f(r.measures) for f in COMBINED_MEASURES.values()] for r in rows], dtype=float)
+    means = np.array([np.nanmean(c) if np.any(np.isfinite(c)) else 0.0 for c in table.T])
+    return np.where(np.isfinite(table), table, means)
+
+
+def _logistic(features: np.ndarray, bad: np.ndarray, l2: float, steps: int = 200) -> Callable[[np.ndarray], np.ndarray]:
+    """A ridge-penalised logistic regression of bad on the standardised features (Newton's method); returns the
+    fitted log-odds of a mask being bad as a function of a feature table."""
+    mean, sd = features.mean(0), features.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+
+    def design(table: np.ndarray) -> np.ndarray:
+        return np.c_[(table - mean) / sd, np.ones(len(table))]
+
+    x, y = design(features), bad.astype(float)
+    penalty = np.diag([l2] * features.shape[1] + [0.0])
+    w = np.zeros(x.shape[1])
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        step = np.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]) + penalty, x.T @ (p - y) + penalty @ w)
+        w -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    return lambda table: design(table) @ w
+
+
+def combination_study(rows: list[QCRow], l2: float = 1.0) -> dict[str, Any]:
+    """Whether the measures QC takes, combined by a logistic regression fitted on the benchmark's rows, would rank
+    bad masks (true Dice < BAD_BELOW) better than the score: its AUROC fitted and judged on every row (in sample),
+    and with each family held out of the fit in turn (the measure of what it does on families it was not fitted
+    on), beside the score's AUROC on the same rows; rows without a score or a mask are left out."""
+    used = [r for r in _scored(rows) if not r.refused and r.measures.get("volume_ml") is not None]
+    if len(used) < 2 or len({r.corruption for r in used}) < 2:
+        return {"cases": len(used), "auroc_score": None, "auroc_in_sample": None, "auroc_held_out": None}
+    features, bad = _features(used), np.array([r.true_dice < BAD_BELOW for r in used])
+    families = np.array([r.corruption for r in used])
+    held_out = np.zeros(len(used))
+    for family in dict.fromkeys(families):
+        inside = families == family
+        held_out[inside] = _logistic(features[~inside], bad[~inside], l2)(features[inside])
+    # AUROC here scores high-for-good: the log-odds of bad, negated.
+    return {"cases": len(used), "measures": ["score", *COMBINED_MEASURES], "l2": l2,
+            "auroc_score": auroc(features[:, 0], bad),
+            "auroc_in_sample": auroc(-_logistic(features, bad, l2)(features), bad),
+            "auroc_held_out": auroc(-held_out, bad)}

@@ -134,9 +134,14 @@ def _report_held_out(section: str, result: dict) -> None:
     total = result["held_out"]
     benchlib.report(section, f"all held out: {total['cases']} cases, AUROC(score) {_show(total['auroc_score'])}  "
                              f"AUROC(held-out estimate) {_show(total['auroc_estimated'])}  AUROC(verdict) "
-                             f"{_show(total['auroc_verdict'])}  silent failures {total['silent_failures']}  clean "
+                             f"{_show(total['auroc_verdict'])}  AUROC(order) {_show(total['auroc_order'])}  "
+                             f"silent failures {total['silent_failures']}  clean "
                              f"false alarms {_show(total['false_alarm_rate_clean_good'], 2)} of "
                              f"{total['clean_good']}  thresholds {total['thresholds']}")
+    study = result["combination"]
+    benchlib.report(section, f"every measure combined by a logistic regression fitted on the rows ({study['cases']} "
+                             f"cases): AUROC in sample {_show(study['auroc_in_sample'])}, each family held out of "
+                             f"the fit {_show(study['auroc_held_out'])}; the score alone {_show(study['auroc_score'])}")
 
 
 def _run(benchmark, model: Path, clean: list[qclib.QCCase], others: list[qclib.QCCase], tta: bool) -> None:
@@ -161,8 +166,10 @@ def _run(benchmark, model: Path, clean: list[qclib.QCCase], others: list[qclib.Q
                                                   if (r.name, r.corruption) in plain]))
     families = qclib.per_family(rows)
     held_out = qclib.leave_one_family_out(rows)
+    held_out["combination"] = qclib.combination_study(rows)
     benchmark.extra_info.update({"mode": key, "threads": threads, "figures": figures, "per_family": families,
-                                 "leave_one_family_out": {k: held_out[k] for k in ("families", "held_out")}})
+                                 "leave_one_family_out": {k: held_out[k] for k in ("families", "held_out",
+                                                                                   "combination")}})
     out = os.environ.get("HEARTSEG_QC_JSON")
     if out:
         path = Path(out).with_suffix(f".{key}.json")
@@ -171,7 +178,8 @@ def _run(benchmark, model: Path, clean: list[qclib.QCCase], others: list[qclib.Q
     benchlib.report(f"QC ({key})", f"{figures['cases']} cases ({figures['clean']} clean, {figures['bad']} with true "
                                    f"Dice < {qclib.BAD_BELOW}), verdicts {figures['verdicts']}")
     benchlib.report(f"QC ({key})", f"AUROC(score, Dice<{qclib.BAD_BELOW}) {_show(figures['auroc_score_bad'])}  "
-                                   f"AUROC(verdict) {_show(figures['auroc_verdict_bad'])}  Spearman "
+                                   f"AUROC(verdict) {_show(figures['auroc_verdict_bad'])}  AUROC(QC's order: "
+                                   f"verdict, then estimate) {_show(figures['auroc_order_bad'])}  Spearman "
                                    f"{_show(figures['spearman'])} ({figures['spearman_of']})  mean |est - true| "
                                    f"{_show(figures['mean_abs_error'])}")
     benchlib.report(f"QC ({key})", f"flagged clean scans and clean variants "

@@ -301,8 +301,9 @@ reasons: "ok"; "review" (look at this mask: volume, extents, fragments, a mask c
 scan edge, a voxel size or field of view the model never trained on, or a low estimated Dice); or
 "fail" (empty, all foreground, far outside the plausible volume, or a very low estimated Dice).
 Models with a score calibration also show the estimated Dice and its interval; the verdict is in
---json, --csv and the overlay's title too. Masks under review or failed are still written. With
---label/--labels it also shows Dice and HD95 (mm) against the label; with
+--json, --csv and the overlay's title too. Masks under review or failed are still written, and
+listed after the table in the order to check them: fails, then reviews, lowest estimated Dice
+first. With --label/--labels it also shows Dice and HD95 (mm) against the label; with
 --statistics the atrium's surface area (cm2), sphericity and maximal anteroposterior, superoinferior
 and mediolateral diameters (mm, along the axes of the scan's affine). --json FILE and --csv FILE
 (a cohort table of the statistics) write reports; FILE '-' is stdout.
@@ -513,6 +514,12 @@ def _run(runner: Callable[..., list[ScanResult]], jobs: list[ScanJob], model: Pa
     return _report(results, model, device, options, benchmark, json_path, csv_path)
 
 
+def in_check_order(results: list[ScanResult]) -> list[ScanResult]:
+    """The results in the order to check their masks (QCReport.check_order: fails, then reviews, each lowest
+    estimated Dice first); a result without a QC report first."""
+    return sorted(results, key=lambda r: r.report.check_order if r.report is not None else (-1, 0.0))
+
+
 def _report(results: list[ScanResult], model: Path, device: str, options: OutputOptions, benchmark: int | None,
             json_path: Path | None, csv_path: Path | None, extra: dict | None = None, code: int | None = None) -> int:
     """Print the table and messages and write the reports of a run's results; the exit code."""
@@ -531,7 +538,7 @@ def _report(results: list[ScanResult], model: Path, device: str, options: Output
             f"p95 {np.percentile(runs, 95):.3f} s per scan")
     if len(results) > 1 and failed:
         error(f"{len(failed)} of {len(results)} scans failed")
-    for result in flagged:
+    for result in in_check_order(flagged):
         warn(f"{result.job.name}: flagged by QC ({result.qc}); the mask was written, check it")
     busy = sum(r.status == "skipped" and r.reason == BUSY for r in results)
     if busy:

@@ -579,3 +579,24 @@ def test_eval_compares_estimated_with_true_dice(tmp_path, run_cli) -> None:
     broken.write_text("{}")
     refused = run_cli(cli_eval.app, tmp_path / "out", tmp_path / "labels", "--qc-report", broken)
     assert refused.exit_code == 2 and "not a heartseg-infer JSON report" in refused.output
+
+
+def test_review_order_puts_fails_then_reviews_then_ok_each_lowest_estimate_first() -> None:
+    from types import SimpleNamespace
+
+    from heartseg.runtime.cli_infer import in_check_order
+    from heartseg.runtime.qc import QCReport, review_order
+
+    reports = {"ok high": QCReport("ok", score=0.95, estimated_dice=0.93),
+               "ok low": QCReport("ok", score=0.90, estimated_dice=0.86),
+               "review high": QCReport("review", ["a"], score=0.96, estimated_dice=0.94),
+               "review low": QCReport("review", ["b"], score=0.80, estimated_dice=0.78),
+               "review no estimate": QCReport("review", ["c"]),
+               "fail": QCReport("fail", ["d"], score=0.99, estimated_dice=0.97)}
+    order = sorted(reports, key=lambda name: reports[name].check_order)
+    assert order == ["fail", "review no estimate", "review low", "review high", "ok low", "ok high"]
+    # Without a calibration the score ranks within a verdict.
+    assert review_order("ok", None, None) < review_order("ok", None, 0.7) < review_order("ok", None, 0.9)
+    results = [SimpleNamespace(report=reports[name], name=name) for name in ("ok low", "review high", "fail")]
+    results.append(SimpleNamespace(report=None, name="no report"))
+    assert [r.name for r in in_check_order(results)] == ["no report", "fail", "review high", "ok low"]

@@ -3,12 +3,14 @@ the per-family figures, and leave-one-family-out on hand-made rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 from heartseg.runtime.image import Volume
 from onnx_models import TEST_MODEL_BIAS, build_test_model, default_affine, ellipsoid_image, make_scan
 
@@ -140,6 +142,17 @@ def test_second_structure_adds_an_atrium_sized_blob_of_blood_brightness_away_fro
     assert centre[0] > 0.5 * label.shape[0]  # the far side from the atrium at a quarter of the first axis
 
 
+def test_second_structure_never_covers_the_atrium_in_a_scan_too_small_to_hold_it_apart() -> None:
+    # An atrium filling much of a small crop (as LGE crops are): an atrium-sized structure cannot lie clear of it.
+    volume, label = _scan(shape=(40, 34, 30), centre=(0.45, 0.5, 0.5), radii=(0.3, 0.3, 0.3))
+    out, out_label = qclib.second_structure(volume, label, _rng())
+    assert np.array_equal(out_label, label)
+    changed = np.abs(out.data - volume.data) > 1e-6
+    assert np.any(changed)
+    near = ndimage.distance_transform_edt(label == 0, sampling=SPACING) <= qclib.SECOND_STRUCTURE_GAP_MM
+    assert not np.any(changed & near)
+
+
 def test_clipped_caps_at_the_sixtieth_percentile() -> None:
     volume, label = _scan()
     out, _ = qclib.clipped(volume, label, _rng())
@@ -222,6 +235,45 @@ def test_per_family_figures() -> None:
     assert figures["clean"] == 3 and figures["clean_good"] == 2  # the clean variants are clean scans too
 
 
+def _measured_rows(signal: dict[str, str], score_informs: bool) -> list[qclib.QCRow]:
+    """Per family, 12 rows, every other one bad (true Dice 0.6 against 0.92); a bad row's measure signal[family] is
+    e^3 times a good row's, every other measure is noise; the score tells the bad rows apart when score_informs."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for family, measure in signal.items():
+        for i in range(12):
+            bad = i % 2 == 1
+            measures = {"volume_ml": 60.0, "noise_level": 0.1, "contrast": 10.0, "edge_sharpness": 2.0}
+            measures.update({k: v * float(np.exp(rng.normal(0, 0.1))) for k, v in measures.items()})
+            if bad:
+                measures[measure] *= float(np.exp(3.0))
+            score = (0.6 if bad else 0.92) + rng.normal(0, 0.01) if score_informs else 0.9 + rng.normal(0, 0.01)
+            rows.append(qclib.QCRow(f"{family}{i}", family, 0.6 if bad else 0.92, "ok", score, score,
+                                    measures=measures))
+    return rows
+
+
+def test_combination_study_holds_each_family_out_of_the_fit() -> None:
+    # Each family's bad masks show in a measure of their own: fitted on every family the combination ranks them all,
+    # but a family left out of the fit shows its failures in a measure the fit never learned to read.
+    signal = {"a": "noise_level", "b": "contrast", "c": "volume_ml", "d": "edge_sharpness"}
+    study = qclib.combination_study(_measured_rows(signal, score_informs=False))
+    assert study["cases"] == 48 and study["measures"][0] == "score"
+    assert study["auroc_in_sample"] > 0.9
+    assert study["auroc_held_out"] < study["auroc_in_sample"] - 0.2
+    # Failures that show in the same measure in every family are ranked held out as well.
+    study = qclib.combination_study(_measured_rows(dict.fromkeys(signal, "noise_level"), score_informs=False))
+    assert study["auroc_score"] < 0.8 and study["auroc_held_out"] > 0.95
+
+
+def test_combination_study_needs_two_families_and_rows_with_a_mask() -> None:
+    rows = _measured_rows({"a": "noise_level"}, score_informs=True)
+    assert qclib.combination_study(rows)["auroc_held_out"] is None
+    rows = _measured_rows({"a": "noise_level", "b": "contrast"}, score_informs=True)
+    refused = [dataclasses.replace(r, refused=True) for r in rows]
+    assert qclib.combination_study(refused)["cases"] == 0
+
+
 def _hand_made_rows() -> list[qclib.QCRow]:
     """Scores equal true Dice except a1 (0.834 for 0.79) and b1 (0.86 for 0.70, flagged by a rule)."""
     return [row("c1", "clean", 0.92, 0.92), row("c2", "clean", 0.90, 0.90), row("c3", "clean", 0.88, 0.88),
@@ -255,6 +307,18 @@ def test_leave_one_family_out_refits_chooses_the_threshold_and_judges_the_held_o
     rows = _hand_made_rows()
     assert held_out["auroc_score"] == pytest.approx(qclib.auroc([r.score for r in rows],
                                                                 [r.true_dice < qclib.BAD_BELOW for r in rows]))
+    # b2 (fail), b1 (review), then the ok masks lowest held-out estimate first: a1 (0.834) before every good one.
+    assert held_out["auroc_order"] == 1.0
+
+
+def test_qcs_order_puts_a_flagged_mask_first_whatever_its_score() -> None:
+    # A bad mask flagged by a rule but confidently scored, and a good one passed with a lower score.
+    rows = [row("g1", "clean", 0.90, 0.90), row("g2", "clean", 0.88, 0.93), row("x1", "x", 0.97, 0.40, "review"),
+            row("x2", "x", 0.60, 0.60, "fail")]
+    figures = qclib.qc_figures(rows)
+    assert figures["auroc_score_bad"] == pytest.approx(0.5)  # x1 outscores both good masks, x2 neither
+    assert figures["auroc_order_bad"] == 1.0
+    assert qclib.order_auroc([(2, 0.9), (2, 0.9), (1, 0.5)], [True, False, True]) == pytest.approx(0.75)
 
 
 IDENTITY = dict(slope=1.0, intercept=0.0, residual_lo=-0.03, residual_hi=0.03, cases=3)

@@ -7,7 +7,7 @@
 * evidence.py: the measures of one mask, taken once into one record (Evidence);
 * rules.py: the rules over the evidence, the one rule list and its run-time and calibration profiles;
 * refusal.py: the voxel spacing and field of view beyond which a scan is refused, from the same ranges;
-* report.py: assess (the run-time verdict) and its QCReport.
+* report.py: assess (the run-time verdict) and its QCReport; review_order, the order to check masks in.
 """
 
 from .calibration import (
@@ -41,7 +41,7 @@ from .measures import (
 from .orientation import OrientationAtlases, OrientationMatch, learn_orientation_atlases, orientation_evidence
 from .ranges import DEFAULT_INPUT_MARGIN, Plausibility, RangeConfig, learn_plausibility, scans_plausibility
 from .refusal import max_fov_mm, refusal_reason, spacing_bounds
-from .report import VERDICTS, QCReport, assess
+from .report import VERDICTS, QCReport, assess, review_order
 from .rules import (
     CALIBRATION_RULES,
     RULES,
@@ -67,5 +67,5 @@ __all__ = [
     "interior_rank", "judge", "learn_plausibility", "localiser_flag", "low_contrast", "mask_flag", "mask_measures",
     "max_fov_mm", "noise_level", "noise_sigma", "noisy_scan", "pooled_score_calibration", "refusal_reason",
     "scan_geometry", "scans_plausibility", "soft_dice_score", "spacing_bounds", "spearman",
-    "OrientationAtlases", "OrientationMatch", "learn_orientation_atlases", "orientation_evidence",
+    "OrientationAtlases", "OrientationMatch", "learn_orientation_atlases", "orientation_evidence", "review_order",
 ]

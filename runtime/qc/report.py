@@ -34,6 +34,15 @@ if TYPE_CHECKING:  # the contract imports this package's ranges and calibration
     from ..contract import ModelContract
 
 VERDICTS = ("ok", "review", "fail")
+# The order to check masks in: fails, then reviews, then the rest.
+_CHECK_FIRST = {"fail": 0, "review": 1, "ok": 2}
+
+
+def review_order(verdict: str, estimated_dice: float | None, score: float | None = None) -> tuple[int, float]:
+    """A sort key for the order to check masks in: fails, then reviews, then ok masks; within each, the lowest
+    estimated Dice (else the score) first, and a mask with neither first of its verdict."""
+    value = estimated_dice if estimated_dice is not None else score
+    return _CHECK_FIRST.get(verdict, 0), float(value) if value is not None and np.isfinite(value) else -np.inf
 
 
 @dataclass
@@ -49,6 +58,11 @@ class QCReport:
     seconds: float = 0.0
     # The name of the rule behind each reason, in the same order (empty in records written before they were).
     rules: list[str] = field(default_factory=list)
+
+    @property
+    def check_order(self) -> tuple[int, float]:
+        """This mask's review_order key."""
+        return review_order(self.verdict, self.estimated_dice, self.score)
 
     @property
     def flag(self) -> str | None:
