@@ -232,8 +232,8 @@ def second_structure(volume: Volume, label: np.ndarray, rng: np.random.Generator
     """A second bright structure that is not the atrium: an ellipsoid of the blood pool's intensity (its median,
     with its spread as noise) and the atrium's size (half its extent along each axis), where it lies farthest from
     the atrium, with a soft edge; the label is unchanged. The structure never covers the atrium or the wall's
-    width around it (SECOND_STRUCTURE_GAP_MM): in a scan too small to hold it apart it abuts the atrium, as the
-    aorta or a ventricle do, and the label stays the truth."""
+    width around it (SECOND_STRUCTURE_GAP_MM; its edge is sharp there): in a scan too small to hold it apart it
+    abuts the atrium, as the aorta or a ventricle do, and the label stays the truth."""
     spacing = np.asarray(volume.spacing, float)
     inside = label > 0
     coords = np.argwhere(inside)
@@ -593,8 +593,9 @@ def _held_out_summary(judged: list[tuple[QCRow, float | None, str]],
     }
 
 
-# The measures a learned combination (combination_study) reads from a row, each as a function of QCReport.measures;
-# the logarithm where a measure spans decades.
+# The measures a learned combination (combination_study) reads from a row, each as a function of QCReport.measures
+# (None where the row lacks it); logarithms where a measure spans decades, asinh where it may also be 0 or negative
+# (a contrast <= 0 is a mask no brighter than its surroundings, the most telling value of all).
 COMBINED_MEASURES: dict[str, Callable[[dict[str, Any]], float | None]] = {
     "log_volume_ml": lambda m: math.log(m["volume_ml"]) if m.get("volume_ml") else None,
     "largest_share": lambda m: m.get("largest_share"),
@@ -604,8 +605,8 @@ COMBINED_MEASURES: dict[str, Callable[[dict[str, Any]], float | None]] = {
     "skewness": lambda m: m.get("skewness"),
     "edge_sharpness": lambda m: m.get("edge_sharpness"),
     "interior_rank": lambda m: m.get("interior_rank"),
-    "log_noise_level": lambda m: math.log(m["noise_level"]) if m.get("noise_level") else None,
-    "log_contrast": lambda m: math.log(m["contrast"]) if m.get("contrast") and m["contrast"] > 0 else None,
+    "log_noise_level": lambda m: math.log(m["noise_level"] + 1e-3) if m.get("noise_level") is not None else None,
+    "asinh_contrast": lambda m: math.asinh(m["contrast"]) if m.get("contrast") is not None else None,
     "log_saturation": lambda m: math.log(m["saturation"] + 1e-6) if m.get("saturation") is not None else None,
     "shape_as_given": lambda m: (m.get("orientation") or {}).get("as_given"),
     "shape_gain": lambda m: (m["orientation"]["best"] - m["orientation"]["as_given"]) if m.get("orientation") else None,
@@ -613,21 +614,27 @@ COMBINED_MEASURES: dict[str, Callable[[dict[str, Any]], float | None]] = {
 
 
 def _features(rows: list[QCRow]) -> np.ndarray:
-    """rows x (score, COMBINED_MEASURES...): a measure a row lacks takes the other rows' mean (0 when none has it)."""
-    table = np.array([[r.score] + [f(r.measures) for f in COMBINED_MEASURES.values()] for r in rows], dtype=float)
-    means = np.array([np.nanmean(c) if np.any(np.isfinite(c)) else 0.0 for c in table.T])
-    return np.where(np.isfinite(table), table, means)
+    """rows x (score, COMBINED_MEASURES...), NaN where a row lacks a measure."""
+    return np.array([[r.score] + [f(r.measures) for f in COMBINED_MEASURES.values()] for r in rows], dtype=float)
 
 
 def _logistic(features: np.ndarray, bad: np.ndarray, l2: float, steps: int = 200) -> Callable[[np.ndarray], np.ndarray]:
-    """A ridge-penalised logistic regression of bad on the standardised features (Newton's method); returns the
-    fitted log-odds of a mask being bad as a function of a feature table."""
-    mean, sd = features.mean(0), features.std(0)
+    """A ridge-penalised (l2 > 0) logistic regression of bad on the standardised features (Newton's method), a
+    missing value taking its column's mean over the fitted rows; returns the fitted log-odds of a mask being bad as
+    a function of a feature table (a constant when the fitted rows are all bad or all good)."""
+    if not l2 > 0:
+        raise ValueError(f"the ridge penalty must be above 0, got {l2}")
+    finite = np.isfinite(features)
+    mean = np.array([features[finite[:, j], j].mean() if finite[:, j].any() else 0.0 for j in range(features.shape[1])])
+    filled = np.where(finite, features, mean)
+    sd = filled.std(0)
     sd = np.where(sd > 0, sd, 1.0)
 
     def design(table: np.ndarray) -> np.ndarray:
-        return np.c_[(table - mean) / sd, np.ones(len(table))]
+        return np.c_[(np.where(np.isfinite(table), table, mean) - mean) / sd, np.ones(len(table))]
 
+    if bad.all() or not bad.any():
+        return lambda table: np.zeros(len(table))
     x, y = design(features), bad.astype(float)
     penalty = np.diag([l2] * features.shape[1] + [0.0])
     w = np.zeros(x.shape[1])
@@ -644,7 +651,8 @@ def combination_study(rows: list[QCRow], l2: float = 1.0) -> dict[str, Any]:
     """Whether the measures QC takes, combined by a logistic regression fitted on the benchmark's rows, would rank
     bad masks (true Dice < BAD_BELOW) better than the score: its AUROC fitted and judged on every row (in sample),
     and with each family held out of the fit in turn (the measure of what it does on families it was not fitted
-    on), beside the score's AUROC on the same rows; rows without a score or a mask are left out."""
+    on; the held-out log-odds of all families, each from its own fit, pooled into one AUROC), beside the score's
+    AUROC on the same rows; rows without a score or a mask are left out."""
     used = [r for r in _scored(rows) if not r.refused and r.measures.get("volume_ml") is not None]
     if len(used) < 2 or len({r.corruption for r in used}) < 2:
         return {"cases": len(used), "auroc_score": None, "auroc_in_sample": None, "auroc_held_out": None}

@@ -266,6 +266,17 @@ def test_combination_study_holds_each_family_out_of_the_fit() -> None:
     assert study["auroc_score"] < 0.8 and study["auroc_held_out"] > 0.95
 
 
+def test_combination_fit_needs_a_ridge_and_both_kinds_of_mask() -> None:
+    features = np.array([[0.9, 1.0], [0.5, np.nan], [0.8, 2.0], [0.4, 3.0]])
+    with pytest.raises(ValueError, match="above 0"):
+        qclib._logistic(features, np.array([False, True, False, True]), l2=0.0)
+    # All good: nothing to learn, every mask ranks the same.
+    assert np.array_equal(qclib._logistic(features, np.zeros(4, bool), l2=1.0)(features), np.zeros(4))
+    # A missing value takes the fitted rows' mean: the log-odds stay finite and the score still ranks.
+    odds = qclib._logistic(features, np.array([False, True, False, True]), l2=1.0)(features)
+    assert np.all(np.isfinite(odds)) and odds[1] > odds[0] and odds[3] > odds[2]
+
+
 def test_combination_study_needs_two_families_and_rows_with_a_mask() -> None:
     rows = _measured_rows({"a": "noise_level"}, score_informs=True)
     assert qclib.combination_study(rows)["auroc_held_out"] is None

@@ -40,7 +40,8 @@ _CHECK_FIRST = {"fail": 0, "review": 1, "ok": 2}
 
 def review_order(verdict: str, estimated_dice: float | None, score: float | None = None) -> tuple[int, float]:
     """A sort key for the order to check masks in: fails, then reviews, then ok masks; within each, the lowest
-    estimated Dice (else the score) first, and a mask with neither first of its verdict."""
+    estimated Dice (else the score) first, and a mask with neither first of its verdict. Keys compare alike for
+    reports of one model (all with an estimated Dice, or none)."""
     value = estimated_dice if estimated_dice is not None else score
     return _CHECK_FIRST.get(verdict, 0), float(value) if value is not None and np.isfinite(value) else -np.inf
 
