@@ -24,6 +24,7 @@ from heartseg.runtime.errors import InputError
 from heartseg.runtime.formats.nifti import load_mask, load_volume
 from heartseg.runtime.image import Volume
 from heartseg.runtime.metrics import dice_score
+from heartseg.runtime.preprocess import target_shape
 from heartseg.runtime.qc import SILENT_BELOW, ScoreCalibration, fit_score_calibration, spearman
 from heartseg.runtime.qc.calibration import FAIL_BELOW
 from heartseg.runtime.qc.report import review_order
@@ -257,8 +258,9 @@ def clipped(volume: Volume, label: np.ndarray, rng: np.random.Generator) -> tupl
 def _resampled(volume: Volume, label: np.ndarray, spacing: Iterable[float]) -> tuple[Volume, np.ndarray]:
     """volume and label resampled linearly (scipy.ndimage) to spacing (mm per array axis) over the same extent,
     the image smoothed first along the axes made coarser; the label's resampled share >= 0.5 is the new label."""
-    ratio = np.asarray(tuple(spacing), float) / np.asarray(volume.spacing, float)
-    shape = tuple(max(1, int(round(n / r))) for n, r in zip(volume.shape, ratio))
+    spacing = tuple(float(s) for s in spacing)
+    ratio = np.asarray(spacing) / np.asarray(volume.spacing, float)
+    shape = target_shape(volume.shape, volume.spacing, spacing)
     # New voxel i's centre lies at old index (i + 0.5) * ratio - 0.5: both grids share their outer faces.
     offset = 0.5 * ratio - 0.5
     sigma = np.maximum(ratio - 1.0, 0.0) / 2.0

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import torch
-from scipy import ndimage
+from scipy import interpolate, ndimage
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -100,38 +100,24 @@ def _dark_pool(image: Tensor, label: Tensor, depth: int, darkening: float) -> Te
     return image - darkening * spread * ramp
 
 
-def _linear_at(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """values (positions along axis 0) linearly interpolated at fractional positions inside [0, len - 1]."""
-    low = np.clip(np.floor(positions).astype(int), 0, values.shape[0] - 1)
-    high = np.minimum(low + 1, values.shape[0] - 1)
-    weight = (positions - low).astype(np.float32).reshape((-1,) + (1,) * (values.ndim - 1))
-    return (1.0 - weight) * values[low] + weight * values[high]
-
-
 def thick_slices(image: np.ndarray, axis: int, factor: float, phase: float) -> np.ndarray:
     """image as a scan of slices factor voxels thick along axis shows it once resampled back to this grid: each
     slice the mean over its slab, slice centres phase + k * factor voxels, values between them interpolated
     linearly (what the runtime's resampling does); unchanged for factor <= 1 or a single slice."""
     if factor <= 1.0 or image.shape[axis] < 2:
         return image
-    moved = np.moveaxis(np.asarray(image, np.float32), axis, 0)
-    n = moved.shape[0]
+    n = image.shape[axis]
     # The slab mean: each voxel weighted by how much of it lies within half a slab of the centre (symmetric, so
     # nothing shifts); past the edge the last slice repeats, as a scan ends there.
     half = factor / 2.0
     offsets = np.arange(-math.ceil(half - 0.5), math.ceil(half - 0.5) + 1)
     weights = np.clip(np.minimum(offsets + 0.5, half) - np.maximum(offsets - 0.5, -half), 0.0, None)
-    slabs = ndimage.correlate1d(moved, weights / weights.sum(), axis=0, mode="nearest")
-    start = phase % factor
-    centres = np.arange(start, n - 1, factor)
-    centres = np.unique(np.concatenate([[0.0], centres, [n - 1.0]]))
-    samples = _linear_at(slabs, centres)
-    # Back on the grid: each voxel between its two nearest slice centres.
-    index = np.clip(np.searchsorted(centres, np.arange(n), side="right") - 1, 0, len(centres) - 2)
-    weight = ((np.arange(n) - centres[index]) / (centres[index + 1] - centres[index])).astype(np.float32)
-    weight = weight.reshape((-1,) + (1,) * (moved.ndim - 1))
-    back = (1.0 - weight) * samples[index] + weight * samples[index + 1]
-    return np.ascontiguousarray(np.moveaxis(back.astype(np.float32), 0, axis))
+    slabs = ndimage.correlate1d(np.asarray(image, np.float32), weights / weights.sum(), axis=axis, mode="nearest")
+    centres = np.unique(np.concatenate([[0.0], np.arange(phase % factor, n - 1, factor), [n - 1.0]]))
+    # The slices sampled at their centres, and the grid back between its two nearest slice centres.
+    samples = interpolate.interp1d(np.arange(n), slabs, axis=axis, assume_sorted=True)(centres)
+    back = interpolate.interp1d(centres, samples, axis=axis, assume_sorted=True)(np.arange(n))
+    return np.ascontiguousarray(back, dtype=np.float32)
 
 
 def augment(

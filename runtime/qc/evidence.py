@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics import degenerate_reason
+from ..preprocess import mask_box
 from .measures import Box, ImageMeasures, bounding_slices, component_sizes, face_shares, mask_measures, scan_geometry
 from .orientation import OrientationMatch, orientation_evidence
 from .ranges import Plausibility
@@ -67,31 +68,37 @@ class Evidence:
 
 def mask_evidence(mask: np.ndarray, spacing: Iterable[float], voxel_volume_mm3: float | None = None,
                   prob: np.ndarray | None = None, threshold: float | None = None,
-                  box: Box | None = None) -> dict[str, Any]:
+                  box: Box | None = None, bounds: Box | None = None) -> dict[str, Any]:
     """The mask's own measures: volume and extents (within the box of prob above threshold when given, else of the
-    mask), the components of prob above threshold when given, and the mask's share on box's and the scan's faces."""
+    mask), the components of prob above threshold when given, and the mask's share on box's and the scan's faces;
+    bounds, the mask's bounding box when the caller has it, saves finding it again."""
     spacing = tuple(float(s) for s in spacing)
-    above = np.asarray(mask).astype(bool) if prob is None or threshold is None else prob > float(threshold)
-    crop = bounding_slices(above)
+    bounds = mask_box(mask) if bounds is None else bounds
+    if prob is None or threshold is None:
+        above = np.asarray(mask).astype(bool)
+        crop = None if bounds is None else tuple(slice(int(lo), int(hi)) for lo, hi in zip(*bounds))
+    else:
+        above = prob > float(threshold)
+        crop = bounding_slices(above)
     region = mask[crop] if crop is not None else mask
     volume, extents = mask_measures(region, spacing, voxel_volume_mm3)
     sizes = None
     if prob is not None and threshold is not None:
         sizes = tuple(int(n) for n in component_sizes(above[crop])) if crop is not None else ()
-    box_share, edge_share = face_shares(mask, box)
+    box_share, edge_share = face_shares(mask, box, bounds)
     return dict(volume_ml=volume, extents_mm=extents, component_voxels=sizes,
                 voxel_ml=float(np.prod(spacing) if voxel_volume_mm3 is None else voxel_volume_mm3) / 1000.0,
                 box_border_share=box_share if box is not None else None, scan_edge_share=edge_share)
 
 
 def image_evidence(image: np.ndarray | None, mask: np.ndarray, spacing: Iterable[float],
-                   ranges: Plausibility) -> dict[str, Any]:
+                   ranges: Plausibility, bounds: Box | None = None) -> dict[str, Any]:
     """The scan's measures around the mask: its geometry always; with the image, those it has a learned range for
-    (a measure nothing judges is not worth its cost)."""
+    (a measure nothing judges is not worth its cost); bounds as mask_evidence's."""
     spacing_sorted, fov_sorted = scan_geometry(mask.shape, spacing)
     found: dict[str, Any] = dict(spacing_mm=spacing_sorted, fov_mm=fov_sorted)
     if image is not None:
-        scan = ImageMeasures(image, mask, spacing)
+        scan = ImageMeasures(image, mask, spacing, bounds=bounds)
         # Only those with a learned range: a measure nothing judges is not worth its cost.
         for name, measure in (("skewness", scan.skewness), ("edge_sharpness", scan.sharpness),
                               ("interior_rank", scan.interior_rank), ("noise_level", scan.noise_level),
@@ -100,11 +107,12 @@ def image_evidence(image: np.ndarray | None, mask: np.ndarray, spacing: Iterable
     return found
 
 
-def shape_evidence(mask: np.ndarray, spacing: Iterable[float], ranges: Plausibility) -> dict[str, Any]:
+def shape_evidence(mask: np.ndarray, spacing: Iterable[float], ranges: Plausibility,
+                   bounds: Box | None = None) -> dict[str, Any]:
     """How the mask's shape fits the training families' atria as given and permuted or mirrored, when the model has
-    their atlases."""
+    their atlases; bounds as mask_evidence's."""
     atlases = ranges.orientation_atlases
-    return dict(orientation=orientation_evidence(mask, spacing, atlases) if atlases is not None else None)
+    return dict(orientation=orientation_evidence(mask, spacing, atlases, bounds) if atlases is not None else None)
 
 
 def gather(mask: np.ndarray, spacing: Iterable[float], ranges: Plausibility | None, *,
@@ -118,7 +126,9 @@ def gather(mask: np.ndarray, spacing: Iterable[float], ranges: Plausibility | No
     if ranges is None or degenerate is not None:
         return Evidence(degenerate=degenerate, score=score)
     spacing = tuple(float(s) for s in spacing)
+    # The mask's bounding box, found once for every measure that needs it (a whole-grid pass each).
+    bounds = mask_box(mask)
     return Evidence(degenerate=None, score=score,
-                    **mask_evidence(mask, spacing, voxel_volume_mm3, prob, threshold, box),
-                    **image_evidence(image, mask, spacing, ranges),
-                    **(shape_evidence(mask, spacing, ranges) if orientation else {}))
+                    **mask_evidence(mask, spacing, voxel_volume_mm3, prob, threshold, box, bounds),
+                    **image_evidence(image, mask, spacing, ranges, bounds),
+                    **(shape_evidence(mask, spacing, ranges, bounds) if orientation else {}))

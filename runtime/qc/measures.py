@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -85,16 +86,18 @@ def component_sizes(binary: np.ndarray) -> np.ndarray:
     return np.sort(np.bincount(labels.ravel())[1:])[::-1]
 
 
-def face_shares(mask: np.ndarray, box: Box | None = None) -> tuple[float, float]:
+def face_shares(mask: np.ndarray, box: Box | None = None, bounds: Box | None = None) -> tuple[float, float]:
     """(box share, scan-edge share): the largest share of the mask's cross-section on a face of box / of the array.
 
     Each share is the mask's area on one face over its largest cross-section along that axis: near 0
     when the mask only grazes the face, near 1 when the face cuts it. box is half-open, on mask's grid
-    (floats allowed); a box face on the array's own edge counts for the scan edge only.
+    (floats allowed); a box face on the array's own edge counts for the scan edge only. bounds, the mask's own
+    bounding box when the caller has it already, saves finding it again.
     """
-    crop = bounding_slices(mask)
-    if crop is None:
+    bounds = mask_box(mask) if bounds is None else bounds
+    if bounds is None:
         return 0.0, 0.0
+    crop = tuple(slice(int(lo), int(hi)) for lo, hi in zip(*bounds))
     inner = mask[crop]
     shape = mask.shape
     box_share = edge_share = 0.0
@@ -119,77 +122,80 @@ def face_shares(mask: np.ndarray, box: Box | None = None) -> tuple[float, float]
 
 class ImageMeasures:
     """The measures of a scan around one mask. What several of them share (the cube around the atrium and its
-    Laplacian, the neighbourhood on sparser voxels, the interior and its surroundings) is computed once, when first
-    needed: QC takes all of them per scan, training one at a time."""
+    Laplacian, the neighbourhood on sparser voxels, the interior and its surroundings, the noise) is computed once,
+    when first needed: QC takes all of them per scan, training one at a time. bounds, the mask's bounding box when
+    the caller has it already, saves finding it again."""
 
     def __init__(self, data: np.ndarray, mask: np.ndarray, spacing: Iterable[float] | None = None,
-                 config: MeasureConfig = MEASURES) -> None:
+                 config: MeasureConfig = MEASURES, bounds: Box | None = None) -> None:
         self.data, self.mask, self.config = data, mask, config
         self.spacing = None if spacing is None else np.asarray(tuple(spacing), float)
-        self._box = mask_box(mask)
-        self._cache: dict[object, object] = {}
+        self._box = mask_box(mask) if bounds is None else bounds
 
-    def _once(self, key: object, compute):
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
-
+    @cached_property
     def _cube(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The cube of block + 2 voxels a side around the centre of the mask's box, shifted inside the scan, and its
         Laplacian; None for an empty mask or a scan under 5 voxels a side."""
-        def compute():
-            if self._box is None:
-                return None
-            size = self.config.block + 2
-            lo = np.clip((self._box[0] + self._box[1]) // 2 - size // 2, 0,
-                         np.maximum(np.asarray(self.data.shape) - size, 0))
-            cube = np.asarray(self.data[tuple(slice(int(a), int(a) + size) for a in lo)], np.float32)
-            return None if min(cube.shape) < 5 else (cube, ndimage.laplace(cube))
-        return self._once("cube", compute)
+        if self._box is None:
+            return None
+        size = self.config.block + 2
+        highest = np.maximum(np.asarray(self.data.shape) - size, 0)
+        lo = np.clip((self._box[0] + self._box[1]) // 2 - size // 2, 0, highest)
+        cube = np.asarray(self.data[tuple(slice(int(a), int(a) + size) for a in lo)], np.float32)
+        return None if min(cube.shape) < 5 else (cube, ndimage.laplace(cube))
 
     def _neighbourhood(self, reach_mm: float) -> tuple[tuple[slice, ...], np.ndarray] | None:
         """The slices of the mask's box widened by reach_mm (within the array) on every n-th voxel (n about
         rank_voxel_mm over the voxel size), and n per axis; None for an empty mask."""
-        def compute():
-            if self._box is None:
-                return None
-            reach = np.ceil(reach_mm / self.spacing).astype(int)
-            lo = np.maximum(np.asarray(self._box[0]) - reach, 0)
-            hi = np.minimum(np.asarray(self._box[1]) + reach, np.asarray(self.mask.shape))
-            # Sparser voxels keep QC's cost a few milliseconds on 0.6 mm scans; a median over thousands of voxels
-            # hardly moves.
-            step = np.maximum(1, np.round(self.config.rank_voxel_mm / self.spacing)).astype(int)
-            return tuple(slice(int(a), int(b), int(n)) for a, b, n in zip(lo, hi, step)), step
-        return self._once(("neighbourhood", reach_mm), compute)
+        if self._box is None:
+            return None
+        reach = np.ceil(reach_mm / self.spacing).astype(int)
+        lo = np.maximum(np.asarray(self._box[0]) - reach, 0)
+        hi = np.minimum(np.asarray(self._box[1]) + reach, np.asarray(self.mask.shape))
+        # Sparser voxels keep QC's cost a few milliseconds on 0.6 mm scans; a median over thousands of voxels hardly
+        # moves.
+        step = np.maximum(1, np.round(self.config.rank_voxel_mm / self.spacing)).astype(int)
+        return tuple(slice(int(a), int(b), int(n)) for a, b, n in zip(lo, hi, step)), step
 
-    def _around(self, reach_mm: float) -> np.ndarray | None:
-        """The intensities of the neighbourhood of reach_mm (float64, flat); None for an empty mask."""
-        found = self._neighbourhood(reach_mm)
-        return self._once(("around", reach_mm), lambda: None if found is None else
-                          np.asarray(self.data[found[0]]).astype(np.float64).ravel())
+    @cached_property
+    def _near(self) -> np.ndarray | None:
+        """The intensities within skewness_mm of the mask's box, on sparser voxels (float64, flat); None for an empty
+        mask."""
+        found = self._neighbourhood(self.config.skewness_mm)
+        return None if found is None else np.asarray(self.data[found[0]]).astype(np.float64).ravel()
 
+    @cached_property
     def _regions(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The intensities of the mask's interior (deeper than interior_depth_mm, the whole mask when none is) and of
         its surroundings (outside it, within surroundings_mm of its box), on sparser voxels; None when either is
         empty."""
-        def compute():
-            found = self._neighbourhood(self.config.surroundings_mm)
-            if found is None:
-                return None
-            crop, step = found
-            inside = np.asarray(self.mask[crop]).astype(bool)
-            values = np.asarray(self.data[crop])
-            around = values[~inside]
-            if around.size == 0 or not inside.any():
-                return None
-            deep = ndimage.distance_transform_edt(inside, sampling=self.spacing * step) > self.config.interior_depth_mm
-            return (values[deep] if deep.any() else values[inside]), around
-        return self._once("regions", compute)
+        found = self._neighbourhood(self.config.surroundings_mm)
+        if found is None:
+            return None
+        crop, step = found
+        inside = np.asarray(self.mask[crop]).astype(bool)
+        values = np.asarray(self.data[crop])
+        around = values[~inside]
+        if around.size == 0 or not inside.any():
+            return None
+        deep = ndimage.distance_transform_edt(inside, sampling=self.spacing * step) > self.config.interior_depth_mm
+        return (values[deep] if deep.any() else values[inside]), around
+
+    @cached_property
+    def _sigma(self) -> float | None:
+        """noise_sigma, computed once."""
+        # The Laplacian is 6 x (the mean of a voxel's 6 face neighbours minus the voxel): a high-pass residual, in
+        # which white noise of sd s has sd s * sqrt(36 + 6). Anatomy is smooth at this scale except at edges, a
+        # minority of the cube that the median absolute deviation does not see.
+        if self._cube is None:
+            return None
+        residual = self._cube[1][(slice(1, -1),) * 3]
+        return _MAD_TO_SD * float(np.median(np.abs(residual - np.median(residual)))) / _LAPLACE_GAIN
 
     def skewness(self) -> float | None:
         """Skewness of the intensities within skewness_mm of the mask's box (unchanged by scale and offset, and by the
         background a wider field of view adds); None for an empty mask."""
-        sample = self._around(self.config.skewness_mm)
+        sample = self._near
         if sample is None:
             return None
         # Two moments in numpy: importing scipy.stats for them would cost the runtime more than half a second.
@@ -203,7 +209,7 @@ class ImageMeasures:
     def saturation(self) -> float | None:
         """Share of the intensities within skewness_mm of the mask's box at their maximum (a scan clipped below its
         blood pool's brightness holds much of it there); None for an empty mask."""
-        sample = self._around(self.config.skewness_mm)
+        sample = self._near
         return None if sample is None or sample.size == 0 else float(np.mean(sample >= sample.max()))
 
     def sharpness(self) -> float | None:
@@ -213,10 +219,9 @@ class ImageMeasures:
         # is about 1 / w whatever the tissues' contrast and the intensity scale, once edges fill a tenth of the cube.
         # Noise added after a blur raises it (the Laplacian amplifies noise): such a scan can read as sharp.
         # Derivatives on the cube's faces are one-sided, so only its inside is measured.
-        found = self._cube()
-        if found is None:
+        if self._cube is None:
             return None
-        cube, laplace = found
+        cube, laplace = self._cube
         inside = (slice(1, -1),) * 3
         gradient = np.sqrt(sum(g * g for g in np.gradient(cube)))[inside]
         edges = float(np.percentile(gradient, self.config.sharpness_percentile))
@@ -229,16 +234,7 @@ class ImageMeasures:
     def noise_sigma(self) -> float | None:
         """Noise sd of the cube in the scan's own units, from the median absolute deviation of its Laplacian; None
         without a cube."""
-        # The Laplacian is 6 x (the mean of a voxel's 6 face neighbours minus the voxel): a high-pass residual, in
-        # which white noise of sd s has sd s * sqrt(36 + 6). Anatomy is smooth at this scale except at edges, a
-        # minority of the cube that the median absolute deviation does not see.
-        def compute():
-            found = self._cube()
-            if found is None:
-                return None
-            residual = found[1][(slice(1, -1),) * 3]
-            return _MAD_TO_SD * float(np.median(np.abs(residual - np.median(residual)))) / _LAPLACE_GAIN
-        return self._once("noise", compute)
+        return self._sigma
 
     def noise_level(self) -> float | None:
         """noise_sigma over the intensity spread of the cube once blurred (unchanged by scale and offset; grows with
@@ -246,7 +242,7 @@ class ImageMeasures:
         sigma = self.noise_sigma()
         if sigma is None:
             return None
-        cube = self._cube()[0]  # type: ignore[index]
+        cube = self._cube[0]  # type: ignore[index]
         low, high = np.percentile(ndimage.gaussian_filter(cube, self.config.spread_blur_voxels),
                                   self.config.spread_percentiles)
         return sigma / float(high - low) if high > low else None
@@ -257,7 +253,7 @@ class ImageMeasures:
         # float, z-scored, gamma), and not swayed by a few bright or dark voxels. Ties count half, so that a clipped
         # or 8-bit scan, where much of the surroundings can equal the blood's value, reads like the same scan stored
         # as float.
-        regions = self._regions()
+        regions = self._regions
         if regions is None:
             return None
         interior, around = regions
@@ -270,8 +266,8 @@ class ImageMeasures:
         unchanged by scale and offset; None as interior_rank, or for a scan without noise."""
         # Both a noisier and a flatter scan lower it; a blurred one raises it (the blur removes noise), which soft
         # edges catch instead.
-        regions = self._regions()
-        sigma = self.noise_sigma() if regions is not None else None
+        regions = self._regions
+        sigma = self._sigma if regions is not None else None
         if regions is None or sigma is None or not sigma > 0.0:
             return None
         interior, around = regions

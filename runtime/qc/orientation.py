@@ -89,12 +89,13 @@ def transformed_spacing(spacing: Iterable[float], transform: Transform) -> tuple
     return tuple(values[axis] for axis in transform[0])  # type: ignore[return-value]
 
 
-def shape_cube(mask: np.ndarray, spacing: Iterable[float], config: OrientationConfig = ORIENTATION) -> np.ndarray:
+def shape_cube(mask: np.ndarray, spacing: Iterable[float], config: OrientationConfig = ORIENTATION,
+               bounds: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The share of each voxel of a grid^3 cube around the mask's centroid (voxel size scaled to its volume) that the
-    mask covers; zeros for an empty mask."""
+    mask covers; zeros for an empty mask. bounds, the mask's bounding box when the caller has it, saves finding it."""
     spacing = np.asarray(tuple(spacing), float)
     n = config.grid
-    box = mask_box(mask)
+    box = mask_box(mask) if bounds is None else bounds
     if box is None:
         return np.zeros((n,) * 3, np.float32)
     voxel_mm3 = float(np.prod(spacing))
@@ -233,13 +234,16 @@ def _match(scores: np.ndarray, names: list[str]) -> OrientationMatch:
                             names[family])
 
 
-def orientation_evidence(mask: np.ndarray, spacing: Iterable[float],
-                         atlases: OrientationAtlases) -> OrientationMatch | None:
-    """How well the mask fits the training atria as given and under the best other transform; None when empty."""
-    if not np.any(mask):
+def orientation_evidence(mask: np.ndarray, spacing: Iterable[float], atlases: OrientationAtlases,
+                         bounds: tuple[np.ndarray, np.ndarray] | None = None) -> OrientationMatch | None:
+    """How well the mask fits the training atria as given and under the best other transform; None when empty.
+    bounds, the mask's bounding box when the caller has it, saves finding it again."""
+    bounds = mask_box(mask) if bounds is None else bounds
+    if bounds is None:
         return None
     rows = {name: _stored_rows(text) for name, text in atlases.atlases.items()}
-    return _match(transform_scores(shape_cube(mask, spacing, atlases.config), rows, atlases.typical), sorted(rows))
+    cube = shape_cube(mask, spacing, atlases.config, bounds)
+    return _match(transform_scores(cube, rows, atlases.typical), sorted(rows))
 
 
 def learn_orientation_atlases(labels: Iterable[tuple[np.ndarray, Iterable[float], str]],

@@ -129,7 +129,7 @@ def _spread(values: Iterable[float | None] | None, share: float, floor: float,
             lo: float = -np.inf, hi: float = np.inf) -> tuple[float, float] | None:
     """min..max of the values given (None skipped) widened on each side by max(floor, share x width), clipped to
     [lo, hi]; None without any value."""
-    kept = [float(v) for v in values if v is not None] if values is not None else []
+    kept = _kept(values)
     if not kept:
         return None
     low, high = min(kept), max(kept)
@@ -137,14 +137,27 @@ def _spread(values: Iterable[float | None] | None, share: float, floor: float,
     return max(lo, low - widen), min(hi, high + widen)
 
 
+def _kept(values: Iterable[float | None] | None) -> list[float]:
+    """The values given, None skipped."""
+    return [float(v) for v in values if v is not None] if values is not None else []
+
+
 def _floor_widened(values: Iterable[float | None] | None, factor: float) -> tuple[float, float] | None:
     """min..max of the values given (None skipped), the min moved away from the max by factor (divided when
     positive, multiplied when negative); None without any value."""
-    kept = [float(v) for v in values if v is not None] if values is not None else []
+    kept = _kept(values)
     if not kept:
         return None
     low = min(kept)
     return (low / factor if low > 0.0 else low * factor), max(kept)
+
+
+def _ceiling_widened(values: Iterable[float | None] | None, factor: float, floor: float = -np.inf,
+                     cap: float = np.inf) -> tuple[float, float] | None:
+    """min..max of the values given (None skipped), the max multiplied by factor, then raised to floor and lowered
+    to cap; None without any value."""
+    kept = _kept(values)
+    return (min(kept), min(cap, max(max(kept) * factor, floor))) if kept else None
 
 
 def _widened(rows: np.ndarray, margin: float) -> Ranges3:
@@ -162,8 +175,8 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
                        contrast: Iterable[float | None] | None = None,
                        saturation: Iterable[float | None] | None = None) -> Plausibility:
     """Ranges from (label, spacing) pairs of training cases, widened by margin (input_margin for the scans);
-    skewness, edge_sharpness, interior_rank, noise and contrast: the training scans' own, when their ranges are to be
-    learned too."""
+    skewness, edge_sharpness, interior_rank, noise, contrast and saturation: the training scans' own, when their
+    ranges are to be learned too."""
     measures, geometry = [], []
     for label, spacing in labels:
         spacing = tuple(spacing)
@@ -172,16 +185,7 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
     measures = [m for m in measures if m[0] > 0]
     if not measures:
         raise ValueError("no labelled foreground to learn a plausible atrium from")
-    sharp_range = None
-    if edge_sharpness is not None and len(values := [float(v) for v in edge_sharpness if v is not None]):
-        sharp_range = (min(values) / input_margin, max(values) * input_margin)
-    noise_range = None
-    if noise is not None and len(values := [float(v) for v in noise if v is not None]):
-        noise_range = (min(values), max(values) * config.noise_margin)
-    contrast_range = _floor_widened(contrast, config.contrast_margin)
-    saturation_range = None
-    if saturation is not None and len(values := [float(v) for v in saturation if v is not None]):
-        saturation_range = (min(values), min(1.0, max(max(values) * config.saturation_margin, config.min_saturation)))
+    sharp = _kept(edge_sharpness)
     volumes = np.array([m[0] for m in measures])
     extents = np.array([m[1] for m in measures])
     return Plausibility(
@@ -191,11 +195,11 @@ def learn_plausibility(labels: Iterable[tuple[np.ndarray, Iterable[float]]], mar
         spacing_mm=_widened(np.array([g[0] for g in geometry]), input_margin),
         fov_mm=_widened(np.array([g[1] for g in geometry]), input_margin),
         input_margin=input_margin, skewness=_spread(skewness, config.skewness_margin, config.min_skewness_margin),
-        edge_sharpness=sharp_range,
+        edge_sharpness=(min(sharp) / input_margin, max(sharp) * input_margin) if sharp else None,
         interior_rank=_spread(interior_rank, config.rank_margin, config.min_rank_margin, 0.0, 1.0),
-        noise_level=noise_range,
-        contrast=contrast_range,
-        saturation=saturation_range,
+        noise_level=_ceiling_widened(noise, config.noise_margin),
+        contrast=_floor_widened(contrast, config.contrast_margin),
+        saturation=_ceiling_widened(saturation, config.saturation_margin, config.min_saturation, 1.0),
     )
 
 
@@ -204,14 +208,15 @@ def scans_plausibility(scans: Iterable[tuple[np.ndarray, np.ndarray, Iterable[fl
     """Every learned range from training scans given as (image, label, spacing): the one list of what QC learns; with
     each scan's family (its dataset), the families' atrium atlases too."""
     scans = [(image, np.asarray(label), tuple(spacing)) for image, label, spacing in scans]
-    if families is not None:
-        atlases = learn_orientation_atlases((label, spacing, family)
-                                            for (_, label, spacing), family in zip(scans, families, strict=True))
-        return replace(scans_plausibility(scans), orientation_atlases=atlases)
     # One scan at a time: what its measures share is kept only while they are taken.
     measured = [_scan_measures(ImageMeasures(image, label, spacing)) for image, label, spacing in scans]
-    return learn_plausibility(((label, spacing) for _, label, spacing in scans),
-                              **{name: [m[name] for m in measured] for name in _LEARNED})
+    plausibility = learn_plausibility(((label, spacing) for _, label, spacing in scans),
+                                      **{name: [m[name] for m in measured] for name in _LEARNED})
+    if families is None:
+        return plausibility
+    atlases = learn_orientation_atlases((label, spacing, family)
+                                        for (_, label, spacing), family in zip(scans, families, strict=True))
+    return replace(plausibility, orientation_atlases=atlases)
 
 
 # What learn_plausibility learns from the training scans, by its argument's name, and the ImageMeasures method.
